@@ -1,0 +1,37 @@
+"""Cell math in torch.nn's conventions, shared by the reference backend and the kernels' docs.
+
+Gate order follows torch.nn: LSTM rows of ``weight_ih``/``weight_hh`` are [i, f, g, o], GRU rows are
+[r, z, n]. ``gi`` is the input projection ``x @ W_ih^T + b_ih`` and ``gh`` the recurrent projection
+``h @ W_hh^T + b_hh``; both are [B, G*H]. Keeping the projections outside the pointwise functions is what
+lets a fused backend do all T input projections as one GEMM.
+"""
+
+import torch
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def lstm_pointwise(gi: torch.Tensor, gh: torch.Tensor, c: torch.Tensor):
+    """LSTM gate math: returns (h_new, c_new) from the two projections and the old cell state."""
+    i, f, g, o = (gi + gh).chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return h_new, c_new
+
+
+def gru_pointwise(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """GRU gate math: the reset gate scales the whole recurrent n-projection, bias included (torch.nn)."""
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def rnn_tanh_pointwise(gi: torch.Tensor, gh: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(gi + gh)
+
+
+def rnn_relu_pointwise(gi: torch.Tensor, gh: torch.Tensor) -> torch.Tensor:
+    return torch.relu(gi + gh)

@@ -1,0 +1,89 @@
+"""The (cell, backend) registry.
+
+A backend registers a factory per cell and a probe that says whether it can run here (and why not).
+Probes run lazily, once, so importing fastlm.cells stays cheap and an optional dependency (triton) is only
+touched when someone asks for that backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from fastlm.errors import FastlmError
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+@dataclass(frozen=True)
+class _Backend:
+    factories: dict  # cell -> callable(input_size, hidden_size, num_layers, dropout) -> module
+    probe: Callable[[], Optional[str]]  # returns None when usable, else the reason it is not
+    description: str
+
+
+_REGISTRY: dict[str, _Backend] = {}
+BACKENDS: tuple = ()
+
+
+def register(name: str, factories: dict, probe: Callable[[], Optional[str]] = lambda: None, description: str = ""):
+    global BACKENDS
+    _REGISTRY[name] = _Backend(dict(factories), functools.cache(probe), description)
+    BACKENDS = tuple(_REGISTRY)
+
+
+def unavailable_reason(cell: str, backend: str) -> Optional[str]:
+    """None when (cell, backend) can be built here; otherwise a sentence saying why not."""
+    if cell not in CELLS:
+        return f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}"
+    if backend not in _REGISTRY:
+        return f"unknown backend {backend!r}; choose one of {', '.join(_REGISTRY)}"
+    entry = _REGISTRY[backend]
+    if cell not in entry.factories:
+        return f"backend {backend!r} has no {cell} cell (it has {', '.join(entry.factories)})"
+    return entry.probe()
+
+
+def available() -> list[tuple[str, str]]:
+    """Every (cell, backend) pair that can be built on this machine."""
+    return [(cell, name) for name, entry in _REGISTRY.items() for cell in entry.factories
+            if entry.probe() is None]
+
+
+def build(cell: str, backend: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+    cell, backend = cell.lower(), backend.lower()
+    reason = unavailable_reason(cell, backend)
+    if reason is not None:
+        here = ", ".join(f"{c}/{b}" for c, b in available())
+        raise FastlmError(f"cannot build {cell}/{backend}: {reason} (available here: {here})")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if int(value) < 1:
+            raise FastlmError(f"{name} must be at least 1, got {value}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise FastlmError(f"dropout must be in [0, 1), got {dropout}")
+    return _REGISTRY[backend].factories[cell](int(input_size), int(hidden_size), int(num_layers), float(dropout))
+
+
+def _register_builtin_backends() -> None:
+    from fastlm.cells.cudnn import CUDNN_STACKS
+    from fastlm.cells.reference import ReferenceStack
+
+    register("reference", {cell: functools.partial(ReferenceStack, cell) for cell in CELLS},
+             description="plain PyTorch loop, fp32: the oracle")
+    register("cudnn", CUDNN_STACKS, description="torch.nn (cuDNN on GPU, ATen/oneDNN on CPU)")
+
+    from fastlm.cells.script import ScriptStack
+
+    register("script", {cell: functools.partial(ScriptStack, cell) for cell in CELLS},
+             description="TorchScript-compiled time loop, input projection as one GEMM")
+
+    # fastlm.cells.triton does not import triton itself: the kernels are imported on the first build.
+    from fastlm.cells import triton as triton_backend
+
+    register("triton", {cell: functools.partial(triton_backend.TritonStack, cell) for cell in ("lstm", "gru")},
+             probe=triton_backend.probe,
+             description="hand-written Triton kernels, one fused launch per step (interpreted without CUDA)")
+
+
+_register_builtin_backends()

@@ -1,0 +1,131 @@
+"""Run configuration: dataclasses per component, a TOML file, and command-line overrides.
+
+Precedence, lowest first: the dataclass defaults (the PyTorch word_language_model example's defaults),
+then ``--config FILE.toml`` (sections ``[model]``, ``[data]``, ``[train]`` with the field names below),
+then flags given on the command line. ``to_dict()`` is what a run folder's ``config.json`` holds and what a
+checkpoint carries, so a run can be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from fastlm.errors import FastlmError
+
+CELL_ALIASES = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"
+    backend: str = "cudnn"
+    emsize: int = 200
+    nhid: int = 200
+    nlayers: int = 2
+    dropout: float = 0.2
+    tied: bool = False
+
+
+@dataclass
+class DataConfig:
+    data: str = "wikitext-2"
+    batch_size: int = 20
+    eval_batch_size: int = 10
+    bptt: int = 35
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 20.0
+    clip: float = 0.25
+    epochs: int = 40
+    seed: int = 1111
+    log_interval: int = 200
+    device: str = "auto"
+    max_steps: Optional[int] = None
+    max_minutes: Optional[float] = None
+    dry_run: bool = False
+    run_dir: Optional[str] = None
+    save: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, origin: str = "config") -> "RunConfig":
+        config = cls()
+        config.update(values, origin)
+        return config
+
+    def update(self, values: dict, origin: str) -> None:
+        """Overwrite fields from a {section: {field: value}} mapping; unknown names are errors."""
+        for section_name, section_values in values.items():
+            section = getattr(self, section_name, None)
+            if not dataclasses.is_dataclass(section) or not isinstance(section_values, dict):
+                raise FastlmError(f"{origin}: unknown section [{section_name}]; sections are [model], [data], [train]")
+            known = {f.name for f in dataclasses.fields(section)}
+            for key, value in section_values.items():
+                if key not in known:
+                    raise FastlmError(f"{origin}: unknown key {key!r} in [{section_name}]; "
+                                      f"known keys: {', '.join(sorted(known))}")
+                setattr(section, key, value)
+
+    def validate(self) -> "RunConfig":
+        """Check value ranges that do not need the data; raises FastlmError naming the flag."""
+        m, d, t = self.model, self.data, self.train
+        m.cell = str(m.cell).lower()
+        if m.cell not in CELL_ALIASES:
+            raise FastlmError(f"--cell {m.cell!r} is not supported; choose one of lstm, gru, rnn_tanh, rnn_relu")
+        _at_least("--emsize", m.emsize, 1)
+        _at_least("--nhid", m.nhid, 1)
+        _at_least("--nlayers", m.nlayers, 1)
+        if not 0.0 <= float(m.dropout) < 1.0:
+            raise FastlmError(f"--dropout must be in [0, 1), got {m.dropout}")
+        if m.tied and m.emsize != m.nhid:
+            raise FastlmError(f"--tied needs --emsize equal to --nhid, got emsize {m.emsize} and nhid {m.nhid}")
+        _at_least("--batch-size", d.batch_size, 1)
+        _at_least("--eval-batch-size", d.eval_batch_size, 1)
+        _at_least("--bptt", d.bptt, 1)
+        _positive("--lr", t.lr)
+        _positive("--clip", t.clip)
+        _at_least("--epochs", t.epochs, 1)
+        _at_least("--log-interval", t.log_interval, 1)
+        if t.max_steps is not None:
+            _at_least("--max-steps", t.max_steps, 1)
+        if t.max_minutes is not None:
+            _positive("--max-minutes", t.max_minutes)
+        if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
+            raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
+        return self
+
+
+def _at_least(flag: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FastlmError(f"{flag} must be an integer of at least {minimum}, got {value!r}")
+
+
+def _positive(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise FastlmError(f"{flag} must be a positive finite number, got {value!r}")
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise FastlmError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FastlmError(f"config file {path} is not valid TOML: {e}") from None

@@ -1,0 +1,56 @@
+"""What a user watches during training: a rich progress bar with live figures, and plain log lines.
+
+On a terminal the bar shows ms/batch, tokens/s, loss, ppl and lr as they update; elsewhere (CI, a file)
+the bar is off and the same figures come as one printed line per log interval.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+class TrainDisplay:
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[figures]}"), TimeRemainingColumn(),
+            console=self.console, disable=not self.console.is_terminal, transient=True)
+        self._task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, total_batches: int) -> None:
+        if self._task is not None:
+            self.progress.remove_task(self._task)
+        self._task = self.progress.add_task("train", total=total_batches, epoch=epoch, figures="")
+
+    def advance(self, completed: int) -> None:
+        self.progress.update(self._task, completed=completed)
+
+    def log(self, record: dict, total_batches: int) -> None:
+        figures = (f"{record['ms_per_batch']:7.1f} ms/batch | {record['tokens_per_s']:9,.0f} tok/s | "
+                   f"loss {record['loss']:5.2f} | ppl {record['ppl']:8.2f} | lr {record['lr']:.4g}")
+        self.progress.update(self._task, figures=figures)
+        line = f"| epoch {record['epoch']:3d} | {record['batch']:5d}/{total_batches:5d} batches | {figures}"
+        self.console.print(line, soft_wrap=True)
+
+    def epoch_summary(self, record: dict) -> None:
+        self.console.rule(f"end of epoch {record['epoch']} | {record['seconds']:.1f} s | "
+                          f"valid loss {record['val_loss']:.2f} | valid ppl {record['val_ppl']:.2f}"
+                          + (" | best so far" if record.get("best") else f" | lr -> {record['lr_next']:.4g}"))
+
+    def message(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True)

@@ -1,0 +1,70 @@
+"""RNNLM: embedding -> dropout -> recurrent stack (any backend) -> dropout -> linear decoder.
+
+Module names (encoder, rnn, decoder) and initialisation match the PyTorch word_language_model example, so
+under the same seed the same weights come out, and its state_dict keys are the example's.
+The forward pass stops before the decoder: ``decode`` and ``loss`` are separate so the trainer, the
+profiler and faster loss implementations can treat them as the separate costs they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastlm import cells
+from fastlm.config import ModelConfig
+from fastlm.errors import FastlmError
+from fastlm.profiling import DECODER, EMBEDDING, LOSS, RNN, phase
+
+
+class RNNLM(nn.Module):
+    def __init__(self, ntoken: int, config: ModelConfig):
+        super().__init__()
+        if config.tied and config.emsize != config.nhid:
+            raise FastlmError(f"--tied needs --emsize equal to --nhid, got emsize {config.emsize} "
+                              f"and nhid {config.nhid}")
+        self.config = config
+        self.ntoken = ntoken
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder = nn.Embedding(ntoken, config.emsize)
+        self.rnn = cells.build(cell=config.cell, backend=config.backend, input_size=config.emsize,
+                               hidden_size=config.nhid, num_layers=config.nlayers, dropout=config.dropout)
+        self.decoder = nn.Linear(config.nhid, ntoken)
+        if config.tied:
+            self.decoder.weight = self.encoder.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def init_state(self, batch_size: int):
+        return self.rnn.zero_state(batch_size, self.decoder.weight)
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        """tokens [T, B] -> (decoder input [T, B, H] after dropout, new state)."""
+        with phase(EMBEDDING):
+            emb = self.drop(self.encoder(tokens))
+        with phase(RNN):
+            output, state = self.rnn(emb, state)
+        return self.drop(output), state
+
+    def decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, B, H] -> logits [T * B, V]."""
+        with phase(DECODER):
+            return self.decoder(hidden).view(-1, self.ntoken)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of ``targets`` [T * B] (log_softmax + NLL, as the example)."""
+        logits = self.decode(hidden)
+        with phase(LOSS):
+            return F.cross_entropy(logits, targets)
+
+
+def detach_state(state):
+    """Cuts the graph between batches (truncated BPTT); the values carry over."""
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()

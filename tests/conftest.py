@@ -1,0 +1,38 @@
+"""Test-session setup shared by every test file.
+
+TRITON_INTERPRET must be set before triton kernels are first imported, so it is set here, at collection,
+when no CUDA device is present: the Triton kernels then run on CPU tensors through the interpreter.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def wikitext2_dir() -> Path:
+    """The Wikitext-2 folder named by FASTLM_WIKITEXT2 (set by .ci/run), or a skip saying it is absent."""
+    folder = os.environ.get("FASTLM_WIKITEXT2")
+    if not folder or not (Path(folder) / "train.txt").is_file():
+        pytest.skip("Wikitext-2 not found: set FASTLM_WIKITEXT2 to the folder with train/valid/test.txt")
+    return Path(folder)

@@ -1,0 +1,161 @@
+"""The command line: end-to-end runs and the one-line errors users get for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import toy_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fastlm(*args, cwd=None, env_extra=None, timeout=300):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "fastlm", *map(str, args)], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("toy")
+    corpus = toy_corpus()
+    for split in ("train", "valid", "test"):
+        ids = getattr(corpus, split).tolist()
+        words = [corpus.vocab.idx2word[i] for i in ids]
+        text = " ".join(words).replace(" <eos> ", "\n").replace(" <eos>", "\n")
+        (folder / f"{split}.txt").write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return folder
+
+
+SMALL = ("--emsize", 16, "--nhid", 16, "--batch-size", 4, "--bptt", 8, "--device", "cpu")
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_help_is_fast():
+    start = time.perf_counter()
+    result = fastlm("--help")
+    assert result.returncode == 0 and "train" in result.stdout
+    # A fresh interpreter costs ~50 ms; importing torch would add well over a second.
+    assert time.perf_counter() - start < 1.0
+    probe = subprocess.run([sys.executable, "-c", "import sys, fastlm.cli; fastlm.cli.build_parser(); "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
+    assert probe.stdout.strip() == "False"
+
+
+def test_train_writes_the_run_folder(toy_data, tmp_path):
+    run = tmp_path / "run"
+    result = fastlm("train", "--data", toy_data, *SMALL, "--epochs", 2, "--log-interval", 10, "--run-dir", run)
+    assert result.returncode == 0, result.stderr
+    assert "test ppl" in result.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["emsize"] == 16 and config["data"]["bptt"] == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in records if r["kind"] == "log"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    tests = [r for r in records if r["kind"] == "test"]
+    assert logs and len(epochs) == 2 and len(tests) == 1
+    for key in ("step", "loss", "ppl", "lr", "ms_per_batch", "tokens_per_s"):
+        assert all(key in r for r in logs), key
+    for key in ("epoch", "val_loss", "val_ppl", "seconds"):
+        assert all(key in r for r in epochs), key
+    assert tests[0]["test_ppl"] > 1
+    for name in ("best.pt", "last.pt"):
+        payload = torch.load(run / name, weights_only=True)
+        assert payload["format"] == "fastlm-checkpoint" and "encoder.weight" in payload["model"]
+
+
+def test_dry_run_and_config_file(toy_data, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\ncell = "gru"\nnhid = 16\nemsize = 16\n[data]\nbptt = 5\n', encoding="utf-8")
+    run = tmp_path / "run"
+    start = time.perf_counter()
+    result = fastlm("train", "--config", config, "--data", toy_data, "--bptt", 6, "--dry-run", "--run-dir", run,
+                    "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - start < 30
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["cell"] == "gru" and saved["model"]["nhid"] == 16  # from the file
+    assert saved["data"]["bptt"] == 6  # the flag overrides the file
+
+
+def test_generate_writes_utf8(toy_data, tmp_path):
+    run = tmp_path / "run"
+    assert fastlm("train", "--data", toy_data, *SMALL, "--epochs", 1, "--run-dir", run).returncode == 0
+    out = tmp_path / "words.txt"
+    result = fastlm("generate", "--checkpoint", run / "best.pt", "--words", 45, "--seed", 3, "--out", out)
+    assert result.returncode == 0, result.stderr
+    words = out.read_text(encoding="utf-8").split()
+    assert len(words) == 45
+    again = fastlm("generate", "--checkpoint", run / "best.pt", "--words", 45, "--seed", 3)
+    assert again.stdout.split() == words  # seeded: the same text
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--tied", "--emsize", 16, "--nhid", 32), ("--tied", "emsize")),
+    (("--batch-size", 0), ("--batch-size",)),
+    (("--bptt", 0), ("--bptt",)),
+    (("--bptt", 100000), ("--bptt", "larger")),
+    (("--batch-size", 10 ** 7), ("batch size", "too large")),
+    (("--dropout", 1.5), ("--dropout",)),
+    (("--lr", -1), ("--lr",)),
+    (("--model", "transformer"), ("--cell", "transformer")),
+    (("--backend", "nonesuch"), ("nonesuch", "available")),
+    (("--batch-size", "many"), ("--batch-size", "invalid")),
+])
+def test_bad_flags_are_one_line_errors(toy_data, tmp_path, flags, words):
+    result = fastlm("train", "--data", toy_data, "--device", "cpu", "--run-dir", tmp_path / "run", *flags)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "run").exists()  # nothing half-made left behind
+
+
+def _folder(tmp_path, **files):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / f"{name}.txt").write_bytes(content)
+    return folder
+
+
+GOOD = b"a b c\nd e f\n" * 50
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda t: t / "absent", ("absent", "no data folder")),
+    (lambda t: _folder(t, train=GOOD, valid=GOOD), ("test.txt",)),
+    (lambda t: _folder(t, train=GOOD, valid=b"", test=GOOD), ("valid.txt", "empty")),
+    (lambda t: _folder(t, train=GOOD, valid=GOOD, test=b"ok\n\xff\xfe bad\n"), ("test.txt", "UTF-8")),
+])
+def test_bad_data_is_a_one_line_error(tmp_path, make, words):
+    result = fastlm("train", "--data", make(tmp_path), "--device", "cpu", "--dry-run", "--run-dir", tmp_path / "r")
+    assert_one_line_error(result, *words)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"this is not a checkpoint", ("corrupt",)),
+    (None, ("not a fastlm checkpoint",)),
+])
+def test_generate_refuses_bad_checkpoints(tmp_path, content, words):
+    path = tmp_path / "model.pt"
+    if content is None:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)  # a foreign, but loadable, file
+    else:
+        path.write_bytes(content)
+    assert_one_line_error(fastlm("generate", "--checkpoint", path), *words)
+
+
+def test_generate_missing_checkpoint(tmp_path):
+    assert_one_line_error(fastlm("generate", "--checkpoint", tmp_path / "nope.pt"), "does not exist")
