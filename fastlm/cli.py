@@ -20,7 +20,7 @@ TRAIN_FLAGS = {
     "lr": ("train", "lr"), "clip": ("train", "clip"), "epochs": ("train", "epochs"), "seed": ("train", "seed"),
     "log_interval": ("train", "log_interval"), "device": ("train", "device"), "max_steps": ("train", "max_steps"),
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
-    "save": ("train", "save"),
+    "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
 }
 
 
@@ -62,11 +62,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--run-dir", dest="run_dir", default=S, help="folder for everything the run writes "
                    "(default runs/<time>-<cell>-<backend>)")
     t.add_argument("--save", default=S, help="also copy the best checkpoint to this path")
+    t.add_argument("--save-minutes", dest="save_minutes", type=float, default=S,
+                   help="also save 'last' at a log line when this many minutes passed since the last save (10)")
 
 
 def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train an RNN language model (the PyTorch example's recipe, faster)")
     _add_train_flags(train)
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue the run in RUN_DIR exactly where its last.pt left it")
 
 
 def _add_generate_parser(sub) -> None:
@@ -87,23 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """{section: {field: value}} for the train flags given on the command line (absent ones are absent)."""
+    overrides: dict = {}
+    for dest, (section, name) in TRAIN_FLAGS.items():
+        if hasattr(args, dest):
+            overrides.setdefault(section, {})[name] = getattr(args, dest)
+    return overrides
+
+
 def config_from_args(args: argparse.Namespace):
     from fastlm.config import RunConfig, load_toml
 
     config = RunConfig()
     if getattr(args, "config", None):
         config.update(load_toml(args.config), origin=f"config file {args.config}")
-    overrides: dict = {}
-    for dest, (section, name) in TRAIN_FLAGS.items():
-        if hasattr(args, dest):
-            overrides.setdefault(section, {})[name] = getattr(args, dest)
-    config.update(overrides, origin="command line")
+    config.update(overrides_from_args(args), origin="command line")
     return config.validate()
 
 
 def cmd_train(args) -> int:
-    from fastlm.train import run_training
+    from fastlm.launch import run_training
 
+    if args.resume is not None:
+        if getattr(args, "config", None):
+            raise FastlmError("--resume takes the run's own configuration; drop --config")
+        return run_training(None, resume_dir=args.resume, overrides=overrides_from_args(args))
     return run_training(config_from_args(args))
 
 
@@ -134,7 +147,7 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except FastlmError as e:
         print(f"fastlm: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)
     except KeyboardInterrupt:
         print("fastlm: interrupted", file=sys.stderr)
         return 130

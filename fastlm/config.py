@@ -51,6 +51,7 @@ class TrainConfig:
     dry_run: bool = False
     run_dir: Optional[str] = None
     save: Optional[str] = None
+    save_minutes: float = 10.0  # also save 'last' at a log line once this long has passed since the last save
 
 
 @dataclass
@@ -105,6 +106,7 @@ class RunConfig:
             _at_least("--max-steps", t.max_steps, 1)
         if t.max_minutes is not None:
             _positive("--max-minutes", t.max_minutes)
+        _positive("--save-minutes", t.save_minutes)
         if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
             raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
         return self

@@ -1,13 +1,19 @@
-"""The trainer: the PyTorch word_language_model example's semantics, timed in phases.
+"""The trainer: the PyTorch word_language_model example's semantics, timed in phases, resumable.
 
 Semantics kept exactly (DESIGN.md): hidden state carried across batches and detached each batch, mean
 cross-entropy, clip_grad_norm_(clip), plain SGD p -= lr * grad, validation after each epoch, best model
 saved when validation improves and lr /= 4 when it does not, test loss of the best model at the end.
 The loss is accumulated on the device and read once per log interval, not once per step.
+
+Reliability: ``last`` is saved at every epoch end, every ``save_minutes`` and at a stop (signal), with
+the exact position, hidden state and RNG states, so ``--resume`` continues as if never stopped.
+``--max-steps``/``--max-minutes`` end the current epoch early; that shortened epoch is validated like a
+full one. A non-finite loss is found at the log interval without a per-step host sync.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -21,10 +27,19 @@ from fastlm.display import TrainDisplay, perplexity
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
 from fastlm.profiling import DATA, PHASES, STEP, PhaseTimer, active_timer
-from fastlm.step import TrainStep
 from fastlm.runs import RunFolder
+from fastlm.signals import StopRequest
+from fastlm.sizing import check_model_fits
+from fastlm.step import TrainStep
+from fastlm import train_state
 
 DRY_RUN_STEPS = 2  # --dry-run: train and evaluate this many batches of each split, one epoch
+
+
+class TrainingDiverged(FastlmError):
+    """The loss became NaN or infinite; ``last`` holds the last good state."""
+
+    exit_status = 3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,15 +56,15 @@ class TrainResult:
     best_val_loss: Optional[float]
     test_loss: Optional[float]
     steps: int
-    interrupted: bool
+    exit_status: int  # 0, or 130/143 after SIGINT/SIGTERM
 
 
 class Trainer:
     def __init__(self, config: RunConfig, corpus, device: torch.device, display: TrainDisplay,
                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None):
         self.config, self.corpus, self.device, self.display = config, corpus, device, display
-        self.run: Optional[RunFolder] = None  # set by fit(), so bad shapes fail before a folder exists
         self.on_step = on_step  # called with (global step, detached loss tensor); for tests and tools
+        self.run: Optional[RunFolder] = None  # set by fit(), so bad shapes fail before a folder exists
         d, t = config.data, config.train
         train = batchify(corpus.train, d.batch_size, "train")
         check_bptt(train, d.bptt, "train")
@@ -58,30 +73,75 @@ class Trainer:
         self.train_stream = BatchStreamer(train, d.bptt, device)
         self.valid_stream = BatchStreamer(valid, d.bptt, device)
         self.test_stream = BatchStreamer(test, d.bptt, device)
+        check_model_fits(config.model, len(corpus.vocab), device)
         torch.manual_seed(t.seed)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
         self.step_fn = TrainStep(self.model, t.clip, t.lr)
         self.timer = PhaseTimer(device)
-        self.global_step = 0
+        self.stop = StopRequest(announce=lambda text: self.display.message(f"[bold yellow]{text}[/]"))
+        # Where training stands: the epoch in progress and how many of its batches are done.
+        self.epoch, self.batches_done, self.global_step = 1, 0, 0
         self.best_val_loss: Optional[float] = None
+        self.state = None  # hidden state carried between batches of an epoch
         self._deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
+        self._last_save = time.monotonic()
+        self._good: Optional[dict] = None  # snapshot at the latest finite log window
 
-    # ------------------------------------------------------------------ bookkeeping
+    # ------------------------------------------------------------------ checkpoints
+    def _payload(self, copy: bool = False) -> dict:
+        """The checkpoint of the current state; ``copy`` detaches it from tensors training will update."""
+        model = self.model.state_dict()
+        if copy:
+            model = {name: tensor.detach().clone() for name, tensor in model.items()}
+        return {"model": model, "optimizer": self.step_fn.optimizer.state_dict(),
+                "config": self.config.to_dict(), "vocab": list(self.corpus.vocab.idx2word),
+                "vocab_digest": self.corpus.vocab.digest(), "epoch": self.epoch,
+                "batches_done": self.batches_done, "step": self.global_step, "lr": self.step_fn.lr,
+                "best_val_loss": self.best_val_loss, "hidden": train_state.hidden_to_save(self.state),
+                "rng": train_state.rng_state()}
+
+    def _save_last(self, payload: Optional[dict] = None) -> None:
+        save_checkpoint(self.run.last, payload or self._payload())
+        self._last_save = time.monotonic()
+
+    def restore(self, payload: dict, path) -> None:
+        """Continue from a checkpoint written by ``_payload`` (``--resume``)."""
+        train_state.check_vocabulary(payload, self.corpus, path)
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.step_fn.optimizer.load_state_dict(payload["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FastlmError(f"checkpoint {path} does not fit this model: {first}") from None
+        self.step_fn.lr = payload["lr"]
+        self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
+        self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
+        self.state = train_state.hidden_from_saved(payload["hidden"], self.device)
+        train_state.set_rng_state(payload["rng"])
+
+    def _check_room(self) -> None:
+        needed = 3 * train_state.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
+        free = shutil.disk_usage(self.run.path).free
+        if free < needed:
+            raise FastlmError(f"run folder {self.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "
+                              f"about {needed / 2**20:.0f} MiB; free some space or choose another --run-dir")
+
+    # ------------------------------------------------------------------ budget
     def _budget_spent(self) -> bool:
         t = self.config.train
         if t.max_steps is not None and self.global_step >= t.max_steps:
             return True
         return self._deadline is not None and time.monotonic() >= self._deadline
 
-    def _checkpoint(self, epoch: int) -> dict:
-        return {"model": self.model.state_dict(), "config": self.config.to_dict(),
-                "vocab": list(self.corpus.vocab.idx2word), "vocab_digest": self.corpus.vocab.digest(),
-                "epoch": epoch, "step": self.global_step, "lr": self.step_fn.lr,
-                "best_val_loss": self.best_val_loss}
+    def _batches_per_epoch(self) -> int:
+        return DRY_RUN_STEPS if self.config.train.dry_run else len(self.train_stream)
 
     # ------------------------------------------------------------------ loops
-    def evaluate(self, stream: BatchStreamer) -> float:
-        """Mean loss per target token over a split (the example's evaluate())."""
+    def evaluate(self, stream: BatchStreamer, interruptible: bool = True) -> Optional[float]:
+        """Mean loss per target token over a split (the example's evaluate()).
+
+        Returns None when ``interruptible`` and a stop request cut it short.
+        """
         self.model.eval()
         limit = DRY_RUN_STEPS if self.config.train.dry_run else len(stream)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -91,87 +151,114 @@ class Trainer:
             for index, inputs, targets in stream.iterate():
                 if index >= limit:
                     break
+                if interruptible and self.stop.requested:
+                    self.model.train()
+                    return None
                 hidden, state = self.model(inputs, state)
                 total += self.model.loss(hidden, targets).double() * targets.numel()
                 count += targets.numel()
         self.model.train()
         return total.item() / count
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self) -> None:
+        """Trains the current epoch from ``batches_done`` until its end, the budget, or a stop request."""
         t = self.config.train
-        stream = self.train_stream
-        limit = DRY_RUN_STEPS if t.dry_run else len(stream)
-        state = self.model.init_state(self.config.data.batch_size)
+        limit = self._batches_per_epoch()
+        if self.batches_done == 0:
+            self.state = self.model.init_state(self.config.data.batch_size)
         self.model.train()
-        self.display.start_epoch(epoch, limit)
+        self.display.start_epoch(self.epoch, limit)
         window_loss = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         self.timer.reset()
-        batches = stream.iterate()
-        for batch in range(1, limit + 1):
+        batches = self.train_stream.iterate(self.batches_done)
+        self._good = self._good or self._payload(copy=True)
+        while self.batches_done < limit:
             with self.timer.step():
                 with self.timer.phase(DATA):
                     _, inputs, targets = next(batches)
                 with active_timer(self.timer):
-                    loss, state = self.step_fn(inputs, targets, state, self.timer)
+                    loss, self.state = self.step_fn(inputs, targets, self.state, self.timer)
+            self.batches_done += 1
+            self.global_step += 1
             window_loss += loss
+            # Remember the first non-finite step on the device: no host sync until the log interval.
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.global_step, first_bad)
             window_steps += 1
             window_tokens += targets.numel()
-            self.global_step += 1
             if self.on_step is not None:
                 self.on_step(self.global_step, loss)
-            self.display.advance(batch)
-            last = batch == limit or self._budget_spent()
-            if batch % t.log_interval == 0 or last:
-                self._log_window(epoch, batch, limit, window_loss, window_steps, window_tokens, window_start)
+            self.display.advance(self.batches_done)
+            end = self.batches_done == limit or self._budget_spent() or self.stop.requested
+            if self.batches_done % t.log_interval == 0 or end:
+                self._close_window(limit, window_loss, first_bad, window_steps, window_tokens, window_start)
                 window_loss.zero_()
                 window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-            if last:
-                break
+            if end:
+                return
 
-    def _log_window(self, epoch, batch, total, window_loss, steps, tokens, started) -> None:
+    def _close_window(self, limit, window_loss, first_bad, steps, tokens, started) -> None:
         samples = self.timer.collect()  # on CUDA this waits for the window's work: the one sync per window
         loss = window_loss.item() / steps
+        bad_step = int(first_bad.item())
+        if bad_step >= 0:
+            self._save_last(self._good)
+            raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; training stopped and "
+                                   f"{self.run.last} holds the last good state (step {self._good['step']}): "
+                                   f"lower --lr or --clip and resume from it")
         seconds = time.perf_counter() - started
-        record = {"kind": "log", "epoch": epoch, "batch": batch, "step": self.global_step,
+        record = {"kind": "log", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
                   "loss": loss, "ppl": perplexity(loss), "lr": self.step_fn.lr,
                   "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
                   "phases_ms": {name: _mean(samples.get(name)) for name in (*PHASES, STEP)}}
         self.timer.reset()
         self.run.append_metrics(record)
-        self.display.log(record, total)
+        self.display.log(record, limit)
+        self._good = self._payload(copy=True)
+        if time.monotonic() - self._last_save >= 60 * self.config.train.save_minutes:
+            self._save_last(self._good)
+
+    def _end_epoch(self, started: float) -> bool:
+        """Validation and the example's bookkeeping; False when a stop request cut validation short."""
+        val_loss = self.evaluate(self.valid_stream)
+        if val_loss is None:
+            return False
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "val_loss": val_loss,
+                  "val_ppl": perplexity(val_loss), "seconds": time.perf_counter() - started, "best": improved}
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        if improved:
+            self.best_val_loss = val_loss
+            save_checkpoint(self.run.best, self._payload())
+        else:
+            self.step_fn.lr /= 4.0
+        record["lr_next"] = self.step_fn.lr
+        self.run.append_metrics(record)
+        self.display.epoch_summary(record)
+        self._save_last()
+        return True
 
     def fit(self, run: RunFolder) -> TrainResult:
         self.run = run
-        t = self.config.train
-        epochs = 1 if t.dry_run else t.epochs
-        interrupted = False
-        try:
-            for epoch in range(1, epochs + 1):
+        self._check_room()
+        epochs = 1 if self.config.train.dry_run else self.config.train.epochs
+        with self.stop:
+            while self.epoch <= epochs and not self.stop.requested:
                 started = time.perf_counter()
-                self.train_epoch(epoch)
-                val_loss = self.evaluate(self.valid_stream)
-                improved = self.best_val_loss is None or val_loss < self.best_val_loss
-                if improved:
-                    self.best_val_loss = val_loss
-                    save_checkpoint(self.run.best, self._checkpoint(epoch))
-                else:
-                    self.step_fn.lr /= 4.0
-                record = {"kind": "epoch", "epoch": epoch, "step": self.global_step, "val_loss": val_loss,
-                          "val_ppl": perplexity(val_loss), "seconds": time.perf_counter() - started,
-                          "best": improved, "lr_next": self.step_fn.lr}
-                self.run.append_metrics(record)
-                self.display.epoch_summary(record)
-                save_checkpoint(self.run.last, self._checkpoint(epoch))
                 if self._budget_spent():
                     self.display.message(f"stopping after {self.global_step} steps: the --max-steps/--max-minutes "
                                          f"budget is spent")
                     break
-        except KeyboardInterrupt:
-            interrupted = True
-            self.display.message("[bold yellow]Exiting from training early (Ctrl-C)[/]")
-        test_loss = self.test_best()
-        return TrainResult(self.best_val_loss, test_loss, self.global_step, interrupted)
+                self.train_epoch()
+                if self.stop.requested or not self._end_epoch(started):
+                    break
+            if self.stop.requested:
+                self._save_last()
+                self.display.message(f"[bold yellow]stopped at epoch {self.epoch}, {self.batches_done} batches in "
+                                     f"(step {self.global_step}); 'last' saved: continue with --resume {run.path}[/]")
+            test_loss = self.test_best()
+        return TrainResult(self.best_val_loss, test_loss, self.global_step, self.stop.exit_status)
 
     def test_best(self) -> Optional[float]:
         """Loads the best checkpoint, reports its test loss and ppl, and records them."""
@@ -179,7 +266,7 @@ class Trainer:
             self.display.message("no best model yet (no epoch finished its validation): nothing to test")
             return None
         self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
-        test_loss = self.evaluate(self.test_stream)
+        test_loss = self.evaluate(self.test_stream, interruptible=False)  # after a stop too; a 2nd signal exits
         self.run.append_metrics({"kind": "test", "test_loss": test_loss, "test_ppl": perplexity(test_loss),
                                  "step": self.global_step})
         self.display.message(f"[bold]End of training | test loss {test_loss:5.2f} | "
@@ -191,24 +278,3 @@ class Trainer:
 
 def _mean(values) -> Optional[float]:
     return sum(values) / len(values) if values else None
-
-
-def run_training(config: RunConfig) -> int:
-    """`fastlm train`: data, model, run folder, training, test; returns the exit status."""
-    from fastlm.data import resolve_corpus
-    from fastlm.runs import unique_run_dir
-
-    device = resolve_device(config.train.device)
-    display = TrainDisplay()
-    corpus = resolve_corpus(config.data.data, console=display.console)
-    trainer = Trainer(config, corpus, device, display)
-    m = config.model
-    run = RunFolder(config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"))
-    run.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                      "device": str(device)})
-    display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} on {m.backend} | {device} | "
-                    f"{corpus.source} ({len(corpus.vocab):,} words) | run folder {run.path}")
-    with display:
-        result = trainer.fit(run)
-    display.message(f"run folder: {run.path}")
-    return 130 if result.interrupted else 0

@@ -1,0 +1,124 @@
+"""Resuming: a stopped run continued with its last.pt computes the very losses of an unstopped run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastlm.checkpoint import load_checkpoint
+from fastlm.errors import FastlmError
+from fastlm.launch import resume_config
+from fastlm.runs import RunFolder
+from fastlm.train import Trainer, TrainingDiverged
+from tests.helpers import quiet_display, small_config, toy_corpus
+
+
+def run(config, corpus, folder, stop_at=None, restore_from=None, on_step=None):
+    """Trains; returns (per-step losses, trainer). ``stop_at``: request a stop after that global step."""
+    losses = []
+    trainer = None
+
+    def record(step, loss):
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(trainer, step)
+        if stop_at is not None and step == stop_at:
+            trainer.stop.request()
+
+    trainer = Trainer(config, corpus, torch.device("cpu"), quiet_display(), on_step=record)
+    if restore_from is not None:
+        trainer.restore(load_checkpoint(restore_from), restore_from)
+    trainer.result = trainer.fit(RunFolder(folder))
+    return losses, trainer
+
+
+def epoch_records(folder):
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_resume_mid_epoch_with_dropout_repeats_the_losses(cell, tmp_path):
+    corpus = toy_corpus()
+    config = small_config(model={"cell": cell, "dropout": 0.3}, train={"max_steps": 30})
+    full, _ = run(config, corpus, tmp_path / "full")
+    first, stopped = run(config, corpus, tmp_path / "split", stop_at=11)
+    assert stopped.result.exit_status == 130 and len(first) == 11
+    rest, resumed = run(config, corpus, tmp_path / "split", restore_from=tmp_path / "split" / "last.pt")
+    assert resumed.global_step == 30
+    assert first + rest == pytest.approx(full, rel=1e-6, abs=0)
+
+
+def test_resume_across_epochs_keeps_the_lr_schedule(tmp_path):
+    corpus = toy_corpus(lines=(150, 40, 40))  # a few batches per epoch, so the run crosses several epochs
+    config = small_config(model={"dropout": 0.2}, train={"epochs": 5, "lr": 40.0})
+    full, _ = run(config, corpus, tmp_path / "full")
+    annealed = [r for r in epoch_records(tmp_path / "full") if not r["best"]]
+    assert annealed, "the reference run should anneal its lr at least once for this test to mean something"
+    per_epoch = len(full) // 5
+    stop_at = per_epoch + per_epoch // 2  # the middle of epoch 2
+    first, _ = run(config, corpus, tmp_path / "split", stop_at=stop_at)
+    rest, resumed = run(config, corpus, tmp_path / "split", restore_from=tmp_path / "split" / "last.pt")
+    assert first + rest == pytest.approx(full, rel=1e-6, abs=0)
+    full_epochs, split_epochs = epoch_records(tmp_path / "full"), epoch_records(tmp_path / "split")
+    assert [r["lr_next"] for r in split_epochs] == [r["lr_next"] for r in full_epochs]
+    assert [r["val_loss"] for r in split_epochs] == pytest.approx([r["val_loss"] for r in full_epochs], rel=1e-6)
+
+
+def test_stop_during_validation_resumes_with_validation(tmp_path):
+    """A stop that lands after the epoch's last batch leaves validation pending; resume does it first."""
+    corpus = toy_corpus(lines=(150, 40, 40))
+    config = small_config(train={"epochs": 2})
+    full, _ = run(config, corpus, tmp_path / "full")
+    per_epoch = len(full) // 2
+    first, _ = run(config, corpus, tmp_path / "split", stop_at=per_epoch)
+    payload = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert (payload["epoch"], payload["batches_done"]) == (1, per_epoch)
+    rest, _ = run(config, corpus, tmp_path / "split", restore_from=tmp_path / "split" / "last.pt")
+    assert first + rest == pytest.approx(full, rel=1e-6, abs=0)
+    assert len(epoch_records(tmp_path / "split")) == 2
+
+
+def test_nan_in_a_weight_stops_with_the_last_good_state(tmp_path):
+    corpus = toy_corpus()
+    config = small_config(train={"max_steps": 40, "log_interval": 5})
+
+    def poison(trainer, step):
+        if step == 12:
+            with torch.no_grad():
+                trainer.model.decoder.weight[0, 0] = float("nan")
+
+    with pytest.raises(TrainingDiverged) as caught:
+        run(config, corpus, tmp_path / "run", on_step=poison)
+    message = str(caught.value)
+    assert "step 13" in message and "\n" not in message  # the first step whose loss saw the NaN
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["step"] == 10  # the last log window that was still finite
+    assert all(torch.isfinite(t).all() for t in payload["model"].values())
+
+
+def test_resume_refuses_changed_model_flags(tmp_path):
+    corpus = toy_corpus()
+    config = small_config(train={"max_steps": 3})
+    run(config, corpus, tmp_path / "run")
+    with pytest.raises(FastlmError, match=r"--nhid 64 differs .* trained with 32"):
+        resume_config(tmp_path / "run", {"model": {"nhid": 64}})
+    allowed, _ = resume_config(tmp_path / "run", {"train": {"epochs": 3}})
+    assert allowed.train.epochs == 3
+
+
+def test_resume_refuses_other_data(tmp_path):
+    config = small_config(train={"max_steps": 3})
+    run(config, toy_corpus(seed=0), tmp_path / "run")
+    trainer = Trainer(config, toy_corpus(seed=1, words=150), torch.device("cpu"), quiet_display())
+    with pytest.raises(FastlmError, match="another vocabulary"):
+        trainer.restore(load_checkpoint(tmp_path / "run" / "last.pt"), "last.pt")
+
+
+def test_no_best_yet_is_reported(tmp_path):
+    corpus = toy_corpus()
+    config = small_config(train={"max_steps": 30})
+    _, trainer = run(config, corpus, tmp_path / "run", stop_at=2)
+    assert trainer.result.test_loss is None and not (tmp_path / "run" / "best.pt").exists()
+    assert math.isfinite(load_checkpoint(tmp_path / "run" / "last.pt")["lr"])
