@@ -1,0 +1,129 @@
+"""Turn a data spec ("wikitext-2", "generated" or a folder) into a Corpus.
+
+"wikitext-2" looks, in order, at $FASTLM_WIKITEXT2, at the copy in the cache folder, and at the network; when
+all fail the run still goes on, on the generated corpus, after a loud warning saying how to get Wikitext-2,
+so that an offline machine can still train, test and profile.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+
+from fastlm.data import cache
+from fastlm.data.corpus import Corpus, load_corpus
+from fastlm.data.download import URL_ENV, WIKITEXT2_SHA256, DownloadError, download_wikitext2, wikitext2_url
+from fastlm.data.synthetic import generated_corpus
+from fastlm.errors import FastlmError
+
+WIKITEXT2 = "wikitext-2"
+GENERATED = "generated"
+WIKITEXT2_ENV = "FASTLM_WIKITEXT2"
+
+
+def resolve_corpus(spec: str, cache_dir=None, console: Console | None = None, allow_download: bool = True) -> Corpus:
+    """The corpus named by ``spec``: "wikitext-2", "generated", or a folder with train/valid/test.txt.
+
+    The two names win over folders of the same name; write ./generated for such a folder. ``cache_dir``
+    defaults to cache.default_cache_dir(); notices and warnings go to ``console`` (default: stderr).
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    console = console or Console(stderr=True)
+    if spec == WIKITEXT2:
+        return _wikitext2(cache_dir, console, allow_download)
+    if spec == GENERATED:
+        console.print("[bold]fastlm:[/] using the generated toy corpus (not Wikitext-2) as asked")
+        return generated_corpus()
+    if not Path(spec).expanduser().is_dir():
+        raise FastlmError(
+            f"no data folder {spec}: give '{WIKITEXT2}', '{GENERATED}' "
+            "or a folder with train.txt, valid.txt and test.txt"
+        )
+    return load_corpus(spec, cache_dir)
+
+
+def _wikitext2(cache_dir: Path, console: Console, allow_download: bool) -> Corpus:
+    if os.environ.get(WIKITEXT2_ENV):
+        return _from_env(os.environ[WIKITEXT2_ENV], cache_dir, console)
+    folder = cache_dir / WIKITEXT2
+    corpus = _cached_copy(folder, cache_dir)
+    if corpus is not None:
+        return corpus
+    if not allow_download:
+        return _fallback("downloading is turned off", console)
+    try:
+        return _download_and_load(folder, cache_dir, console)
+    except DownloadError as error:
+        return _fallback(str(error), console)
+
+
+def _cached_copy(folder: Path, cache_dir: Path) -> Corpus | None:
+    """The Wikitext-2 downloaded earlier into ``folder``, or None if it is absent, incomplete or altered."""
+    try:
+        corpus = load_corpus(folder, cache_dir)
+    except FastlmError:
+        return None  # a missing, empty or damaged file: downloading again repairs it
+    # load_corpus hashed the files anyway, so checking them against Wikitext-2's sums costs nothing.
+    if corpus.file_sha256 != _wikitext2_sha256():
+        return None
+    corpus.source = f"Wikitext-2 from {folder}"
+    return corpus
+
+
+def _wikitext2_sha256() -> dict[str, str]:
+    """Wikitext-2's sums keyed by split, as Corpus.file_sha256 has them."""
+    return {name.removesuffix(".txt"): digest for name, digest in WIKITEXT2_SHA256.items()}
+
+
+def _from_env(value: str, cache_dir: Path, console: Console) -> Corpus:
+    try:
+        corpus = load_corpus(value, cache_dir)
+    except FastlmError as error:
+        raise FastlmError(f"{WIKITEXT2_ENV}={value} is not usable: {error}") from None
+    corpus.source = f"Wikitext-2 from {WIKITEXT2_ENV}={value}"
+    if corpus.file_sha256 != _wikitext2_sha256():
+        # Someone's own variant is allowed (it is their explicit choice), but results will not be comparable.
+        console.print(f"[yellow]fastlm: warning:[/] the files in {WIKITEXT2_ENV}={value} differ from Wikitext-2's")
+        corpus.source += " (files differ from the published Wikitext-2)"
+    return corpus
+
+
+def _download_and_load(folder: Path, cache_dir: Path, console: Console) -> Corpus:
+    console.print(f"fastlm: downloading Wikitext-2 from {wikitext2_url()} into {folder}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        # A read-only cache must not stop the run: fetch into a temporary folder and keep only the tokens.
+        console.print(
+            f"[yellow]fastlm: warning:[/] cannot write {folder}; Wikitext-2 will be downloaded again next time"
+        )
+        with tempfile.TemporaryDirectory(prefix="fastlm-wikitext-2-") as tmp:
+            corpus = load_corpus(download_wikitext2(tmp, console=console), cache_dir)
+        corpus.source = "Wikitext-2 (downloaded, not kept)"
+        return corpus
+    corpus = load_corpus(download_wikitext2(folder, console=console), cache_dir)
+    corpus.source = f"Wikitext-2 from {folder} (downloaded)"
+    return corpus
+
+
+def _fallback(reason: str, console: Console) -> Corpus:
+    console.print(
+        Panel(
+            f"Wikitext-2 is not available: {reason}.\n"
+            "Training on the GENERATED TOY CORPUS instead; its losses and perplexities are NOT comparable "
+            "with Wikitext-2 results.\n"
+            "To use Wikitext-2, do one of:\n"
+            f"  - set {WIKITEXT2_ENV} to a folder holding train.txt, valid.txt and test.txt;\n"
+            f"  - set {URL_ENV} to a URL that serves those three files (now {wikitext2_url()});\n"
+            "  - pass --data PATH with such a folder.",
+            title="fastlm: WARNING: no Wikitext-2",
+            border_style="bold red",
+        )
+    )
+    corpus = generated_corpus()
+    corpus.source += " (fallback: Wikitext-2 was not available)"
+    return corpus
