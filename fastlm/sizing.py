@@ -10,8 +10,9 @@ from fastlm.cells.math import GATES
 from fastlm.config import ModelConfig
 from fastlm.errors import FastlmError
 
-# Weights, gradients and the saved snapshot of the last good state each hold one copy of the parameters.
-COPIES_WHILE_TRAINING = 3
+# Weights, gradients, the snapshot of the last good state and the best model loaded for the final test each
+# hold one copy of the parameters.
+COPIES_WHILE_TRAINING = 4
 
 
 def parameter_count(config: ModelConfig, vocab_size: int) -> int:

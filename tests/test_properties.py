@@ -74,7 +74,7 @@ def tiny_data(tmp_path_factory) -> Path:
     return folder
 
 
-numbers = st.one_of(st.integers(-3, 3), st.integers(4, 40), st.integers(10 ** 5, 10 ** 12),
+numbers = st.one_of(st.integers(-3, 3), st.integers(4, 40), st.integers(10 ** 7, 10 ** 12),
                     st.sampled_from(["nan", "inf", "-1e309", "x", "0.5", "1e-9"]))
 
 
