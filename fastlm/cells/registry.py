@@ -66,24 +66,24 @@ def build(cell: str, backend: str, input_size: int, hidden_size: int, num_layers
 
 
 def _register_builtin_backends() -> None:
+    # None of these modules imports triton: the triton backend imports its kernels on the first build.
+    from fastlm.cells import compile as compile_backend
+    from fastlm.cells import triton as triton_backend
     from fastlm.cells.cudnn import CUDNN_STACKS
     from fastlm.cells.reference import ReferenceStack
+    from fastlm.cells.script import ScriptStack
 
     register("reference", {cell: functools.partial(ReferenceStack, cell) for cell in CELLS},
              description="plain PyTorch loop, fp32: the oracle")
     register("cudnn", CUDNN_STACKS, description="torch.nn (cuDNN on GPU, ATen/oneDNN on CPU)")
-
-    from fastlm.cells.script import ScriptStack
-
     register("script", {cell: functools.partial(ScriptStack, cell) for cell in CELLS},
              description="TorchScript-compiled time loop, input projection as one GEMM")
-
-    # fastlm.cells.triton does not import triton itself: the kernels are imported on the first build.
-    from fastlm.cells import triton as triton_backend
-
     register("triton", {cell: functools.partial(triton_backend.TritonStack, cell) for cell in ("lstm", "gru")},
              probe=triton_backend.probe,
              description="hand-written Triton kernels, one fused launch per step (interpreted without CUDA)")
+    register("compile", {cell: functools.partial(compile_backend.CompileStack, cell) for cell in ("lstm", "gru")},
+             probe=compile_backend.probe,
+             description="torch.compile of the reference cell step (benchmark peer; slow first call)")
 
 
 _register_builtin_backends()

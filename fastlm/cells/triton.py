@@ -8,14 +8,16 @@ math, h_t written straight into the output); backward = T fused step kernels wal
 Variant: "per-step" (one launch per time step). The persistent variant (the whole sequence in one launch,
 blocks exchanging h through a grid-wide barrier) is not implemented; ``describe()`` says which runs.
 
-Without CUDA the kernels run through Triton's interpreter on CPU tensors: this module sets
-TRITON_INTERPRET=1 before it first imports the kernels (the flag is read when a kernel is decorated), and
-says so once in the log. That mode is slow and exists for correctness checks and CPU-only machines.
-Inputs, state and parameters must share one device and one dtype (fp32; fp16/bf16 on CUDA).
+Without CUDA the kernels run through Triton's interpreter on CPU tensors. Triton decides between compiling
+and interpreting when a function is decorated, its own library included, so TRITON_INTERPRET=1 must be
+set before triton is first imported: importing this module (which ``import fastlm.cells`` does) sets it
+on machines without CUDA, unless triton is already loaded, in which case the first build says what to do.
+The interpreted mode is announced once in the log; it is slow and exists for correctness checks and
+CPU-only machines.
+Inputs, state and parameters must share one device and one dtype: fp32, fp16, or bf16 (not interpreted).
 """
 
-from __future__ import annotations
-
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 VARIANT = "per-step"
 _KERNEL_MODULES = ("fastlm.kernels.common", "fastlm.kernels.lstm", "fastlm.kernels.gru")
 
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # compiled kernels cannot run without CUDA (see module doc)
+
 
 def probe() -> Optional[str]:
     """None when the triton backend can run here; else why not. Cheap: does not import triton."""
@@ -50,19 +55,15 @@ def probe() -> Optional[str]:
 def kernels() -> SimpleNamespace:
     """The kernel modules, imported once, compiled for CUDA or interpreted (no CUDA): .lstm, .gru,
     .LaunchConfig and .interpreted."""
-    need_interpreter = not torch.cuda.is_available()
-    if need_interpreter and os.environ.get("TRITON_INTERPRET") != "1":
-        if any(name in sys.modules for name in _KERNEL_MODULES):
-            raise FastlmError("the Triton kernels were imported before TRITON_INTERPRET=1 was set and cannot run "
-                              "on this machine without CUDA; set TRITON_INTERPRET=1 in the environment")
-        os.environ["TRITON_INTERPRET"] = "1"
     common, lstm, gru = (importlib.import_module(name) for name in _KERNEL_MODULES)
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
     interpreted = isinstance(lstm.lstm_forward_step, InterpretedFunction)
-    if need_interpreter and not interpreted:
-        raise FastlmError("the Triton kernels were compiled for a GPU but this machine has no CUDA device; "
-                          "set TRITON_INTERPRET=1 before anything imports triton kernels")
+    if not torch.cuda.is_available() and not (interpreted and isinstance(tl.zeros, InterpretedFunction)):
+        raise FastlmError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on this "
+                          "machine without CUDA; set TRITON_INTERPRET=1 in the environment (or import fastlm.cells "
+                          "before anything that imports triton)")
     return SimpleNamespace(lstm=lstm, gru=gru, LaunchConfig=common.LaunchConfig, interpreted=interpreted)
 
 
@@ -128,8 +129,8 @@ class _GRULayer(torch.autograd.Function):
 def _announce(interpreted: bool) -> None:
     """Say once per process which variant runs and how."""
     if interpreted:
-        log.warning("triton backend: %s kernels running through the Triton interpreter on CPU "
-                    "(no CUDA device; TRITON_INTERPRET=1): correct but slow", VARIANT)
+        log.warning("triton backend: %s kernels running through the Triton interpreter (TRITON_INTERPRET=1, "
+                    "set because this machine has no CUDA device): correct but slow", VARIANT)
     else:
         log.info("triton backend: %s kernels compiled for CUDA", VARIANT)
 
@@ -151,14 +152,16 @@ class TritonStack(LayerwiseStack):
         _announce(self.interpreted)
 
     def describe(self) -> str:
-        how = ("interpreted on CPU (TRITON_INTERPRET=1; slow, for correctness)" if self.interpreted
+        how = ("run by the Triton interpreter (TRITON_INTERPRET=1; slow, for correctness)" if self.interpreted
                else "compiled for CUDA")
         return (f"triton {self.cell} {self.variant}: 1 fused kernel per time step forward and 1 backward, "
                 f"input projection and weight gradients as whole-sequence GEMMs; {how}")
 
     def forward(self, x: torch.Tensor, state=None):
         self._check(x, state)
-        return super().forward(x, state)
+        # Triton launches on the current CUDA device: make it the inputs' one (e.g. a model on cuda:1).
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            return super().forward(x, state)
 
     def _check(self, x: torch.Tensor, state) -> None:
         weight = self.weight_hh_l0
@@ -170,7 +173,8 @@ class TritonStack(LayerwiseStack):
         if not self.interpreted and x.device.type != "cuda":
             raise FastlmError(f"triton backend: the kernels are compiled for CUDA; move the model and inputs to "
                               f"a CUDA device (got {x.device})")
-        dtypes = (torch.float32,) if self.interpreted else (torch.float32, torch.float16, torch.bfloat16)
+        # The interpreter computes with numpy, which has no bfloat16.
+        dtypes = (torch.float32, torch.float16) if self.interpreted else (torch.float32, torch.float16, torch.bfloat16)
         if x.dtype not in dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             raise FastlmError(f"triton backend: dtype {x.dtype} is not supported here (supported: {names})")

@@ -1,0 +1,192 @@
+"""Every backend in cells.available() against the reference backend.
+
+Compared: the output, the final state, and the gradients of the input, the initial state and every weight,
+under random cotangents on both the output and the final state. Same weights (the reference's state_dict
+loaded into the backend), same inputs.
+
+Tolerance rule (DESIGN.md), per compared tensor:
+- fp32: max|a - ref| <= RTOL * max|ref| with RTOL = 1e-5. The error is measured against the tensor's
+  largest magnitude, not elementwise: backends sum in different orders (GEMM tiling, T*B-row reductions
+  for weight gradients), so a small element that is the difference of large terms carries an absolute
+  error set by the large terms. fp32 rounding is 6e-8 per operation; K-term dot products over a few
+  steps and layers stay within ~1e-6 of the largest magnitude (measured: <= 1e-6), so 1e-5 leaves a
+  10x margin without hiding a wrong gate or index (those give errors of order 1e-2 to 1).
+- fp16 / bf16: the backend's error against the fp32 reference is at most 2x the error of the plain
+  reference run in that dtype (same weights cast, same inputs), per tensor, both measured as above.
+
+On CPU the triton backend runs under TRITON_INTERPRET=1 (see conftest.py) with the small shapes only;
+the large shapes carry the gpu marker for it and run compiled on a CUDA machine.
+"""
+
+import pytest
+import torch
+
+from fastlm import cells
+
+RTOL = 1e-5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (T, B, E, H): B not a multiple of 16 and H not a power of two throughout; H = 200 and 650 as asked.
+SMALL_SHAPES = [(3, 3, 5, 10), (4, 17, 9, 40)]
+LARGE_SHAPES = [(6, 20, 32, 200), (3, 37, 48, 650), (3, 64, 24, 100)]
+LAYERS = {"lstm": (1, 2, 3), "gru": (1, 2, 3), "rnn_tanh": (1, 2), "rnn_relu": (1, 2)}
+# Backends whose kernels run through an interpreter on CPU: large shapes only on a GPU.
+INTERPRETED_ON_CPU = {"triton"}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_gpu():
+    """cuDNN RNNs use TF32 for fp32 by default on Ampere+; parity at 1e-5 needs true fp32."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+def _backends():
+    return [(cell, backend) for cell, backend in cells.available() if backend != "reference"]
+
+
+def _cases():
+    for cell, backend in _backends():
+        for layers in LAYERS[cell]:
+            for shape in SMALL_SHAPES + LARGE_SHAPES:
+                marks = [pytest.mark.gpu] if backend in INTERPRETED_ON_CPU and shape in LARGE_SHAPES else []
+                yield pytest.param(cell, backend, layers, shape, marks=marks,
+                                   id=f"{cell}-{backend}-L{layers}-T{shape[0]}B{shape[1]}E{shape[2]}H{shape[3]}")
+
+
+def build_pair(cell, backend, shape, layers, dropout=0.0, seed=0):
+    """(reference, backend) stacks with identical weights, on DEVICE."""
+    _, _, E, H = shape
+    torch.manual_seed(seed)
+    ref = cells.build(cell=cell, backend="reference", input_size=E, hidden_size=H, num_layers=layers, dropout=dropout)
+    other = cells.build(cell=cell, backend=backend, input_size=E, hidden_size=H, num_layers=layers, dropout=dropout)
+    other.load_state_dict(ref.state_dict())
+    return ref.to(DEVICE), other.to(DEVICE)
+
+
+def make_inputs(cell, shape, layers, dtype=torch.float32, seed=1):
+    """x [T, B, E], an initial state, and cotangents for y and the final state, all random."""
+    T, B, E, H = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*size):
+        return torch.randn(*size, generator=g).to(DEVICE, dtype)
+
+    state = (rand(layers, B, H), rand(layers, B, H)) if cell == "lstm" else rand(layers, B, H)
+    cotangents = [rand(T, B, H)] + [rand(layers, B, H) for _ in range(2 if cell == "lstm" else 1)]
+    return rand(T, B, E), state, cotangents
+
+
+def _as_list(state):
+    return list(state) if isinstance(state, (tuple, list)) else [state]
+
+
+def run(layer, cell, x, state, cotangents):
+    """Forward + backward; returns {name: tensor} of outputs and gradients, all detached, fp32."""
+    x = x.clone().requires_grad_(True)
+    state = [s.clone().requires_grad_(True) for s in _as_list(state)]
+    layer.zero_grad(set_to_none=True)
+    y, final = layer(x, tuple(state) if cell == "lstm" else state[0])
+    outputs = [y] + _as_list(final)
+    sum((out.float() * cot.float()).sum() for out, cot in zip(outputs, cotangents)).backward()
+    result = {"y": y, "h_n": outputs[1], "dx": x.grad, "dh0": state[0].grad}
+    if cell == "lstm":
+        result.update(c_n=outputs[2], dc0=state[1].grad)
+    result.update({f"d{name}": p.grad for name, p in layer.named_parameters()})
+    return {name: t.detach().float() for name, t in result.items()}
+
+
+def relative_errors(got, want):
+    """{name: max|got - want| / max|want|} over the tensors of two ``run`` results."""
+    assert got.keys() == want.keys()
+    return {name: ((got[name] - want[name]).abs().max() / want[name].abs().max()).item() for name in want}
+
+
+def assert_fp32_parity(got, want):
+    errors = relative_errors(got, want)
+    bad = {name: f"{err:.2e}" for name, err in errors.items() if not err <= RTOL}
+    assert not bad, f"relative errors above {RTOL:g}: {bad}"
+    return errors
+
+
+@pytest.mark.parametrize("cell, backend, layers, shape", list(_cases()))
+def test_matches_reference(cell, backend, layers, shape):
+    ref, other = build_pair(cell, backend, shape, layers)
+    x, state, cotangents = make_inputs(cell, shape, layers)
+    assert_fp32_parity(run(other, cell, x, state, cotangents), run(ref, cell, x, state, cotangents))
+
+
+@pytest.mark.parametrize("cell, backend", _backends())
+def test_zero_state_and_inference(cell, backend):
+    """state=None means zeros, and the no-grad eval path (kernels that skip saving) gives the same output."""
+    shape, layers = (4, 5, 6, 24), 2
+    ref, other = build_pair(cell, backend, shape, layers, dropout=0.5)
+    x, _, _ = make_inputs(cell, shape, layers)
+    ref.eval()
+    other.eval()
+    with torch.no_grad():
+        got, want = other(x), ref(x)
+    for a, b in zip([got[0]] + _as_list(got[1]), [want[0]] + _as_list(want[1])):
+        assert (a - b).abs().max() <= RTOL * b.abs().max()
+
+
+@pytest.mark.parametrize("cell, backend", [(c, b) for c, b in _backends() if b != "cudnn"])
+def test_dropout_follows_reference(cell, backend):
+    """Inter-layer dropout draws the same masks as the reference (F.dropout on each layer's output but the
+    last, in training only), so with one seed outputs and gradients agree. cudnn is torch.nn itself, whose
+    fused dropout draws its masks in its own order, so it is not compared mask for mask."""
+    shape, layers = (4, 6, 5, 16), 3
+    ref, other = build_pair(cell, backend, shape, layers, dropout=0.4)
+    x, state, cotangents = make_inputs(cell, shape, layers)
+    torch.manual_seed(7)
+    want = run(ref, cell, x, state, cotangents)
+    torch.manual_seed(7)
+    got = run(other, cell, x, state, cotangents)
+    assert_fp32_parity(got, want)
+    torch.manual_seed(8)
+    assert relative_errors(run(other, cell, x, state, cotangents), want)["y"] > 1e-3, "dropout had no effect"
+
+
+def test_triton_small_tiles_cover_masks():
+    """Force 16x16 tiles so that several batch tiles, hidden tiles and reduction chunks, all with ragged
+    edges, run in one step (the default tiles on CPU cover these shapes in one program)."""
+    if ("lstm", "triton") not in cells.available():
+        pytest.skip(cells.unavailable_reason("lstm", "triton"))
+    from fastlm.cells.triton import kernels
+
+    for cell in ("lstm", "gru"):
+        shape, layers = (3, 33, 20, 40), 2
+        ref, other = build_pair(cell, "triton", shape, layers)
+        other.launch_config = kernels().LaunchConfig(16, 16, 16)
+        x, state, cotangents = make_inputs(cell, shape, layers)
+        assert_fp32_parity(run(other, cell, x, state, cotangents), run(ref, cell, x, state, cotangents))
+
+
+def _low_precision_cases():
+    for cell, backend in _backends():
+        for dtype in (torch.float16, torch.bfloat16):
+            marks = []
+            if DEVICE == "cpu" and backend in INTERPRETED_ON_CPU and dtype == torch.bfloat16:
+                marks = [pytest.mark.gpu]  # numpy, behind the interpreter, has no bfloat16
+            yield pytest.param(cell, backend, dtype, marks=marks, id=f"{cell}-{backend}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("cell, backend, dtype", list(_low_precision_cases()))
+def test_low_precision_within_twice_reference_error(cell, backend, dtype):
+    shape, layers = ((6, 20, 32, 200) if DEVICE == "cuda" else (4, 17, 9, 40)), 2
+    ref, other = build_pair(cell, backend, shape, layers)
+    x, state, cotangents = make_inputs(cell, shape, layers)
+    exact = run(ref, cell, x, state, cotangents)
+    cast = lambda s: tuple(t.to(dtype) for t in s) if isinstance(s, tuple) else s.to(dtype)  # noqa: E731
+    ref_err = relative_errors(run(ref.to(dtype), cell, x.to(dtype), cast(state), cotangents), exact)
+    try:
+        got_err = relative_errors(run(other.to(dtype), cell, x.to(dtype), cast(state), cotangents), exact)
+    except RuntimeError as error:  # e.g. a CPU kernel without this dtype in torch.nn
+        if DEVICE == "cpu" and backend == "cudnn":
+            pytest.skip(f"torch.nn on CPU has no {dtype} kernel here: {error}")
+        raise
+    bad = {name: f"{got_err[name]:.2e} > 2 x {ref_err[name]:.2e}" for name in exact
+           if not got_err[name] <= 2 * ref_err[name]}
+    assert not bad, f"{dtype} errors above twice the plain-PyTorch error: {bad}"
