@@ -14,13 +14,14 @@ from fastlm.errors import FastlmError
 TRAIN_FLAGS = {
     "cell": ("model", "cell"), "backend": ("model", "backend"), "emsize": ("model", "emsize"),
     "nhid": ("model", "nhid"), "nlayers": ("model", "nlayers"), "dropout": ("model", "dropout"),
-    "tied": ("model", "tied"),
+    "tied": ("model", "tied"), "decoder": ("model", "decoder"), "cutoffs": ("model", "cutoffs"),
     "data": ("data", "data"), "batch_size": ("data", "batch_size"), "eval_batch_size": ("data", "eval_batch_size"),
     "bptt": ("data", "bptt"),
     "lr": ("train", "lr"), "clip": ("train", "clip"), "epochs": ("train", "epochs"), "seed": ("train", "seed"),
     "log_interval": ("train", "log_interval"), "device": ("train", "device"), "max_steps": ("train", "max_steps"),
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
     "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
+    "step": ("train", "step"), "amp": ("train", "amp"), "cuda_graphs": ("train", "cuda_graphs"),
 }
 
 
@@ -43,6 +44,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--nlayers", type=int, default=S, help="recurrent layers (2)")
     m.add_argument("--dropout", type=float, default=S, help="dropout (0.2)")
     m.add_argument("--tied", action="store_true", default=S, help="tie embedding and decoder weights")
+    m.add_argument("--decoder", default=S, choices=("full", "adaptive"),
+                   help="full softmax (default), or adaptive: an adaptive softmax, a different model (opt-in)")
+    m.add_argument("--cutoffs", type=_int_list, default=S, metavar="C1,C2,...",
+                   help="adaptive softmax clusters by frequency rank (default 2000,10000: Wikitext-2's, scaled)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=S, help="wikitext-2 (default), generated, or a folder with train/valid/test.txt")
     d.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=S, help="batch size (20)")
@@ -64,6 +69,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save", default=S, help="also copy the best checkpoint to this path")
     t.add_argument("--save-minutes", dest="save_minutes", type=float, default=S,
                    help="also save 'last' at a log line when this many minutes passed since the last save (10)")
+    f = p.add_argument_group("speed")
+    f.add_argument("--step", default=S, choices=("fast", "example"),
+                   help="fast (default), or example: the PyTorch example's loop as it is (the baseline)")
+    f.add_argument("--amp", default=S, choices=("off", "bf16"),
+                   help="bf16: autocast the fast step to bfloat16 (changes the numbers; off by default)")
+    f.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=S,
+                   help="on CUDA, capture fixed-shape steps once as a CUDA graph and replay them (on)")
 
 
 def _add_train_parser(sub) -> None:
@@ -83,10 +95,87 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--outf", "--out", dest="out", default=None, help="write here instead of stdout (UTF-8)")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _shape(text: str) -> tuple:
+    values = _int_list(text)
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected T,B,E,H (four positive integers), got {text!r}")
+    return tuple(values)
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip().lower() for v in text.split(",") if v.strip()]
+
+
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser(
+        "bench", help="time recurrent cells and the training step against their baselines",
+        description="Times the recurrent stack (fwd, fwdbwd; baseline cudnn = torch.nn) and the whole training "
+                    "step (step; baseline: the PyTorch example's loop, fp32) in one run, prints a table with "
+                    "speedups and appends each result as a JSON line to --out.")
+    bench.add_argument("--cell", type=_names, default=["lstm", "gru"], metavar="CELL[,CELL]",
+                       help="lstm, gru, rnn_tanh, rnn_relu (default lstm,gru)")
+    bench.add_argument("--backend", type=_names, default=None, metavar="NAME[,NAME]",
+                       help="recurrent backends (default: every one available here, on CPU but triton and compile; "
+                            "step mode adds 'example')")
+    bench.add_argument("--mode", type=_names, default=["fwd", "fwdbwd", "step"], metavar="MODE[,MODE]",
+                       help="fwd, fwdbwd, step (default all three)")
+    bench.add_argument("--shape", type=_shape, action="append", default=None, metavar="T,B,E,H",
+                       help="repeatable (default the example's: 35,20,200,200 35,20,650,650 35,20,1500,1500; "
+                            "on CPU the first two)")
+    bench.add_argument("--dtype", type=_names, default=["fp32"], metavar="fp32[,bf16]",
+                       help="fp32 (default), bf16 (step: bf16 autocast)")
+    bench.add_argument("--repeat", type=int, default=None, help="timed calls per case (30 on CUDA, 5 on CPU)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed calls first (5 on CUDA, 1 on CPU)")
+    bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    bench.add_argument("--layers", type=int, default=2, help="recurrent layers (2)")
+    bench.add_argument("--vocab", type=int, default=33_278, help="step: vocabulary size (33278, Wikitext-2's)")
+    bench.add_argument("--dropout", type=float, default=0.2, help="step: dropout (0.2)")
+    bench.add_argument("--tied", action="store_true", help="step: tie embedding and decoder weights (needs E == H)")
+    bench.add_argument("--decoder", default="full", choices=("full", "adaptive"),
+                       help="step: the fast step's decoder (full; adaptive is a different model)")
+    bench.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=True,
+                       help="step: CUDA graphs for the fast step on CUDA (on)")
+    bench.add_argument("--loss-chunk", dest="loss_chunk", type=_int_list, default=None, metavar="TOKENS,BLOCK",
+                       help="step: the fused loss's tokens per chunk and vocabulary columns per GEMM (0: all), "
+                            "instead of the device's default")
+    bench.add_argument("--out", default=None, metavar="FILE.jsonl",
+                       help="append results here (default bench/results/<time>-<device>.jsonl)")
+
+
+def _add_profile_parser(sub) -> None:
+    prof = sub.add_parser(
+        "profile", help="where each millisecond of a training step goes: table, JSON, picture, traces",
+        description="Runs warm-up plus measured steps of exactly the step `fastlm train` runs (same flags) and "
+                    "writes breakdown.json/.md, flow.svg/.png and trace.json.gz. Flags that bound a training run "
+                    "(--epochs, --max-steps, --max-minutes, --dry-run, --log-interval, --run-dir, --save) do not "
+                    "apply here.")
+    _add_train_flags(prof)
+    p = prof.add_argument_group("profile")
+    p.add_argument("--warmup", type=int, default=5, metavar="W",
+                   help="steps before measuring (5); the first one's cost (compilation, autotuning) is reported apart")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="measured steps (20)")
+    p.add_argument("--trace-steps", dest="trace_steps", type=int, default=3, metavar="K",
+                   help="further steps recorded by torch.profiler into trace.json.gz (3; 0 for none)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (profiles/<time>-<cell>-<backend>)")
+    tools = p.add_mutually_exclusive_group()
+    tools.add_argument("--py-spy", dest="py_spy", action="store_true",
+                       help="re-run under py-spy record: a speedscope JSON and a flame-graph SVG")
+    tools.add_argument("--nsys", action="store_true",
+                       help="re-run under Nsight Systems, capturing only the measured steps (needs nsys and CUDA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastlm", description="Train, profile and benchmark word-level RNN language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for add_parser in (_add_train_parser, _add_generate_parser):
+    for add_parser in (_add_train_parser, _add_generate_parser, _add_profile_parser, _add_bench_parser):
         add_parser(sub)
     return parser
 
@@ -134,7 +223,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate}
+def cmd_profile(args) -> int:
+    from fastlm.profile import ProfileOptions, run_profile
+
+    options = ProfileOptions(warmup=args.warmup, steps=args.steps, trace_steps=args.trace_steps, out=args.out,
+                             py_spy=args.py_spy, nsys=args.nsys)
+    return run_profile(config_from_args(args), options)
+
+
+def cmd_bench(args) -> int:
+    from fastlm.bench import BenchOptions, StepSettings, run_bench
+
+    if args.layers < 1 or args.vocab < 2 or not 0.0 <= args.dropout < 1.0:
+        raise FastlmError("--layers must be at least 1, --vocab at least 2 and --dropout in [0, 1)")
+    if args.loss_chunk is not None and (len(args.loss_chunk) != 2 or args.loss_chunk[0] < 1 or args.loss_chunk[1] < 0):
+        raise FastlmError("--loss-chunk takes TOKENS,BLOCK: tokens per chunk (at least 1) and vocabulary columns "
+                          "per GEMM (0 for all)")
+    step = StepSettings(vocab=args.vocab, layers=args.layers, dropout=args.dropout, tied=args.tied,
+                        decoder=args.decoder, cuda_graphs=args.cuda_graphs,
+                        loss_chunk=tuple(args.loss_chunk) if args.loss_chunk else None)
+    options = BenchOptions(cells=args.cell, backends=args.backend, modes=args.mode,
+                           shapes=args.shape, dtypes=args.dtype, repeat=args.repeat,
+                           warmup=args.warmup, device=args.device, threads=args.threads, step=step, out=args.out)
+    return run_bench(options)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

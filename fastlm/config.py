@@ -28,6 +28,8 @@ class ModelConfig:
     nlayers: int = 2
     dropout: float = 0.2
     tied: bool = False
+    decoder: str = "full"  # "adaptive": an adaptive softmax, a different (smaller, faster) model
+    cutoffs: Optional[list] = None  # adaptive softmax clusters; None: Wikitext-2's (2000, 10000), scaled
 
 
 @dataclass
@@ -52,6 +54,9 @@ class TrainConfig:
     run_dir: Optional[str] = None
     save: Optional[str] = None
     save_minutes: float = 10.0  # also save 'last' at a log line once this long has passed since the last save
+    step: str = "fast"  # "example": the PyTorch example's loop as it is, the baseline of every speed-up
+    amp: str = "off"  # "bf16": autocast the fast step's GEMMs to bfloat16 (CUDA; changes the numbers)
+    cuda_graphs: bool = True  # on CUDA, capture the fast step's fixed-shape steps once and replay them
 
 
 @dataclass
@@ -95,6 +100,15 @@ class RunConfig:
             raise FastlmError(f"--dropout must be in [0, 1), got {m.dropout}")
         if m.tied and m.emsize != m.nhid:
             raise FastlmError(f"--tied needs --emsize equal to --nhid, got emsize {m.emsize} and nhid {m.nhid}")
+        _one_of("--decoder", m.decoder, ("full", "adaptive"))
+        if m.decoder == "adaptive" and m.tied:
+            raise FastlmError("--tied cannot be combined with --decoder adaptive; drop one of them")
+        if m.cutoffs is not None:
+            cutoffs = list(m.cutoffs)
+            if (not cutoffs or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cutoffs)
+                    or cutoffs != sorted(set(cutoffs))):
+                raise FastlmError(f"--cutoffs must be increasing positive integers, e.g. 2000,10000; got {m.cutoffs!r}")
+            m.cutoffs = cutoffs
         _at_least("--batch-size", d.batch_size, 1)
         _at_least("--eval-batch-size", d.eval_batch_size, 1)
         _at_least("--bptt", d.bptt, 1)
@@ -109,7 +123,19 @@ class RunConfig:
         _positive("--save-minutes", t.save_minutes)
         if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
             raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
+        _one_of("--step", t.step, ("fast", "example"))
+        _one_of("--amp", t.amp, ("off", "bf16"))
+        if not isinstance(t.cuda_graphs, bool):
+            raise FastlmError(f"cuda_graphs must be true or false, got {t.cuda_graphs!r}")
+        if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.amp != "off"):
+            raise FastlmError("--step example is the PyTorch example's loop as it is: it needs --backend cudnn, "
+                              "--decoder full and --amp off")
         return self
+
+
+def _one_of(flag: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise FastlmError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _at_least(flag: str, value, minimum: int) -> None:

@@ -2,20 +2,24 @@
 
 Module names (encoder, rnn, decoder) and initialisation match the PyTorch word_language_model example, so
 under the same seed the same weights come out, and its state_dict keys are the example's.
-The forward pass stops before the decoder: ``decode`` and ``loss`` are separate so the trainer, the
-profiler and faster loss implementations can treat them as the separate costs they are.
+The forward pass stops before the decoder: ``decode`` gives logits (for sampling) and ``loss`` the mean
+cross-entropy through the fused, chunked decoder + loss of fastlm.losses, which never builds the
+[tokens x vocabulary] tensors and times its GEMMs as the ``decoder`` phase and its softmax as ``loss``.
+
+``decoder="adaptive"`` (opt-in, a different model) replaces the full softmax with an adaptive softmax over
+frequency-ranked words (fastlm.losses.AdaptiveDecoder); the module is still named ``decoder``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastlm import cells
 from fastlm.config import ModelConfig
 from fastlm.errors import FastlmError
-from fastlm.profiling import DECODER, EMBEDDING, LOSS, RNN, phase
+from fastlm.losses import AdaptiveDecoder, linear_cross_entropy
+from fastlm.profiling import DECODER, EMBEDDING, RNN, phase
 
 
 class RNNLM(nn.Module):
@@ -30,18 +34,26 @@ class RNNLM(nn.Module):
         self.encoder = nn.Embedding(ntoken, config.emsize)
         self.rnn = cells.build(cell=config.cell, backend=config.backend, input_size=config.emsize,
                                hidden_size=config.nhid, num_layers=config.nlayers, dropout=config.dropout)
-        self.decoder = nn.Linear(config.nhid, ntoken)
-        if config.tied:
-            self.decoder.weight = self.encoder.weight
+        self.loss_chunking = None  # a fastlm.losses.Chunking to override the device's default (benchmarks)
+        self.adaptive = config.decoder == "adaptive"
+        if self.adaptive:
+            if config.tied:
+                raise FastlmError("--tied cannot be combined with --decoder adaptive; drop one of them")
+            self.decoder = AdaptiveDecoder(config.nhid, ntoken, config.cutoffs)
+        else:
+            self.decoder = nn.Linear(config.nhid, ntoken)
+            if config.tied:
+                self.decoder.weight = self.encoder.weight
         self.init_weights()
 
     def init_weights(self) -> None:
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
-        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        if not self.adaptive:  # the adaptive softmax keeps torch.nn's initialisation
+            nn.init.zeros_(self.decoder.bias)
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
     def init_state(self, batch_size: int):
-        return self.rnn.zero_state(batch_size, self.decoder.weight)
+        return self.rnn.zero_state(batch_size, self.encoder.weight)
 
     def forward(self, tokens: torch.Tensor, state=None):
         """tokens [T, B] -> (decoder input [T, B, H] after dropout, new state)."""
@@ -52,15 +64,19 @@ class RNNLM(nn.Module):
         return self.drop(output), state
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, B, H] -> logits [T * B, V]."""
+        """[T, B, H] -> logits [T * B, V] (log-probabilities for the adaptive decoder: as good for sampling)."""
         with phase(DECODER):
+            if self.adaptive:
+                return self.decoder.log_probs(hidden.reshape(-1, hidden.shape[-1]))
             return self.decoder(hidden).view(-1, self.ntoken)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of ``targets`` [T * B] (log_softmax + NLL, as the example)."""
-        logits = self.decode(hidden)
-        with phase(LOSS):
-            return F.cross_entropy(logits, targets)
+        """Mean negative log-likelihood of ``targets`` [T * B]: log_softmax + NLL as the example, fused."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.adaptive:
+            with phase(DECODER):  # the adaptive softmax's clusters and its loss are one module
+                return self.decoder.loss(flat, targets)
+        return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets, self.loss_chunking)
 
 
 def detach_state(state):

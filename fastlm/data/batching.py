@@ -41,26 +41,88 @@ def get_batch(source: torch.Tensor, start: int, bptt: int):
 class BatchStreamer:
     """Feeds (inputs, targets) chunks of a batchified split to the training device.
 
-    On CUDA the split lives in pinned host memory and each chunk is copied with ``non_blocking=True``, so
-    the copy is queued on the stream instead of stalling the host. On CPU the chunks are views, no copy.
-    Iteration can start at any chunk index (``start_batch``), which is what resuming a run needs.
+    On CUDA the split lives in pinned host memory and chunks reach the device through ``to_device``: each
+    chunk's copy is issued on a side stream while the step before it computes. On CPU the chunks are
+    views, no copy. Iteration can start at any chunk index (``start_batch``), which is what resuming needs.
     """
 
     def __init__(self, source: torch.Tensor, bptt: int, device: torch.device):
         self.bptt = bptt
         self.device = torch.device(device)
         self.starts = batch_starts(source, bptt)
-        on_cuda = self.device.type == "cuda"
-        self.source = source.pin_memory() if on_cuda else source.to(self.device)
-        self.non_blocking = on_cuda
+        self.source = source.pin_memory() if self.device.type == "cuda" else source.to(self.device)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def iterate(self, start_batch: int = 0):
         """Yields (batch_index, inputs, targets) from chunk ``start_batch`` to the end of the split."""
-        for index in range(start_batch, len(self.starts)):
-            inputs, targets = get_batch(self.source, self.starts[index], self.bptt)
-            yield (index,
-                   inputs.to(self.device, non_blocking=self.non_blocking),
-                   targets.to(self.device, non_blocking=self.non_blocking))
+        host = ((index, *get_batch(self.source, self.starts[index], self.bptt))
+                for index in range(start_batch, len(self.starts)))
+        return to_device(host, self.device)
+
+
+def to_device(host_batches, device: torch.device, stage: bool = False):
+    """(index, inputs, targets) on ``device`` for each host batch of ``host_batches``.
+
+    On CUDA, batch i+1's copy is issued on a side stream before batch i is handed out, so it overlaps
+    batch i's step and the consumer's data phase is only an event wait. The consumer's stream waits for
+    each copy, and ``record_stream`` keeps the allocator from reusing a batch's memory before that stream
+    is done with it. Host tensors must be pinned and stay unchanged while their copy may run, unless
+    ``stage``: then each batch is first copied into one of two pinned buffers of this function's own,
+    which is reused only once its previous copy has finished. Elsewhere batches pass through unchanged.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield from host_batches
+        return
+    copy_stream = torch.cuda.Stream(device)
+    slots = [_PinnedSlot(), _PinnedSlot()]
+
+    def start_copy(number, batch):
+        index, inputs, targets = batch
+        slot = slots[number % 2] if stage else None
+        if slot is not None:
+            inputs, targets = slot.fill(inputs, targets)
+        with torch.cuda.stream(copy_stream):
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
+        if slot is not None:
+            slot.copied = copied
+        return index, inputs, targets, copied
+
+    pending = None
+    for number, batch in enumerate(host_batches):
+        issued = start_copy(number, batch)
+        if pending is not None:
+            yield _hand_over(*pending)
+        pending = issued
+    if pending is not None:
+        yield _hand_over(*pending)
+
+
+class _PinnedSlot:
+    """Pinned host buffers for one batch in flight; ``fill`` waits until their last copy is done."""
+
+    def __init__(self):
+        self.inputs = self.targets = self.copied = None
+
+    def fill(self, inputs: torch.Tensor, targets: torch.Tensor):
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.inputs is None or self.inputs.numel() < inputs.numel():
+            self.inputs = torch.empty(inputs.numel(), dtype=inputs.dtype).pin_memory()
+            self.targets = torch.empty(targets.numel(), dtype=targets.dtype).pin_memory()
+        pinned_inputs = self.inputs[:inputs.numel()].view(inputs.shape).copy_(inputs)
+        pinned_targets = self.targets[:targets.numel()].view(targets.shape).copy_(targets)
+        return pinned_inputs, pinned_targets
+
+
+def _hand_over(index, inputs, targets, copied):
+    consumer = torch.cuda.current_stream(inputs.device)
+    consumer.wait_event(copied)
+    inputs.record_stream(consumer)
+    targets.record_stream(consumer)
+    return index, inputs, targets

@@ -1,0 +1,243 @@
+"""`fastlm bench`: recurrent cells and the training step, timed against their baselines in the same run.
+
+Suites: ``cells`` (modes fwd and fwdbwd: the recurrent stack alone, baseline cudnn = torch.nn) and ``step``
+(a whole training step, baseline ``example`` = the PyTorch example's loop as it is, in fp32 whatever the
+dtype of the others). Every result is a row of the table and a JSON line appended to ``--out``; the
+speedup column is the baseline's median over the row's, both measured in this run.
+What each mode times is in fastlm.bench_cases; how, in fastlm.measure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fastlm import cells
+from fastlm.bench_cases import DTYPES, EXAMPLE, Case, StepSettings, build_cells_call, build_step_call
+from fastlm.errors import FastlmError
+from fastlm.measure import PeakMemory, environment, time_calls
+
+MODES = ("fwd", "fwdbwd", "step")
+DEFAULT_SHAPES = ((35, 20, 200, 200), (35, 20, 650, 650), (35, 20, 1500, 1500))  # the example's sizes
+CELLS_BASELINE = "cudnn"
+
+
+@dataclass
+class BenchOptions:
+    cells: list[str] = field(default_factory=lambda: ["lstm", "gru"])
+    backends: Optional[list[str]] = None  # None: every backend available for the cell (see default_backends)
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    shapes: Optional[list[tuple]] = None  # None: DEFAULT_SHAPES (on CPU without the 1500 one, see plan)
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    repeat: Optional[int] = None  # None: 30 on CUDA, 5 on CPU
+    warmup: Optional[int] = None  # None: 5 on CUDA, 1 on CPU
+    device: str = "auto"
+    threads: Optional[int] = None
+    step: StepSettings = field(default_factory=StepSettings)
+    out: Optional[str] = None
+
+
+def default_backends(cell: str, device: torch.device) -> tuple[list[str], list[str]]:
+    """(backends to run, notes on those left out) for ``cell`` when --backend is not given.
+
+    On CPU two are left out so that the default run takes minutes: triton (its interpreter is far too slow
+    to time) and compile (Inductor builds C++ for every new shape, tens of seconds each).
+    """
+    chosen, notes = [], []
+    for c, backend in cells.available():
+        if c != cell:
+            continue
+        if device.type != "cuda" and backend in ("triton", "compile"):
+            why = ("without CUDA it runs in Triton's interpreter, far too slow to time" if backend == "triton"
+                   else "on CPU it compiles C++ for every shape, tens of seconds each")
+            notes.append(f"{backend} left out: {why} (name it with --backend to include it)")
+            continue
+        chosen.append(backend)
+    return chosen, notes
+
+
+def default_shapes(device: torch.device) -> tuple[list[tuple], list[str]]:
+    """The example's three sizes; on CPU the first two (a 2x1500 step takes seconds per call there)."""
+    if device.type == "cuda":
+        return list(DEFAULT_SHAPES), []
+    return list(DEFAULT_SHAPES[:2]), ["35,20,1500,1500 left out on CPU (seconds per call); pass --shape to include it"]
+
+
+def plan(options: BenchOptions, device: torch.device) -> tuple[list[list[Case]], list[str]]:
+    """Groups of cases that share a baseline (baseline first), and notes for the user."""
+    groups, notes = [], []
+    shapes = options.shapes
+    if shapes is None:
+        shapes, notes = default_shapes(device)
+    for cell in options.cells:
+        if options.backends is None:
+            backends, left_out = default_backends(cell, device)
+            notes += [n for n in left_out if n not in notes]
+        else:
+            backends = list(options.backends)
+        for mode in options.modes:
+            for T, B, E, H in shapes:
+                if mode == "step":
+                    fast = [b for b in backends if b != EXAMPLE]
+                    cases = [Case(mode, cell, EXAMPLE, T, B, E, H, "fp32")]
+                    cases += [Case(mode, cell, b, T, B, E, H, d) for d in options.dtypes for b in fast]
+                    groups.append(cases)
+                    continue
+                for dtype in options.dtypes:
+                    others = [b for b in backends if b not in (CELLS_BASELINE, EXAMPLE)]
+                    groups.append([Case(mode, cell, b, T, B, E, H, dtype) for b in [CELLS_BASELINE] + others])
+    return groups, notes
+
+
+def run_case(case: Case, options: BenchOptions, device: torch.device, repeat: int, warmup: int) -> dict:
+    if case.suite == "step":
+        call = build_step_call(case, options.step, device)
+    else:
+        call = build_cells_call(case, options.step.layers, device)
+    tokens = case.T * case.B
+    with PeakMemory(device) as peak:
+        timing = time_calls(call, repeat, warmup, device)
+    median = timing.median_ms
+    return {"median_ms": median, "p20_ms": timing.percentile_ms(20), "p80_ms": timing.percentile_ms(80),
+            "tokens_per_s": tokens / (median / 1e3), "peak_mem_mb": peak.mb}
+
+
+def describe(case: Case, options: BenchOptions, env: dict) -> dict:
+    s = options.step
+    step_fields = {"V": s.vocab, "decoder": s.decoder if case.backend != EXAMPLE else "full", "tied": s.tied,
+                   "dropout": s.dropout, "cuda_graphs": s.cuda_graphs and case.backend != EXAMPLE,
+                   "loss_chunk": list(s.loss_chunk) if s.loss_chunk and case.backend != EXAMPLE else None,
+                   "step": "example" if case.backend == EXAMPLE else "fast"}
+    return {"suite": case.suite, "cell": case.cell, "backend": case.backend, "mode": case.mode, "T": case.T,
+            "B": case.B, "E": case.E, "H": case.H, "layers": s.layers,
+            **(step_fields if case.suite == "step" else {"V": None}), "dtype": case.dtype, **env}
+
+
+def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
+    """Runs the matrix, prints the table, appends JSON lines to the output file; 1 if any case failed."""
+    from fastlm.train import resolve_device
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file or a pipe: keep the table's rows on one line each
+            console = Console(width=160)
+    _check(options)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    on_cuda = device.type == "cuda"
+    repeat = options.repeat or (30 if on_cuda else 5)
+    warmup = options.warmup if options.warmup is not None else (5 if on_cuda else 1)
+    out = Path(options.out) if options.out else default_out_path(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    groups, notes = plan(options, device)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    env = environment(device)
+    console.print(f"fastlm bench | {env['device']} | torch {env['torch']} | {repeat} timed + {warmup} warm-up "
+                  f"calls per case | results -> {out}")
+    table = _new_table()
+    failures = 0
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with out.open("a", encoding="utf-8") as sink:
+        for group in groups:
+            baseline_ms = None
+            for case in group:
+                record = {**describe(case, options, env), "repeat": repeat, "warmup": warmup, "time": stamp}
+                try:
+                    record.update(run_case(case, options, device, repeat, warmup))
+                except Exception as error:  # one failing case (OOM, unsupported dtype) must not end the matrix
+                    failures += 1
+                    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    record["error"] = f"{type(error).__name__}: {first}"[:300]
+                if case is group[0]:
+                    baseline_ms = record.get("median_ms")
+                record["baseline"] = group[0].backend
+                record["speedup"] = (baseline_ms / record["median_ms"]
+                                     if baseline_ms and record.get("median_ms") else None)
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                console.print(_progress_line(record), highlight=False)
+                _add_row(table, record)
+                if on_cuda:
+                    torch.cuda.empty_cache()
+    console.print(table)
+    if failures:
+        console.print(f"[bold red]{failures} case(s) failed[/]: see the error column and {out}")
+    return 1 if failures else 0
+
+
+def _check(options: BenchOptions) -> None:
+    for mode in options.modes:
+        if mode not in MODES:
+            raise FastlmError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    for dtype in options.dtypes:
+        if dtype not in DTYPES:
+            raise FastlmError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    for cell in options.cells:
+        if cell not in cells.CELLS:
+            raise FastlmError(f"--cell {cell!r} is not one of {', '.join(cells.CELLS)}")
+    for shape in options.shapes or ():
+        if len(shape) != 4 or any(int(v) < 1 for v in shape):
+            raise FastlmError(f"--shape takes T,B,E,H (four positive integers), got {shape}")
+    for name, value in (("--repeat", options.repeat), ("--warmup", options.warmup), ("--threads", options.threads)):
+        if value is not None and value < (0 if name == "--warmup" else 1):
+            raise FastlmError(f"{name} must be at least {0 if name == '--warmup' else 1}, got {value}")
+    s = options.step
+    if s.decoder not in ("full", "adaptive"):
+        raise FastlmError(f"--decoder must be full or adaptive, got {s.decoder!r}")
+    if s.tied and s.decoder == "adaptive":
+        raise FastlmError("--tied cannot be combined with --decoder adaptive; drop one of them")
+    if s.tied and any(E != H for _, _, E, H in options.shapes or DEFAULT_SHAPES) and "step" in options.modes:
+        raise FastlmError("--tied needs E equal to H in every --shape")
+    if options.backends is not None:
+        known = set(cells.BACKENDS) | {EXAMPLE}
+        for backend in options.backends:
+            if backend not in known:
+                raise FastlmError(f"--backend {backend!r} is not one of {', '.join(sorted(known))}")
+        if EXAMPLE in options.backends and set(options.modes) - {"step"}:
+            raise FastlmError("--backend example is the example's training step: it only goes with --mode step")
+
+
+def default_out_path(device: torch.device) -> Path:
+    name = "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return Path("bench") / "results" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{slug}.jsonl"
+
+
+def _progress_line(r: dict) -> str:
+    what = f"{r['mode']} {r['cell']} {r['backend']} {r['T']},{r['B']},{r['E']},{r['H']} {r['dtype']}"
+    if "error" in r:
+        return f"  {what}: [red]{r['error']}[/]"
+    speed = f", {r['speedup']:.2f}x {r['baseline']}" if r["backend"] != r["baseline"] and r["speedup"] else ""
+    return f"  {what}: {r['median_ms']:.2f} ms{speed}"
+
+
+def _new_table() -> Table:
+    table = Table(title="fastlm bench", show_lines=False)
+    for column in ("mode", "cell", "backend", "T,B,E,H", "V", "dtype", "median ms", "p20-p80 ms", "tokens/s",
+                   "peak MB", "speedup"):
+        table.add_column(column, justify="right" if column not in ("mode", "cell", "backend") else "left")
+    return table
+
+
+def _add_row(table: Table, r: dict) -> None:
+    shape = f"{r['T']},{r['B']},{r['E']},{r['H']}"
+    extra = " tied" if r.get("tied") else ""
+    extra += " adaptive" if r.get("decoder") == "adaptive" else ""
+    if "error" in r:
+        table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), r["dtype"],
+                      f"[red]{r['error'][:60]}[/]", "", "", "", "")
+        return
+    speed = "baseline" if r["backend"] == r["baseline"] else (f"{r['speedup']:.2f}x" if r["speedup"] else "-")
+    table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), r["dtype"],
+                  f"{r['median_ms']:.2f}", f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                  f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-", speed)

@@ -1,0 +1,140 @@
+"""The fast step captured once as a CUDA graph and replayed: one launch instead of hundreds per step.
+
+At the example's 2x200 the step's GPU work is well under a millisecond; eagerly, the host spends far longer
+launching its kernels one by one. A CUDA graph records every kernel of a step (forward, backward, clip,
+update) once and replays them with one call.
+
+How it keeps the step's meaning:
+- The first ``WARMUP_STEPS`` steps of a shape run eagerly, on a side stream (libraries set up their
+  per-stream state there, as CUDA graph capture requires); they are real steps on real data.
+- The next step of that shape is captured (which runs nothing), then replayed on that step's data.
+  Inputs, targets and the hidden state live in static buffers the graph reads; each call copies its
+  tensors in, and the graph ends by writing the new hidden state back into the state buffer, which is
+  also what the call returns, so a trainer that passes the returned state back costs no copy.
+- Any other shape (the short last chunk of an epoch) runs eagerly. The learning rate is baked into the
+  captured update, so a changed lr (the schedule divides it by 4) drops the graph and captures again.
+- The captured step is the eager step's own code (forward, backward, clip, update, gradients dropped), so
+  gradients live and die inside the graph's memory pool and eager steps start with ``.grad`` None.
+- The timer's phases cannot be marked inside a replay: a replayed step reports the whole step only.
+
+If capture fails (an operation that cannot be captured), the step says so once and stays eager.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from fastlm.profiling import PhaseTimer, active_timer
+
+WARMUP_STEPS = 3
+_UNTIMED = PhaseTimer("cpu", enabled=False)
+
+
+class GraphedStep:
+    def __init__(self, step):
+        self.step = step  # a fastlm.step.TrainStep on a CUDA device
+        self.graph = None
+        self.disabled = False
+        self._shape = None  # (inputs shape, targets shape) of the warm-up run or the captured graph
+        self._warm_steps = 0
+        self._captured_lr = None
+        self._static = None  # the captured graph's inputs, targets, state and loss tensors
+        self._side_stream = None
+
+    def __call__(self, inputs, targets, state, timer: PhaseTimer):
+        action = self.next_action((tuple(inputs.shape), tuple(targets.shape)), self.step.lr)
+        if action == "replay":
+            return self._replay(inputs, targets, state)
+        if action == "warm up":
+            return self._warm_up(inputs, targets, state, timer)
+        if action == "capture" and self._capture(inputs, targets, state):
+            return self._replay(inputs, targets, None)
+        return self.step.eager(inputs, targets, state, timer)
+
+    def next_action(self, shape, lr) -> str:
+        """What to do with a step of this shape at this lr: "eager", "warm up", "capture" or "replay"."""
+        if self.graph is not None and self._captured_lr != lr:
+            self._drop_graph()
+        if self.disabled or (self.graph is not None and shape != self._shape):
+            return "eager"
+        if self.graph is not None:
+            return "replay"
+        if shape != self._shape:
+            self._shape, self._warm_steps = shape, 0
+        if self._warm_steps < WARMUP_STEPS:
+            self._warm_steps += 1
+            return "warm up"
+        return "capture"
+
+    def _warm_up(self, inputs, targets, state, timer):
+        """An eager step on a side stream, as CUDA graph capture asks of the steps before it."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        side = self._side_stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss, state = self.step.eager(inputs, targets, state, timer)
+        torch.cuda.current_stream().wait_stream(side)
+        return loss, state
+
+    def _capture_graph(self, body):
+        """(replay, outputs of body): body captured as a CUDA graph; each replay rewrites those outputs."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = body()
+        return graph.replay, outputs
+
+    def _capture(self, inputs, targets, state) -> bool:
+        static_state = _clone_state(state) if state is not None else self.step.model.init_state(inputs.shape[1])
+        static_inputs, static_targets = inputs.clone(), targets.clone()
+        for p in self.step.params:
+            p.grad = None
+        try:
+            with active_timer(None):
+                replay, (loss, _) = self._capture_graph(lambda: self._body(static_inputs, static_targets,
+                                                                           static_state))
+        except RuntimeError as error:
+            for p in self.step.params:
+                p.grad = None
+            self.disabled = True
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(f"CUDA graph capture of the training step failed ({first}); training goes on "
+                          f"eagerly. Pass --no-cuda-graphs to skip the attempt.", stacklevel=3)
+            return False
+        self.graph, self._captured_lr = replay, self.step.lr
+        self._static = {"inputs": static_inputs, "targets": static_targets, "state": static_state, "loss": loss}
+        return True
+
+    def _body(self, inputs, targets, state):
+        """The step as captured: the eager step, untimed, then its new state written into ``state``."""
+        loss, new_state = self.step.eager(inputs, targets, state, _UNTIMED)
+        with torch.no_grad():
+            _copy_state(state, new_state)
+        return loss, new_state
+
+    def _replay(self, inputs, targets, state):
+        static = self._static
+        static["inputs"].copy_(inputs)
+        static["targets"].copy_(targets)
+        if state is not None and state is not static["state"]:
+            _copy_state(static["state"], state)
+        self.graph()
+        return static["loss"].clone(), static["state"]
+
+    def _drop_graph(self) -> None:
+        self.graph, self._static, self._captured_lr = None, None, None
+        self._warm_steps = WARMUP_STEPS  # already warm: the next full-size step captures again
+
+
+def _clone_state(state):
+    return tuple(s.detach().clone() for s in state) if isinstance(state, tuple) else state.detach().clone()
+
+
+def _copy_state(destination, source) -> None:
+    if isinstance(destination, tuple):
+        for d, s in zip(destination, source):
+            d.copy_(s)
+    else:
+        destination.copy_(source)

@@ -1,0 +1,122 @@
+"""`fastlm bench`: the matrix it plans, the JSON lines it writes, its timing helpers and the GPU check script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastlm.bench import BenchOptions, plan
+from fastlm.bench_cases import EXAMPLE, Case, StepSettings, build_cells_call, build_step_call, zipf_tokens
+from fastlm.measure import PeakMemory, Timing, time_calls
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ("suite", "cell", "backend", "mode", "T", "B", "E", "H", "V", "dtype", "device", "torch", "triton",
+            "git_sha", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mb")
+
+
+def fastlm(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fastlm", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_a_small_bench_writes_one_json_line_per_case_with_speedups(tmp_path):
+    out = tmp_path / "results.jsonl"
+    result = fastlm("bench", "--cell", "gru", "--backend", "reference,cudnn", "--shape", "4,3,8,8", "--vocab", 40,
+                    "--repeat", 2, "--warmup", 1, "--device", "cpu", "--out", out)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["mode"], r["backend"]) for r in records] == [
+        ("fwd", "cudnn"), ("fwd", "reference"), ("fwdbwd", "cudnn"), ("fwdbwd", "reference"),
+        ("step", EXAMPLE), ("step", "reference"), ("step", "cudnn")]
+    for r in records:
+        assert all(key in r for key in REQUIRED), set(REQUIRED) - set(r)
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["tokens_per_s"] > 0
+        assert r["baseline"] == ("cudnn" if r["suite"] == "cells" else EXAMPLE)
+        assert abs(r["speedup"] - r_baseline_ms(records, r) / r["median_ms"]) < 1e-9
+    assert {r["V"] for r in records if r["suite"] == "step"} == {40}
+    assert "speedup" in result.stdout and "baseline" in result.stdout
+
+
+def r_baseline_ms(records, r):
+    return next(b["median_ms"] for b in records if b["mode"] == r["mode"] and b["backend"] == r["baseline"])
+
+
+def test_plan_puts_the_baseline_first_and_leaves_interpreted_triton_out_on_cpu():
+    options = BenchOptions(cells=["lstm"], modes=["fwdbwd", "step"], shapes=[(5, 2, 4, 4)], dtypes=["fp32", "bf16"])
+    groups, notes = plan(options, torch.device("cpu"))
+    cells_groups = [g for g in groups if g[0].mode == "fwdbwd"]
+    assert [g[0].backend for g in cells_groups] == ["cudnn", "cudnn"]  # one group per dtype
+    step = next(g for g in groups if g[0].mode == "step")
+    assert step[0] == Case("step", "lstm", EXAMPLE, 5, 2, 4, 4, "fp32")  # the example as it is: fp32
+    assert {c.dtype for c in step[1:]} == {"fp32", "bf16"}
+    assert all(c.backend not in ("triton", "compile") for g in groups for c in g)
+    assert any("triton" in n for n in notes) and any("compile" in n for n in notes)
+
+
+def test_default_shapes_are_the_examples_on_cuda_and_leave_1500_out_on_cpu():
+    options = BenchOptions(cells=["gru"], backends=["cudnn"], modes=["fwd"])
+    assert [g[0].H for g in plan(options, torch.device("cuda"))[0]] == [200, 650, 1500]
+    groups, notes = plan(options, torch.device("cpu"))
+    assert [g[0].H for g in groups] == [200, 650] and any("1500" in n for n in notes)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--mode", "fast"), "--mode"),
+    (("--dtype", "fp8"), "--dtype"),
+    (("--backend", "example", "--mode", "fwd"), "example"),
+    (("--shape", "1,2,3"), "T,B,E,H"),
+    (("--tied", "--shape", "5,2,4,8", "--mode", "step"), "--tied"),
+])
+def test_bad_arguments_are_one_line_errors(args, words):
+    result = fastlm("bench", "--device", "cpu", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
+
+
+def test_a_failing_case_is_recorded_and_the_matrix_goes_on(tmp_path):
+    out = tmp_path / "r.jsonl"
+    # 'compile' has no rnn_tanh cell: that case fails, the others still run.
+    result = fastlm("bench", "--cell", "rnn_tanh", "--backend", "cudnn,compile", "--mode", "fwd", "--shape",
+                    "3,2,4,4", "--repeat", 1, "--device", "cpu", "--out", out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result.returncode == 1
+    assert "error" not in records[0] and "compile" in records[1]["error"]
+
+
+def test_step_and_cells_calls_run_and_the_step_carries_its_state():
+    case = Case("step", "lstm", "reference", 3, 2, 8, 8, "fp32")
+    call = build_step_call(case, StepSettings(vocab=30, tied=True), torch.device("cpu"))
+    for _ in range(3):
+        call()
+    example = build_step_call(Case("step", "gru", EXAMPLE, 3, 2, 8, 8, "fp32"), StepSettings(vocab=30),
+                              torch.device("cpu"))
+    example()
+    build_cells_call(Case("fwdbwd", "gru", "script", 3, 2, 5, 4, "fp32"), 2, torch.device("cpu"))()
+
+
+def test_zipf_tokens_follow_frequency_order():
+    ids = zipf_tokens(1000, 50_000, torch.device("cpu"))
+    counts = torch.bincount(ids, minlength=1000)
+    assert ids.min() >= 0 and ids.max() < 1000
+    assert counts[0] > counts[10] > counts[500]  # P(k) ~ 1/(k+1)
+
+
+def test_timing_percentiles_and_time_calls():
+    timing = Timing([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert timing.median_ms == 3.0 and timing.percentile_ms(20) == 1.8 and timing.percentile_ms(80) == 4.2
+    calls = []
+    measured = time_calls(lambda: calls.append(1), repeat=4, warmup=2, device=torch.device("cpu"))
+    assert len(calls) == 6 and len(measured.samples_ms) == 4
+
+
+def test_cpu_peak_memory_sees_a_transient_allocation():
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if peak.mb is None:
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    assert 48 <= peak.mb <= 200

@@ -1,0 +1,175 @@
+"""The fused, chunked decoder + cross-entropy against log_softmax + nll_loss, and the adaptive decoder."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm.errors import FastlmError
+from fastlm.losses import (CPU_CHUNK_TOKENS, CUDA_CHUNK_BYTES, AdaptiveDecoder, Chunking, default_chunking,
+                           default_cutoffs, linear_cross_entropy)
+
+# fp32 with the example's own softmax kernels: only the GEMMs' split changes summation order.
+RTOL = 1e-5
+
+
+def reference(hidden, weight, bias, targets):
+    return F.nll_loss(F.log_softmax(F.linear(hidden, weight, bias), dim=1), targets)
+
+
+def rel_err(got, want):
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def random_problem(n, h, v, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).requires_grad_()
+    weight = (0.3 * torch.randn(v, h, generator=g)).requires_grad_()
+    b = torch.randn(v, generator=g).requires_grad_() if bias else None
+    targets = torch.randint(v, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+@pytest.mark.parametrize("n, h, v, chunking", [
+    (37, 8, 50, Chunking(10, 16)),       # a short last chunk of tokens, and of vocabulary columns
+    (37, 8, 50, Chunking(64, None)),     # one chunk, one GEMM
+    (96, 16, 121, Chunking(96, 1024)),   # the anchor test's sizes
+    (300, 24, 1000, Chunking(128, 384)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_value_and_every_gradient_match_log_softmax_nll(n, h, v, chunking, bias):
+    hidden, weight, b, targets = random_problem(n, h, v, bias=bias)
+    inputs = [t for t in (hidden, weight, b) if t is not None]
+    want = reference(hidden, weight, b, targets)
+    want_grads = torch.autograd.grad(want * 1.7, inputs)  # a loss gradient other than 1 reaches every input
+    got = linear_cross_entropy(hidden, weight, b, targets, chunking)
+    got_grads = torch.autograd.grad(got * 1.7, inputs)
+    assert rel_err(got, want) <= RTOL
+    for name, g, w in zip(("hidden", "weight", "bias"), got_grads, want_grads):
+        assert rel_err(g, w) <= RTOL, name
+
+
+def test_tied_weights_gradients_add_up():
+    """The decoder weight is also the embedding: both uses' gradients must reach it."""
+    torch.manual_seed(0)
+    v, h, n = 60, 12, 45
+    weight = (0.2 * torch.randn(v, h)).requires_grad_()
+    tokens, targets = torch.randint(v, (n,)), torch.randint(v, (n,))
+    mix = torch.randn(h, h)
+
+    def loss_with(loss_fn):
+        hidden = torch.tanh(F.embedding(tokens, weight) @ mix)
+        return loss_fn(hidden, weight, None, targets)
+
+    want = torch.autograd.grad(loss_with(reference), weight)[0]
+    got = torch.autograd.grad(loss_with(lambda *a: linear_cross_entropy(*a, chunking=Chunking(16, 32))), weight)[0]
+    assert rel_err(got, want) <= RTOL
+
+
+def test_without_gradients_only_the_value_is_computed():
+    hidden, weight, b, targets = random_problem(50, 8, 70)
+    want = reference(hidden, weight, b, targets)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, b, targets, Chunking(16, 32))
+    assert not got.requires_grad and rel_err(got, want) <= RTOL
+    # Only the weight needs a gradient: hidden's is not asked for and not returned.
+    hidden, weight = hidden.detach(), weight.detach().requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, b.detach(), targets, Chunking(16, 32))
+    (grad,) = torch.autograd.grad(loss, weight)
+    assert rel_err(grad, torch.autograd.grad(reference(hidden, weight, b.detach(), targets), weight)[0]) <= RTOL
+
+
+def test_the_example_sizes_match():
+    """2x200 on Wikitext-2's vocabulary with the CPU defaults: several chunks and vocabulary blocks."""
+    hidden, weight, b, targets = random_problem(700, 200, 33_278)
+    hidden.data.mul_(0.5)
+    want = reference(hidden, weight, b, targets)
+    want_grads = torch.autograd.grad(want, (hidden, weight, b))
+    got = linear_cross_entropy(hidden, weight, b, targets)
+    got_grads = torch.autograd.grad(got, (hidden, weight, b))
+    assert rel_err(got, want) <= RTOL
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_low_precision_error_is_within_twice_plain_pytorch():
+    """bf16 autocast (the CPU's, for the same code path CUDA takes): error vs fp32 within 2x plain torch's."""
+    hidden, weight, b, targets = random_problem(64, 32, 300)
+    exact = reference(hidden, weight, b, targets)
+    exact_grads = torch.autograd.grad(exact, (hidden, weight, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(F.linear(hidden, weight, b), targets)
+        fused = linear_cross_entropy(hidden, weight, b, targets, Chunking(16, 128))
+    plain_grads = torch.autograd.grad(plain, (hidden, weight, b))
+    fused_grads = torch.autograd.grad(fused, (hidden, weight, b))
+    assert fused.dtype == torch.float32
+    assert abs(fused - exact) <= 2 * abs(plain.float() - exact) + 1e-6
+    for f, p, e in zip(fused_grads, plain_grads, exact_grads):
+        assert f.dtype == e.dtype
+        assert rel_err(f, e) <= 2 * rel_err(p.float(), e) + 1e-6
+
+
+def test_shape_errors_are_clear():
+    hidden, weight, b, targets = random_problem(10, 8, 20)
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(hidden, weight, b, targets[:5])
+    with pytest.raises(ValueError, match="hidden"):
+        linear_cross_entropy(hidden[:, :4], weight, b, targets)
+
+
+def test_default_chunking():
+    cpu = default_chunking(torch.device("cpu"), 700, 33_278)
+    assert cpu.tokens == CPU_CHUNK_TOKENS and cpu.vocab_block is not None
+    assert default_chunking(torch.device("cpu"), 50, 33_278).tokens == 50
+    cuda = default_chunking(torch.device("cuda"), 700, 33_278)
+    assert cuda == Chunking(700, None)  # the example's step in one chunk
+    big = default_chunking(torch.device("cuda"), 10**6, 267_735)
+    assert big.tokens * 267_735 * 4 <= CUDA_CHUNK_BYTES
+
+
+def test_default_cutoffs():
+    assert default_cutoffs(33_278) == [2_000, 10_000]
+    wikitext103 = default_cutoffs(267_735)  # scaled in proportion to the vocabulary
+    assert [round(c / 267_735, 4) for c in wikitext103] == [round(c / 33_278, 4) for c in (2_000, 10_000)]
+    small = default_cutoffs(121)
+    assert small == sorted(set(small)) and 0 < small[0] and small[-1] <= 120
+    assert default_cutoffs(2) == [1]
+
+
+def test_adaptive_decoder_is_a_distribution_over_words_ranked_by_frequency():
+    torch.manual_seed(0)
+    v, h, n = 40, 16, 30
+    decoder = AdaptiveDecoder(h, v, cutoffs=[5, 15])
+    counts = torch.randint(0, 100, (v,))
+    decoder.set_word_counts(counts)
+    ranked = torch.argsort(counts, descending=True, stable=True)
+    assert torch.equal(decoder.rank[ranked], torch.arange(v))
+    hidden, targets = torch.randn(n, h), torch.randint(v, (n,))
+    log_probs = decoder.log_probs(hidden)
+    assert torch.allclose(log_probs.logsumexp(1), torch.zeros(n), atol=1e-5)
+    want = -log_probs.gather(1, targets[:, None]).mean()
+    assert torch.allclose(decoder.loss(hidden, targets), want, atol=1e-6)
+    assert "rank" in decoder.state_dict() and decoder.cutoffs == [5, 15]
+
+
+def test_adaptive_decoder_refuses_clusters_smaller_than_one_unit():
+    with pytest.raises(FastlmError, match="nhid"):
+        AdaptiveDecoder(8, 40, cutoffs=[5, 15])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_against_plain_pytorch(dtype):
+    """fp32: the reference's numbers; bf16 autocast: within 2x plain PyTorch's error in the same dtype."""
+    hidden, weight, b, targets = (t.cuda() if t is not None else t for t in random_problem(700, 200, 33_278))
+    hidden = hidden.detach().mul(0.5).requires_grad_()
+    weight, b = weight.detach().requires_grad_(), b.detach().requires_grad_()
+    exact = reference(hidden, weight, b, targets)
+    exact_grads = torch.autograd.grad(exact, (hidden, weight, b))
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        plain = F.cross_entropy(F.linear(hidden, weight, b), targets)
+        fused = linear_cross_entropy(hidden, weight, b, targets)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight, b))
+    fused_grads = torch.autograd.grad(fused, (hidden, weight, b))
+    for f, p, e in zip((fused, *fused_grads), (plain, *plain_grads), (exact, *exact_grads)):
+        bound = RTOL if dtype == torch.float32 else 2 * rel_err(p.float(), e) + 1e-6
+        assert rel_err(f.float(), e) <= bound
