@@ -30,7 +30,7 @@ from fastlm.profiling import DATA, PHASES, STEP, PhaseTimer, active_timer
 from fastlm.runs import RunFolder
 from fastlm.signals import StopRequest
 from fastlm.sizing import check_model_fits
-from fastlm.step import TrainStep
+from fastlm.step import make_train_step
 from fastlm import train_state
 
 DRY_RUN_STEPS = 2  # --dry-run: train and evaluate this many batches of each split, one epoch
@@ -76,7 +76,7 @@ class Trainer:
         check_model_fits(config.model, len(corpus.vocab), device)
         torch.manual_seed(t.seed)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
-        self.step_fn = TrainStep(self.model, t.clip, t.lr)
+        self.step_fn = make_train_step(self.model, t)
         self.timer = PhaseTimer(device)
         self.stop = StopRequest(announce=lambda text: self.display.message(f"[bold yellow]{text}[/]"))
         # Where training stands: the epoch in progress and how many of its batches are done.
