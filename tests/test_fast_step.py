@@ -223,9 +223,9 @@ def test_validation_perplexity_matches_the_example_loop_on_wikitext2(wikitext2_d
     """A shortened `fastlm train --epochs 1` on Wikitext-2: the fast step and the example's loop, same seed
     and steps, end within 1% of each other's validation perplexity.
 
-    At lr 20 the first few hundred steps are chaotic: float noise of one ulp grows to percent-level loss
-    differences within ~40 steps, and the example's own loop, run with one thread and then with two (MKL
-    sums in another order), ended this very run 40% apart in validation perplexity. A comparison there
+    At lr 20 the first few hundred steps are chaotic: a difference of one ulp grows a thousandfold within
+    30 steps, and the example's own loop in this configuration, run with one thread and then with two (MKL
+    sums in another order at these sizes), ended 40% apart in validation perplexity. A comparison there
     would measure the chaos, not the step, so this shortened run takes lr 5, where the trajectories stay
     together; the full epoch at lr 20 is compared in bench/README.md.
     """
