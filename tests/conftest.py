@@ -20,6 +20,15 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_gpu():
+    """For every test: cuDNN RNNs use TF32 for fp32 by default on Ampere+; parity at 1e-5 needs true fp32."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

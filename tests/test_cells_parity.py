@@ -34,15 +34,6 @@ LAYERS = {"lstm": (1, 2, 3), "gru": (1, 2, 3), "rnn_tanh": (1, 2), "rnn_relu": (
 INTERPRETED_ON_CPU = {"triton"}
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32_on_gpu():
-    """cuDNN RNNs use TF32 for fp32 by default on Ampere+; parity at 1e-5 needs true fp32."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
-
-
 def _backends():
     return [(cell, backend) for cell, backend in cells.available() if backend != "reference"]
 

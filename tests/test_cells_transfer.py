@@ -18,15 +18,6 @@ SHAPE = dict(input_size=6, hidden_size=12, num_layers=2)
 T, B = 5, 4
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32_on_gpu():
-    """cuDNN RNNs use TF32 for fp32 by default on Ampere+; parity at 1e-5 needs true fp32."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
-
-
 def build(cell, backend, dropout=0.0, seed=0):
     torch.manual_seed(seed)
     return cells.build(cell=cell, backend=backend, dropout=dropout, **SHAPE).to(DEVICE)
