@@ -22,6 +22,7 @@ TRAIN_FLAGS = {
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
     "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
     "step": ("train", "step"), "amp": ("train", "amp"), "cuda_graphs": ("train", "cuda_graphs"),
+    "skip_nonfinite": ("train", "skip_nonfinite"),
 }
 
 
@@ -69,6 +70,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save", default=S, help="also copy the best checkpoint to this path")
     t.add_argument("--save-minutes", dest="save_minutes", type=float, default=S,
                    help="also save 'last' at a log line when this many minutes passed since the last save (10)")
+    t.add_argument("--skip-nonfinite", dest="skip_nonfinite", type=int, default=S, metavar="N",
+                   help="skip up to N batches whose loss or gradients are NaN/inf (no update), recorded in "
+                        "metrics; the next one stops the run (0: stop at the first)")
     f = p.add_argument_group("speed")
     f.add_argument("--step", default=S, choices=("fast", "example"),
                    help="fast (default), or example: the PyTorch example's loop as it is (the baseline)")

@@ -57,6 +57,7 @@ class TrainConfig:
     step: str = "fast"  # "example": the PyTorch example's loop as it is, the baseline of every speed-up
     amp: str = "off"  # "bf16": autocast the fast step's GEMMs to bfloat16 (CUDA; changes the numbers)
     cuda_graphs: bool = True  # on CUDA, capture the fast step's fixed-shape steps once and replay them
+    skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss or gradients, then stop
 
 
 @dataclass
@@ -127,9 +128,11 @@ class RunConfig:
         _one_of("--amp", t.amp, ("off", "bf16"))
         if not isinstance(t.cuda_graphs, bool):
             raise FastlmError(f"cuda_graphs must be true or false, got {t.cuda_graphs!r}")
-        if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.amp != "off"):
+        _at_least("--skip-nonfinite", t.skip_nonfinite, 0)
+        if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.amp != "off"
+                                    or t.skip_nonfinite):
             raise FastlmError("--step example is the PyTorch example's loop as it is: it needs --backend cudnn, "
-                              "--decoder full and --amp off")
+                              "--decoder full, --amp off and no --skip-nonfinite")
         return self
 
 

@@ -104,7 +104,8 @@ class GraphedStep:
                           f"eagerly. Pass --no-cuda-graphs to skip the attempt.", stacklevel=3)
             return False
         self.graph, self._captured_lr = replay, self.step.lr
-        self._static = {"inputs": static_inputs, "targets": static_targets, "state": static_state, "loss": loss}
+        self._static = {"inputs": static_inputs, "targets": static_targets, "state": static_state, "loss": loss,
+                        "finite": self.step.finite}
         return True
 
     def _body(self, inputs, targets, state):
@@ -121,6 +122,7 @@ class GraphedStep:
         if state is not None and state is not static["state"]:
             _copy_state(static["state"], state)
         self.graph()
+        self.step.finite = static["finite"].clone()
         return static["loss"].clone(), static["state"]
 
     def _drop_graph(self) -> None:

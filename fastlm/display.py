@@ -41,8 +41,10 @@ class TrainDisplay:
         self.progress.update(self._task, completed=completed)
 
     def log(self, record: dict, total_batches: int) -> None:
+        # A window whose every batch was skipped (--skip-nonfinite) has no loss.
+        loss = "  n/a | ppl      n/a" if record["loss"] is None else f"{record['loss']:5.2f} | ppl {record['ppl']:8.2f}"
         figures = (f"{record['ms_per_batch']:7.1f} ms/batch | {record['tokens_per_s']:9,.0f} tok/s | "
-                   f"loss {record['loss']:5.2f} | ppl {record['ppl']:8.2f} | lr {record['lr']:.4g}")
+                   f"loss {loss} | lr {record['lr']:.4g}")
         self.progress.update(self._task, figures=figures)
         line = f"| epoch {record['epoch']:3d} | {record['batch']:5d}/{total_batches:5d} batches | {figures}"
         self.console.print(line, soft_wrap=True)

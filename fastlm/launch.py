@@ -16,7 +16,7 @@ from fastlm.errors import FastlmError
 RESUME_MAY_CHANGE = {
     ("data", "data"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
     ("train", "log_interval"), ("train", "device"), ("train", "save"), ("train", "save_minutes"),
-    ("train", "run_dir"),
+    ("train", "run_dir"), ("train", "skip_nonfinite"),
 }
 
 

@@ -1,4 +1,10 @@
-"""Refuse a model that cannot fit in memory before allocating it, with a message instead of an allocator crash."""
+"""Refuse a run that cannot fit in memory before allocating it, with a message instead of an allocator crash.
+
+Two parts count: copies of the parameters, and one step's activations, which grow with the batch
+(bptt x batch size tokens) and can dwarf the parameters (emsize 10^7 on a 5-word corpus: 200 MB of weights,
+28 GB of embedding output). The activation figure is a rough upper bound of what autograd keeps; it only
+has to catch runs that are off by orders of magnitude, not tell 10% apart.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,37 @@ import os
 import torch
 
 from fastlm.cells.math import GATES
-from fastlm.config import ModelConfig
+from fastlm.config import ModelConfig, RunConfig
 from fastlm.errors import FastlmError
+from fastlm.losses import default_chunking
 
 # Weights, gradients, the snapshot of the last good state and the best model loaded for the final test each
 # hold one copy of the parameters.
 COPIES_WHILE_TRAINING = 4
+FLOAT_BYTES = 4
 
 
 def parameter_count(config: ModelConfig, vocab_size: int) -> int:
     gates = GATES[config.cell] * config.nhid
-    recurrent = sum(gates * ((config.emsize if layer == 0 else config.nhid) + config.nhid + 2)
-                    for layer in range(config.nlayers))
+    # Closed form, not a loop over layers: --nlayers 10^12 must be refused at once.
+    recurrent = gates * (config.emsize + config.nhid + 2) + (config.nlayers - 1) * gates * (2 * config.nhid + 2)
     decoder = 0 if config.tied else vocab_size * config.nhid
     return vocab_size * config.emsize + recurrent + decoder + vocab_size
+
+
+def activation_count(config: RunConfig, vocab_size: int, device: torch.device) -> int:
+    """Floats one training or evaluation step holds at its peak, saved tensors and their gradients."""
+    m, d = config.model, config.data
+    tokens = d.bptt * max(d.batch_size, d.eval_batch_size)
+    # Embedding output, its dropout mask and result; per layer the gates, states and outputs; the last
+    # layer's dropout. Backward holds gradients of about the same size.
+    per_token = 3 * m.emsize + m.nlayers * (GATES[m.cell] + 4) * m.nhid + 2 * m.nhid
+    # The example's step holds four [tokens x vocabulary] tensors; the fused loss three of a chunk's rows.
+    if config.train.step == "example":
+        decoder = 4 * tokens * vocab_size
+    else:
+        decoder = 3 * default_chunking(device, tokens, vocab_size).tokens * vocab_size
+    return 2 * tokens * per_token + decoder
 
 
 def available_bytes(device: torch.device) -> int:
@@ -36,10 +59,14 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_model_fits(config: ModelConfig, vocab_size: int, device: torch.device) -> None:
-    needed = COPIES_WHILE_TRAINING * 4 * parameter_count(config, vocab_size)
+def check_run_fits(config: RunConfig, vocab_size: int, device: torch.device) -> None:
+    m, d = config.model, config.data
+    weights = COPIES_WHILE_TRAINING * FLOAT_BYTES * parameter_count(m, vocab_size)
+    activations = FLOAT_BYTES * activation_count(config, vocab_size, device)
     free = available_bytes(device)
-    if needed > free:
-        raise FastlmError(f"a {config.nlayers}x{config.nhid} {config.cell} with emsize {config.emsize} and "
-                          f"{vocab_size:,} words needs about {needed / 2**30:.1f} GiB to train but {device} has "
-                          f"{free / 2**30:.1f} GiB available; use smaller --emsize, --nhid or --nlayers")
+    if weights + activations > free:
+        raise FastlmError(f"a {m.nlayers}x{m.nhid} {m.cell} with emsize {m.emsize} and {vocab_size:,} words "
+                          f"at batch size {d.batch_size}, bptt {d.bptt} needs about "
+                          f"{(weights + activations) / 2**30:.1f} GiB to train ({weights / 2**30:.1f} GiB of "
+                          f"weights) but {device} has {free / 2**30:.1f} GiB available; use smaller --emsize, "
+                          f"--nhid, --nlayers, --batch-size, --eval-batch-size or --bptt")

@@ -12,6 +12,11 @@ What makes ``TrainStep`` fast, with the example's numbers up to float noise:
   and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
 - on CUDA: bf16 autocast as an option (``amp="bf16"``), and fixed-shape steps captured once as a CUDA
   graph and replayed (fastlm.cuda_graphs), the short last chunk of an epoch running eagerly.
+
+Non-finite steps: every step leaves ``finite``, a device flag saying its loss and gradient norm were finite,
+for the trainer to read at its log interval. With ``skip_nonfinite`` a step whose flag is false changes
+nothing: its update is masked to zero and the hidden state it was given is carried on, all on the device
+(no host sync, and it works inside a CUDA graph).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class StepBase:
         self.params = list(model.parameters())  # tied weights appear once
         self.clip = clip
         self.optimizer = torch.optim.SGD(self.params, lr=lr)
+        # Device bool after each step: its loss and gradients were finite. None: the step does not say
+        # (the example's), and the trainer checks the loss alone.
+        self.finite: torch.Tensor | None = None
 
     @property
     def lr(self) -> float:
@@ -50,11 +58,14 @@ class TrainStep(StepBase):
     """The fast step. ``step(inputs, targets, state, timer) -> (loss as a detached device tensor, state)``.
 
     ``amp="bf16"`` runs forward under bf16 autocast (a change of the numbers, opt-in); ``cuda_graphs``
-    captures and replays full-size steps on a CUDA device (ignored elsewhere).
+    captures and replays full-size steps on a CUDA device (ignored elsewhere); ``skip_nonfinite`` makes a
+    step with a non-finite loss or gradient a no-op (see the module doc).
     """
 
-    def __init__(self, model: RNNLM, clip: float, lr: float, *, amp: str = "off", cuda_graphs: bool = False):
+    def __init__(self, model: RNNLM, clip: float, lr: float, *, amp: str = "off", cuda_graphs: bool = False,
+                 skip_nonfinite: bool = False):
         super().__init__(model, clip, lr)
+        self.skip_nonfinite = skip_nonfinite
         if amp not in ("off", "bf16"):
             raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
         self.device = self.params[0].device
@@ -77,37 +88,58 @@ class TrainStep(StepBase):
         return self.eager(inputs, targets, state, timer)
 
     def eager(self, inputs, targets, state, timer: PhaseTimer):
+        given_state = detach_state(state)
         with timer.phase(FORWARD):
             with self.autocast():
-                hidden, state = self.model(inputs, detach_state(state))
+                hidden, state = self.model(inputs, given_state)
                 loss = self.model.loss(hidden, targets)
         with timer.phase(BACKWARD):
             loss.backward()
+        loss = loss.detach()
         with timer.phase(CLIP):
-            self.clip_gradients()
+            grad_norm = self.clip_gradients()
+            self.finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         with timer.phase(OPTIMIZER):
             self.update()
-        return loss.detach(), state
+        if self.skip_nonfinite:
+            state = _where_state(self.finite, state, given_state)
+        return loss, state
 
-    def clip_gradients(self) -> None:
+    def clip_gradients(self) -> torch.Tensor:
+        """Clips in place; returns the norm before clipping (a device tensor)."""
         # torch's own clip: per-tensor norms and one scale factor kept on the device, foreach kernels on
         # CUDA; on CPU (no foreach kernels) the same per-tensor kernels as the example's call.
-        torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True if self.device.type == "cuda" else None)
+        return torch.nn.utils.clip_grad_norm_(self.params, self.clip,
+                                              foreach=True if self.device.type == "cuda" else None)
 
     @torch.no_grad()
     def update(self) -> None:
-        """p -= lr * grad over all parameters at once, then drop the gradients (no pass over memory)."""
+        """p -= lr * grad over all parameters at once, then drop the gradients (no pass over memory).
+
+        With ``skip_nonfinite`` the gradients of a non-finite step are replaced by zeros first (a select,
+        not a product: 0 * NaN is NaN).
+        """
         params = [p for p in self.params if p.grad is not None]
-        torch._foreach_add_(params, [p.grad for p in params], alpha=-self.lr)
+        grads = [p.grad for p in params]
+        if self.skip_nonfinite:
+            grads = [torch.where(self.finite, g, 0.0) for g in grads]
+        torch._foreach_add_(params, grads, alpha=-self.lr)
         for p in self.params:
             p.grad = None
 
 
+def _where_state(keep_new: torch.Tensor, new, old):
+    if isinstance(new, tuple):
+        return tuple(torch.where(keep_new, n, o) for n, o in zip(new, old))
+    return torch.where(keep_new, new, old)
+
+
 def make_train_step(model: RNNLM, train_config):
-    """The step ``train_config.step`` names: "fast" (TrainStep, with its amp and cuda_graphs) or "example"."""
+    """The step ``train_config.step`` names: "fast" (TrainStep, with its amp, cuda_graphs and
+    skip_nonfinite) or "example"."""
     if train_config.step == "example":
         from fastlm.example_step import ExampleStep
 
         return ExampleStep(model, train_config.clip, train_config.lr)
     return TrainStep(model, train_config.clip, train_config.lr, amp=train_config.amp,
-                     cuda_graphs=train_config.cuda_graphs)
+                     cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0)

@@ -8,7 +8,9 @@ The loss is accumulated on the device and read once per log interval, not once p
 Reliability: ``last`` is saved at every epoch end, every ``save_minutes`` and at a stop (signal), with
 the exact position, hidden state and RNG states, so ``--resume`` continues as if never stopped.
 ``--max-steps``/``--max-minutes`` end the current epoch early; that shortened epoch is validated like a
-full one. A non-finite loss is found at the log interval without a per-step host sync.
+full one. A non-finite loss or gradient is found at the log interval without a per-step host sync: the
+run stops with the last good state in ``last``, or, with ``--skip-nonfinite N``, up to N such batches are
+skipped (the step masks their update on the device) and recorded in the log lines of metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fastlm.model import RNNLM
 from fastlm.profiling import DATA, PHASES, STEP, PhaseTimer, active_timer
 from fastlm.runs import RunFolder
 from fastlm.signals import StopRequest
-from fastlm.sizing import check_model_fits
+from fastlm.sizing import check_run_fits
 from fastlm.step import make_train_step
 from fastlm import train_state
 
@@ -73,7 +75,7 @@ class Trainer:
         self.train_stream = BatchStreamer(train, d.bptt, device)
         self.valid_stream = BatchStreamer(valid, d.bptt, device)
         self.test_stream = BatchStreamer(test, d.bptt, device)
-        check_model_fits(config.model, len(corpus.vocab), device)
+        check_run_fits(config, len(corpus.vocab), device)
         torch.manual_seed(t.seed)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
         self.step_fn = make_train_step(self.model, t)
@@ -85,7 +87,8 @@ class Trainer:
         self.state = None  # hidden state carried between batches of an epoch
         self._deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
         self._last_save = time.monotonic()
-        self._good: Optional[dict] = None  # snapshot at the latest finite log window
+        self._good: Optional[dict] = None  # snapshot at the latest log window without a non-finite step
+        self.skipped_batches = 0  # non-finite batches skipped so far (--skip-nonfinite)
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, copy: bool = False) -> dict:
@@ -97,7 +100,8 @@ class Trainer:
                 "config": self.config.to_dict(), "vocab": list(self.corpus.vocab.idx2word),
                 "vocab_digest": self.corpus.vocab.digest(), "epoch": self.epoch,
                 "batches_done": self.batches_done, "step": self.global_step, "lr": self.step_fn.lr,
-                "best_val_loss": self.best_val_loss, "hidden": train_state.hidden_to_save(self.state),
+                "best_val_loss": self.best_val_loss, "skipped_batches": self.skipped_batches,
+                "hidden": train_state.hidden_to_save(self.state),
                 "rng": train_state.rng_state()}
 
     def _save_last(self, payload: Optional[dict] = None) -> None:
@@ -116,6 +120,7 @@ class Trainer:
         self.step_fn.lr = payload["lr"]
         self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
+        self.skipped_batches = payload["skipped_batches"]
         self.state = train_state.hidden_from_saved(payload["hidden"], self.device)
         train_state.set_rng_state(payload["rng"])
 
@@ -168,7 +173,9 @@ class Trainer:
             self.state = self.model.init_state(self.config.data.batch_size)
         self.model.train()
         self.display.start_epoch(self.epoch, limit)
+        skipping = t.skip_nonfinite > 0
         window_loss = torch.zeros((), device=self.device)
+        window_bad = torch.zeros((), device=self.device, dtype=torch.long)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         self.timer.reset()
@@ -182,9 +189,12 @@ class Trainer:
                     loss, self.state = self.step_fn(inputs, targets, self.state, self.timer)
             self.batches_done += 1
             self.global_step += 1
-            window_loss += loss
-            # Remember the first non-finite step on the device: no host sync until the log interval.
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.global_step, first_bad)
+            # Count non-finite steps and remember the first on the device: no host sync until the log
+            # interval. A skipped step's loss stays out of the window's mean.
+            bad = ~(self.step_fn.finite if self.step_fn.finite is not None else torch.isfinite(loss))
+            window_bad += bad
+            first_bad = torch.where((first_bad < 0) & bad, self.global_step, first_bad)
+            window_loss += torch.where(bad, 0.0, loss) if skipping else loss
             window_steps += 1
             window_tokens += targets.numel()
             if self.on_step is not None:
@@ -192,32 +202,52 @@ class Trainer:
             self.display.advance(self.batches_done)
             end = self.batches_done == limit or self._budget_spent() or self.stop.requested
             if self.batches_done % t.log_interval == 0 or end:
-                self._close_window(limit, window_loss, first_bad, window_steps, window_tokens, window_start)
+                self._close_window(limit, window_loss, window_bad, first_bad, window_steps, window_tokens,
+                                   window_start)
                 window_loss.zero_()
+                window_bad.zero_()
+                first_bad.fill_(-1)
                 window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
             if end:
                 return
 
-    def _close_window(self, limit, window_loss, first_bad, steps, tokens, started) -> None:
+    def _close_window(self, limit, window_loss, window_bad, first_bad, steps, tokens, started) -> None:
         samples = self.timer.collect()  # on CUDA this waits for the window's work: the one sync per window
-        loss = window_loss.item() / steps
-        bad_step = int(first_bad.item())
-        if bad_step >= 0:
-            self._save_last(self._good)
-            raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; training stopped and "
-                                   f"{self.run.last} holds the last good state (step {self._good['step']}): "
-                                   f"lower --lr or --clip and resume from it")
+        bad, bad_step = int(window_bad.item()), int(first_bad.item())
+        if bad:
+            self._check_nonfinite(bad, bad_step)
+        loss = window_loss.item() / (steps - bad) if steps > bad else None
         seconds = time.perf_counter() - started
         record = {"kind": "log", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
-                  "loss": loss, "ppl": perplexity(loss), "lr": self.step_fn.lr,
+                  "loss": loss, "ppl": perplexity(loss) if loss is not None else None, "lr": self.step_fn.lr,
                   "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
                   "phases_ms": {name: _mean(samples.get(name)) for name in (*PHASES, STEP)}}
+        if self.config.train.skip_nonfinite:
+            record.update(skipped=bad, first_skipped_step=bad_step if bad else None,
+                          skipped_total=self.skipped_batches)
         self.timer.reset()
         self.run.append_metrics(record)
         self.display.log(record, limit)
-        self._good = self._payload(copy=True)
+        if not bad:
+            self._good = self._payload(copy=True)
         if time.monotonic() - self._last_save >= 60 * self.config.train.save_minutes:
             self._save_last(self._good)
+
+    def _check_nonfinite(self, bad: int, first_step: int) -> None:
+        """``bad`` steps of the closing window were non-finite: count them as skipped, or stop the run."""
+        allowed = self.config.train.skip_nonfinite
+        self.skipped_batches += bad if allowed else 0
+        if allowed and self.skipped_batches <= allowed:
+            self.display.message(f"[bold yellow]skipped {bad} batch(es) with a non-finite loss or gradients, the "
+                                 f"first at step {first_step} ({self.skipped_batches} of --skip-nonfinite "
+                                 f"{allowed} used)[/]")
+            return
+        self._save_last(self._good)
+        what = (f"the loss or gradients became non-finite at step {first_step}" if not allowed else
+                f"{self.skipped_batches} batches had a non-finite loss or gradients (the latest window's first "
+                f"at step {first_step}), more than --skip-nonfinite {allowed}")
+        raise TrainingDiverged(f"{what}; training stopped and {self.run.last} holds the last good state "
+                               f"(step {self._good['step']}): lower --lr or --clip and resume from it")
 
     def _end_epoch(self, started: float) -> bool:
         """Validation and the example's bookkeeping; False when a stop request cut validation short."""

@@ -94,3 +94,15 @@ def test_flag_values_at_and_past_their_limits(tiny_data, tmp_path_factory, flag,
         assert status == 2, err
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("fastlm"), err
+
+
+@pytest.mark.parametrize("flag, value", [("--emsize", 10 ** 7), ("--nhid", 10 ** 6), ("--nlayers", 10 ** 12)])
+def test_a_run_too_big_for_memory_is_refused_before_allocating(tiny_data, tmp_path, flag, value):
+    """Weights or one step's activations beyond the available memory: a one-line error, not an allocator
+    crash (or, with overcommit, a machine swapping for an hour). emsize 10^7 on a 5-word corpus is 200 MB of
+    weights but 28 GB of embedding output at batch 20, bptt 35."""
+    status, _, err = run_cli(["train", "--data", str(tiny_data), "--device", "cpu", "--dry-run",
+                              "--run-dir", str(tmp_path / "r"), "--emsize", "4", "--nhid", "4", flag, str(value)])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "GiB" in lines[0] and "available" in lines[0], err
+    assert not (tmp_path / "r").exists()

@@ -122,3 +122,64 @@ def test_no_best_yet_is_reported(tmp_path):
     _, trainer = run(config, corpus, tmp_path / "run", stop_at=2)
     assert trainer.result.test_loss is None and not (tmp_path / "run" / "best.pt").exists()
     assert math.isfinite(load_checkpoint(tmp_path / "run" / "last.pt")["lr"])
+
+
+def poisoned_run(folder, skip_nonfinite, bad_steps, poison_gradients=False):
+    """A run whose steps in ``bad_steps`` get a NaN loss (or, with ``poison_gradients``, a finite loss with
+    NaN gradients). Returns (trainer, {step: (parameters, hidden state) after it})."""
+    config = small_config(train={"max_steps": 20, "log_interval": 5, "skip_nonfinite": skip_nonfinite})
+    after = {}
+    trainer = None
+
+    def snapshot(step, loss):
+        after[step] = ([p.detach().clone() for p in trainer.model.parameters()],
+                       [s.clone() for s in trainer.state])
+
+    trainer = Trainer(config, toy_corpus(), torch.device("cpu"), quiet_display(), on_step=snapshot)
+    clean_loss, calls = trainer.model.loss, []
+
+    def loss(hidden, targets):
+        value = clean_loss(hidden, targets)
+        if trainer.model.training:
+            calls.append(None)
+            if len(calls) in bad_steps:
+                if poison_gradients:
+                    value.register_hook(lambda grad: grad * float("nan"))
+                else:
+                    value = value * float("nan")
+        return value
+
+    trainer.model.loss = loss
+    trainer.result = trainer.fit(RunFolder(folder))
+    return trainer, after
+
+
+@pytest.mark.parametrize("poison_gradients", [False, True], ids=["nan-loss", "nan-gradients"])
+def test_skip_nonfinite_skips_bad_batches_and_records_them(tmp_path, poison_gradients):
+    trainer, after = poisoned_run(tmp_path / "run", 2, {7, 8}, poison_gradients)
+    assert trainer.global_step == 20 and trainer.result.best_val_loss is not None
+    for step in (7, 8):  # a skipped step changes neither the weights nor the carried hidden state
+        for before, now in zip(after[6][0] + after[6][1], after[step][0] + after[step][1]):
+            assert torch.equal(before, now)
+    assert not torch.equal(after[9][0][0], after[8][0][0])  # training goes on after them
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    logs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "log"]
+    assert [(r["step"], r["skipped"], r["first_skipped_step"], r["skipped_total"]) for r in logs] == [
+        (5, 0, None, 0), (10, 2, 7, 2), (15, 0, None, 2), (20, 0, None, 2)]
+    assert math.isfinite(logs[1]["loss"])  # the mean of the window's three good batches
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_batches"] == 2
+
+
+def test_more_bad_batches_than_allowed_stop_the_run(tmp_path):
+    with pytest.raises(TrainingDiverged) as caught:
+        poisoned_run(tmp_path / "run", 1, {7, 8})
+    message = str(caught.value)
+    assert "2 batches" in message and "--skip-nonfinite 1" in message and "step 7" in message
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 5
+
+
+def test_nan_gradients_with_a_finite_loss_stop_the_run_without_skipping(tmp_path):
+    with pytest.raises(TrainingDiverged, match="non-finite at step 7"):
+        poisoned_run(tmp_path / "run", 0, {7}, poison_gradients=True)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 5

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.checkpoint import load_checkpoint
+from fastlm.checkpoint import VERSION, load_checkpoint
 from fastlm.errors import FastlmError
 from tests.test_cli import ROOT, SMALL, toy_data  # noqa: F401  (toy_data is a fixture)
 
@@ -69,7 +69,7 @@ class RunsCode:
 def test_checkpoint_with_code_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"format": "fastlm-checkpoint", "version": 1, "payload": RunsCode(marker)}, path)
+    torch.save({"format": "fastlm-checkpoint", "version": VERSION, "payload": RunsCode(marker)}, path)
     with pytest.raises(FastlmError, match="refused") as caught:
         load_checkpoint(path)
     assert "\n" not in str(caught.value)
