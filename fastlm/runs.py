@@ -37,6 +37,7 @@ class RunFolder:
         if not os.access(self.path, os.W_OK):
             raise FastlmError(f"run folder {self.path} is not writable; choose another with --run-dir")
         self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path.touch()  # there from the start, even for a run that stops before its first log line
         self.best = self.path / "best.pt"
         self.last = self.path / "last.pt"
 
