@@ -165,6 +165,39 @@ def test_graphed_step_bookkeeping_reproduces_the_eager_step(cell):
     assert step.graphs.graph is not None and step.graphs._captured_lr == 20.0 / 4
 
 
+@pytest.mark.parametrize("device, cuda_graphs", [
+    ("cpu", False),
+    pytest.param("cuda", False, marks=pytest.mark.gpu),
+    pytest.param("cuda", True, marks=pytest.mark.gpu),  # replays: the skip is decided on the device
+])
+def test_skip_nonfinite_makes_a_bad_step_a_no_op(device, cuda_graphs):
+    """A NaN embedding row for a token only one batch holds: that batch is skipped (finite flag false,
+    weights and carried state unchanged) and the batches around it train as usual."""
+    torch.manual_seed(0)
+    model = RNNLM(VOCAB, ModelConfig(emsize=16, nhid=16, dropout=0.0)).to(device)
+    with torch.no_grad():
+        model.encoder.weight[VOCAB - 1] = float("nan")
+    step = TrainStep(model, 0.25, 20.0, cuda_graphs=cuda_graphs, skip_nonfinite=True)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(VOCAB - 1, (T + 1, B), generator=generator).to(device) for _ in range(WARMUP_STEPS + 6)]
+    bad = WARMUP_STEPS + 3  # a replayed step when graphs are on
+    batches[bad][2, 1] = VOCAB - 1
+    state, finite = model.init_state(B), []
+    for index, batch in enumerate(batches):
+        weights = [p.detach().clone() for p in model.parameters()]
+        state_before = [s.clone() for s in state]
+        loss, state = step(batch[:-1], batch[1:].reshape(-1), state, PhaseTimer(device, enabled=False))
+        finite.append(bool(step.finite))
+        unchanged = all(torch.allclose(w, p, rtol=0, atol=0, equal_nan=True)  # the poisoned row is NaN
+                        for w, p in zip(weights, model.parameters()))
+        assert unchanged == (index == bad), index
+        if index == bad:
+            assert not torch.isfinite(loss) and all(torch.equal(a, b) for a, b in zip(state_before, state))
+    assert finite == [index != bad for index in range(len(batches))]
+    if cuda_graphs:
+        assert step.graphs.graph is not None
+
+
 # --------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
