@@ -17,7 +17,7 @@ import torch
 from fastlm.errors import FastlmError
 
 FORMAT = "fastlm-checkpoint"
-VERSION = 2  # 2: adds skipped_batches (--skip-nonfinite)
+VERSION = 1
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:

@@ -32,18 +32,22 @@ def parameter_count(config: ModelConfig, vocab_size: int) -> int:
 
 
 def activation_count(config: RunConfig, vocab_size: int, device: torch.device) -> int:
-    """Floats one training or evaluation step holds at its peak, saved tensors and their gradients."""
+    """Floats a training step (saved tensors and their gradients) or an evaluation step holds at its peak."""
     m, d = config.model, config.data
-    tokens = d.bptt * max(d.batch_size, d.eval_batch_size)
     # Embedding output, its dropout mask and result; per layer the gates, states and outputs; the last
-    # layer's dropout. Backward holds gradients of about the same size.
+    # layer's dropout.
     per_token = 3 * m.emsize + m.nlayers * (GATES[m.cell] + 4) * m.nhid + 2 * m.nhid
+    tokens = d.bptt * d.batch_size
     # The example's step holds four [tokens x vocabulary] tensors; the fused loss three of a chunk's rows.
     if config.train.step == "example":
         decoder = 4 * tokens * vocab_size
     else:
         decoder = 3 * default_chunking(device, tokens, vocab_size).tokens * vocab_size
-    return 2 * tokens * per_token + decoder
+    training = 2 * tokens * per_token + decoder  # backward holds gradients of about the saved tensors' size
+    # Evaluation (either step) runs under no_grad through the fused loss: nothing saved, one chunk's logits.
+    eval_tokens = d.bptt * d.eval_batch_size
+    evaluation = eval_tokens * per_token + 2 * default_chunking(device, eval_tokens, vocab_size).tokens * vocab_size
+    return max(training, evaluation)
 
 
 def available_bytes(device: torch.device) -> int:

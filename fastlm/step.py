@@ -116,13 +116,15 @@ class TrainStep(StepBase):
     def update(self) -> None:
         """p -= lr * grad over all parameters at once, then drop the gradients (no pass over memory).
 
-        With ``skip_nonfinite`` the gradients of a non-finite step are replaced by zeros first (a select,
-        not a product: 0 * NaN is NaN).
+        With ``skip_nonfinite`` the gradients of a non-finite step are zeroed first, in place and on the
+        device (a fill, not a product: 0 * NaN is NaN); they are dropped right after anyway.
         """
         params = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in params]
         if self.skip_nonfinite:
-            grads = [torch.where(self.finite, g, 0.0) for g in grads]
+            bad = ~self.finite
+            for g in grads:
+                g.masked_fill_(bad, 0.0)
         torch._foreach_add_(params, grads, alpha=-self.lr)
         for p in self.params:
             p.grad = None

@@ -120,7 +120,7 @@ class Trainer:
         self.step_fn.lr = payload["lr"]
         self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
-        self.skipped_batches = payload["skipped_batches"]
+        self.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
         self.state = train_state.hidden_from_saved(payload["hidden"], self.device)
         train_state.set_rng_state(payload["rng"])
 
@@ -180,7 +180,7 @@ class Trainer:
         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         self.timer.reset()
         batches = self.train_stream.iterate(self.batches_done)
-        self._good = self._good or self._payload(copy=True)
+        self._good = self._payload(copy=True)  # validated or restored: good, and newer than any older snapshot
         while self.batches_done < limit:
             with self.timer.step():
                 with self.timer.phase(DATA):
@@ -228,10 +228,12 @@ class Trainer:
         self.timer.reset()
         self.run.append_metrics(record)
         self.display.log(record, limit)
+        # A window with skipped batches does not refresh the snapshot (nor save it: that would write an older
+        # state over a newer last.pt); the next clean window does both.
         if not bad:
             self._good = self._payload(copy=True)
-        if time.monotonic() - self._last_save >= 60 * self.config.train.save_minutes:
-            self._save_last(self._good)
+            if time.monotonic() - self._last_save >= 60 * self.config.train.save_minutes:
+                self._save_last(self._good)
 
     def _check_nonfinite(self, bad: int, first_step: int) -> None:
         """``bad`` steps of the closing window were non-finite: count them as skipped, or stop the run."""

@@ -285,7 +285,8 @@ def test_validation_perplexity_matches_the_example_loop_on_wikitext2(wikitext2_d
         return trainer.evaluate(trainer.valid_stream)
 
     fast, example = validation_loss("fast"), validation_loss("example")
-    assert abs(math.exp(fast - example) - 1) <= 0.01, (fast, example)
+    # The issue asks for 1%; at lr 2 the measured gap is 2e-8, so a tighter bound catches real drift.
+    assert abs(math.exp(fast - example) - 1) <= 1e-3, (fast, example)
 
 
 @pytest.mark.parametrize("section, values, words", [

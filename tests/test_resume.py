@@ -126,13 +126,13 @@ def test_no_best_yet_is_reported(tmp_path):
 
 def poisoned_run(folder, skip_nonfinite, bad_steps, poison_gradients=False):
     """A run whose steps in ``bad_steps`` get a NaN loss (or, with ``poison_gradients``, a finite loss with
-    NaN gradients). Returns (trainer, {step: (parameters, hidden state) after it})."""
+    NaN gradients). Returns (trainer, {step: (loss, parameters, hidden state) after it}, log records)."""
     config = small_config(train={"max_steps": 20, "log_interval": 5, "skip_nonfinite": skip_nonfinite})
     after = {}
     trainer = None
 
     def snapshot(step, loss):
-        after[step] = ([p.detach().clone() for p in trainer.model.parameters()],
+        after[step] = (loss.item(), [p.detach().clone() for p in trainer.model.parameters()],
                        [s.clone() for s in trainer.state])
 
     trainer = Trainer(config, toy_corpus(), torch.device("cpu"), quiet_display(), on_step=snapshot)
@@ -150,25 +150,37 @@ def poisoned_run(folder, skip_nonfinite, bad_steps, poison_gradients=False):
         return value
 
     trainer.model.loss = loss
-    trainer.result = trainer.fit(RunFolder(folder))
-    return trainer, after
+    try:
+        trainer.result = trainer.fit(RunFolder(folder))
+    finally:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return trainer, after, [r for r in map(json.loads, lines) if r["kind"] == "log"]
 
 
 @pytest.mark.parametrize("poison_gradients", [False, True], ids=["nan-loss", "nan-gradients"])
 def test_skip_nonfinite_skips_bad_batches_and_records_them(tmp_path, poison_gradients):
-    trainer, after = poisoned_run(tmp_path / "run", 2, {7, 8}, poison_gradients)
+    bad = {7, 8, 12}
+    trainer, after, logs = poisoned_run(tmp_path / "run", 3, bad, poison_gradients)
     assert trainer.global_step == 20 and trainer.result.best_val_loss is not None
-    for step in (7, 8):  # a skipped step changes neither the weights nor the carried hidden state
-        for before, now in zip(after[6][0] + after[6][1], after[step][0] + after[step][1]):
-            assert torch.equal(before, now)
-    assert not torch.equal(after[9][0][0], after[8][0][0])  # training goes on after them
+    for step in bad:  # a skipped step changes neither the weights nor the carried hidden state
+        _, weights, state = after[step]
+        _, weights_before, state_before = after[step - 1]
+        assert all(torch.equal(a, b) for a, b in zip(weights_before + state_before, weights + state))
+    assert not torch.equal(after[9][1][0], after[8][1][0])  # training goes on after them
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    logs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "log"]
     assert [(r["step"], r["skipped"], r["first_skipped_step"], r["skipped_total"]) for r in logs] == [
-        (5, 0, None, 0), (10, 2, 7, 2), (15, 0, None, 2), (20, 0, None, 2)]
-    assert math.isfinite(logs[1]["loss"])  # the mean of the window's three good batches
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_batches"] == 2
+        (5, 0, None, 0), (10, 2, 7, 2), (15, 1, 12, 3), (20, 0, None, 3)]
+    for record in logs:  # each window's loss is the mean over its good batches only
+        good = [after[s][0] for s in range(record["step"] - 4, record["step"] + 1) if s not in bad]
+        assert record["loss"] == pytest.approx(sum(good) / len(good), rel=1e-6)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_batches"] == 3
+
+
+def test_a_window_of_only_skipped_batches_logs_no_loss(tmp_path):
+    trainer, _, logs = poisoned_run(tmp_path / "run", 5, {6, 7, 8, 9, 10})
+    assert trainer.global_step == 20
+    assert (logs[1]["step"], logs[1]["skipped"], logs[1]["loss"], logs[1]["ppl"]) == (10, 5, None, None)
+    assert all(math.isfinite(r["loss"]) for r in logs if r["step"] != 10)
 
 
 def test_more_bad_batches_than_allowed_stop_the_run(tmp_path):
