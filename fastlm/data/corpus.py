@@ -122,7 +122,7 @@ def _text_of(path: Path, data: bytes) -> str:
             f"{path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} cannot be decoded; "
             "convert the file to UTF-8"
         ) from None
-    if not text.strip():
+    if not text or text.isspace():  # (not text.strip(), without copying the text)
         # A split needs a word: with only <eos> tokens (or none) there is nothing to learn or measure, and
         # one word already makes two tokens (word, <eos>), so there is at least one target.
         state = "is empty" if not text else "has only whitespace"
