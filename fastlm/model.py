@@ -79,8 +79,13 @@ class RNNLM(nn.Module):
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets, self.loss_chunking)
 
 
+def map_state(fn, *states):
+    """``fn`` applied part by part to recurrent states: a tensor (GRU, RNN) or a tuple (LSTM's h and c)."""
+    if isinstance(states[0], tuple):
+        return tuple(fn(*parts) for parts in zip(*states))
+    return fn(*states)
+
+
 def detach_state(state):
     """Cuts the graph between batches (truncated BPTT); the values carry over."""
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
+    return map_state(torch.Tensor.detach, state)

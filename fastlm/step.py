@@ -25,7 +25,7 @@ import contextlib
 
 import torch
 
-from fastlm.model import RNNLM, detach_state
+from fastlm.model import RNNLM, detach_state, map_state
 from fastlm.profiling import BACKWARD, CLIP, FORWARD, OPTIMIZER, PhaseTimer
 
 
@@ -102,7 +102,7 @@ class TrainStep(StepBase):
         with timer.phase(OPTIMIZER):
             self.update()
         if self.skip_nonfinite:
-            state = _where_state(self.finite, state, given_state)
+            state = map_state(lambda new, old: torch.where(self.finite, new, old), state, given_state)
         return loss, state
 
     def clip_gradients(self) -> torch.Tensor:
@@ -128,12 +128,6 @@ class TrainStep(StepBase):
         torch._foreach_add_(params, grads, alpha=-self.lr)
         for p in self.params:
             p.grad = None
-
-
-def _where_state(keep_new: torch.Tensor, new, old):
-    if isinstance(new, tuple):
-        return tuple(torch.where(keep_new, n, o) for n, o in zip(new, old))
-    return torch.where(keep_new, new, old)
 
 
 def make_train_step(model: RNNLM, train_config):
