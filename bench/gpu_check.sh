@@ -76,8 +76,17 @@ part bench-step-tied "$py" -m fastlm bench --mode step --cell lstm,gru --backend
     --shape "$s1500" --dtype fp32,bf16 --vocab "$vocab" --device "$device" "${timing[@]}" \
     --out "$out/step.jsonl"
 
-# 2. The GPU tests (on CPU they all skip, saying why).
-part gpu-tests "$py" -m pytest -q -rs -m gpu tests
+# 2. The GPU tests (on CPU they all skip, saying why), then the semantic anchor and the whole parity suite on
+#    the GPU (every backend against the reference and the example's recipe, on CUDA). -rA lists every test's
+#    outcome. The dry run only collects the second part: CI runs those files on CPU anyway.
+export FASTLM_REQUIRED_BACKENDS=reference,cudnn,script,triton,compile
+part gpu-tests "$py" -m pytest -q -rA -m gpu tests
+if (( dry )); then
+    part gpu-anchor-parity "$py" -m pytest -q --collect-only tests/test_train_anchor.py tests/test_cells_parity.py
+else
+    part gpu-anchor-parity "$py" -m pytest -q -rA tests/test_train_anchor.py tests/test_cells_parity.py \
+        tests/test_cells_registry.py::test_backends_this_machine_must_have_are_available
+fi
 
 # 3. The recurrent stacks: fwd and fwd+bwd against cudnn, fp32 and bf16, the example's three sizes.
 part bench-cells "$py" -m fastlm bench --mode fwd,fwdbwd --cell lstm,gru --backend "$cell_backends" \

@@ -79,7 +79,7 @@ def build_cells_call(case: Case, layers: int, device: torch.device) -> Callable[
     return forward_backward
 
 
-def build_step_call(case: Case, settings: StepSettings, device: torch.device) -> Callable[[], None]:
+def build_step_call(case: Case, settings: StepSettings, device: torch.device) -> "StepCall":
     from fastlm.example_step import ExampleStep
     from fastlm.model import RNNLM
     from fastlm.step import TrainStep
@@ -101,14 +101,21 @@ def build_step_call(case: Case, settings: StepSettings, device: torch.device) ->
     ids = zipf_tokens(settings.vocab, BATCHES * case.T * case.B + 1, device)
     batches = [(ids[i * case.T * case.B:(i + 1) * case.T * case.B].view(case.T, case.B),
                 ids[i * case.T * case.B + 1:(i + 1) * case.T * case.B + 1]) for i in range(BATCHES)]
-    timer = PhaseTimer(device, enabled=False)
-    carried = {"state": model.init_state(case.B), "next": 0}
+    return StepCall(step, batches, model.init_state(case.B), PhaseTimer(device, enabled=False))
 
-    def train_step():
-        inputs, targets = batches[carried["next"] % BATCHES]
-        carried["next"] += 1
-        _, carried["state"] = step(inputs, targets, carried["state"], timer)
-    return train_step
+
+class StepCall:
+    """One training step per call, cycling through ``batches``; the hidden state the step returns is the one
+    it is given next time (``state``), as in training."""
+
+    def __init__(self, step, batches, state, timer):
+        self.step, self.batches, self.state, self.timer = step, batches, state, timer
+        self.calls = 0
+
+    def __call__(self) -> None:
+        inputs, targets = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        _, self.state = self.step(inputs, targets, self.state, self.timer)
 
 
 def zipf_tokens(vocab: int, count: int, device: torch.device) -> torch.Tensor:

@@ -139,7 +139,8 @@ class Trainer:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _batches_per_epoch(self) -> int:
-        return DRY_RUN_STEPS if self.config.train.dry_run else len(self.train_stream)
+        batches = len(self.train_stream)
+        return min(DRY_RUN_STEPS, batches) if self.config.train.dry_run else batches
 
     # ------------------------------------------------------------------ loops
     def evaluate(self, stream: BatchStreamer, interruptible: bool = True) -> Optional[float]:

@@ -20,6 +20,18 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session")
+def _session_token_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_token_cache(_session_token_cache, monkeypatch):
+    """Every test, and every process it starts, keeps its token cache in a temporary folder of this test
+    session (shared across its tests, so Wikitext-2 is tokenised once), never in the user's ~/.cache."""
+    monkeypatch.setenv("FASTLM_CACHE_DIR", str(_session_token_cache))
+
+
 @pytest.fixture(autouse=True)
 def _exact_fp32_on_gpu():
     """For every test: cuDNN RNNs use TF32 for fp32 by default on Ampere+; parity at 1e-5 needs true fp32."""

@@ -1,10 +1,14 @@
 """Small builders shared by the training tests."""
 
+import contextlib
 import io
 import random
 
+import pytest
 from rich.console import Console
 
+from fastlm import cells
+from fastlm.cli import main
 from fastlm.config import RunConfig
 from fastlm.data.corpus import corpus_from_texts
 from fastlm.display import TrainDisplay
@@ -34,3 +38,31 @@ def small_config(**overrides) -> RunConfig:
     for section, values in overrides.items():
         config.update({section: values}, origin="test")
     return config.validate()
+
+
+def backend_param(cell: str, backend: str, *values, marks=(), id=None):
+    """A pytest param for a registered (cell, backend) pair, skipped with the registry's reason when the
+    pair cannot run here: a backend that breaks shows up as SKIPPED, never as tests that quietly vanish."""
+    reason = cells.unavailable_reason(cell, backend)
+    marks = list(marks) + ([pytest.mark.skip(reason=f"{cell}/{backend}: {reason}")] if reason else [])
+    return pytest.param(cell, backend, *values, marks=marks, id=id or f"{cell}-{backend}")
+
+
+def run_cli(*args):
+    """`fastlm ARGS` in this process: (exit status, stdout, stderr). Much faster than a subprocess (no fresh
+    interpreter and torch import), for tests of what the command says; the subprocess tests cover the rest."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([str(arg) for arg in args])
+        except SystemExit as exit_:  # argparse exits on bad flag syntax
+            status = exit_.code
+    return status, out.getvalue(), err.getvalue()
+
+
+def one_line_error(status, stderr: str) -> str:
+    """The single line of a refusal (exit status 2, no traceback)."""
+    assert status == 2 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastlm"), stderr
+    return lines[0]

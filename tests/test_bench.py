@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from fastlm.bench import BenchOptions, plan
-from fastlm.bench_cases import EXAMPLE, Case, StepSettings, build_cells_call, build_step_call, zipf_tokens
+from fastlm.bench_cases import EXAMPLE, Case, StepSettings, build_step_call, zipf_tokens
+from fastlm.example_step import ExampleStep
 from fastlm.measure import PeakMemory, Timing, time_calls
+from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("suite", "cell", "backend", "mode", "T", "B", "E", "H", "V", "dtype", "device", "torch", "triton",
@@ -72,9 +74,8 @@ def test_default_shapes_are_the_examples_on_cuda_and_leave_1500_out_on_cpu():
     (("--tied", "--shape", "5,2,4,8", "--mode", "step"), "--tied"),
 ])
 def test_bad_arguments_are_one_line_errors(args, words):
-    result = fastlm("bench", "--device", "cpu", *args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
+    status, _, err = run_cli("bench", "--device", "cpu", *args)
+    assert words in one_line_error(status, err)
 
 
 def test_a_failing_case_is_recorded_and_the_matrix_goes_on(tmp_path):
@@ -87,15 +88,26 @@ def test_a_failing_case_is_recorded_and_the_matrix_goes_on(tmp_path):
     assert "error" not in records[0] and "compile" in records[1]["error"]
 
 
-def test_step_and_cells_calls_run_and_the_step_carries_its_state():
+def test_step_call_carries_the_hidden_state_from_step_to_step():
     case = Case("step", "lstm", "reference", 3, 2, 8, 8, "fp32")
     call = build_step_call(case, StepSettings(vocab=30, tied=True), torch.device("cpu"))
+    given, step = [], call.step
+    call.step = lambda inputs, targets, state, timer: step(inputs, targets, given.append(state) or state, timer)
+    returned = []
     for _ in range(3):
         call()
+        returned.append(call.state)
+    assert all(torch.count_nonzero(h) == 0 for h in given[0])  # the first step starts from zeros
+    # then each step gets the state the one before it returned
+    assert all(g is r for g, r in zip(given[1:], returned[:2], strict=True))
+    assert all(torch.count_nonzero(h) > 0 for h in returned[-1])
+
+
+def test_example_step_call_runs_the_examples_step():
     example = build_step_call(Case("step", "gru", EXAMPLE, 3, 2, 8, 8, "fp32"), StepSettings(vocab=30),
                               torch.device("cpu"))
     example()
-    build_cells_call(Case("fwdbwd", "gru", "script", 3, 2, 5, 4, "fp32"), 2, torch.device("cpu"))()
+    assert isinstance(example.step, ExampleStep) and example.step.total_loss > 0
 
 
 def test_zipf_tokens_follow_frequency_order():
@@ -113,6 +125,7 @@ def test_timing_percentiles_and_time_calls():
     assert len(calls) == 6 and len(measured.samples_ms) == 4
 
 
+@pytest.mark.perf
 def test_cpu_peak_memory_sees_a_transient_allocation():
     with PeakMemory(torch.device("cpu")) as peak:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

@@ -1,4 +1,4 @@
-"""Every backend in cells.available() against the reference backend.
+"""Every registered backend against the reference backend (one that cannot run here is SKIPPED, with the reason).
 
 Compared: the output, the final state, and the gradients of the input, the initial state and every weight,
 under random cotangents on both the output and the final state. Same weights (the reference's state_dict
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from fastlm import cells
+from tests.helpers import backend_param
 
 RTOL = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +36,8 @@ INTERPRETED_ON_CPU = {"triton"}
 
 
 def _backends():
-    return [(cell, backend) for cell, backend in cells.available() if backend != "reference"]
+    """Registered (cell, backend) pairs other than the reference itself."""
+    return [(cell, backend) for cell, backend in cells.registered() if backend != "reference"]
 
 
 def _cases():
@@ -43,8 +45,8 @@ def _cases():
         for layers in LAYERS[cell]:
             for shape in SMALL_SHAPES + LARGE_SHAPES:
                 marks = [pytest.mark.gpu] if backend in INTERPRETED_ON_CPU and shape in LARGE_SHAPES else []
-                yield pytest.param(cell, backend, layers, shape, marks=marks,
-                                   id=f"{cell}-{backend}-L{layers}-T{shape[0]}B{shape[1]}E{shape[2]}H{shape[3]}")
+                yield backend_param(cell, backend, layers, shape, marks=marks,
+                                    id=f"{cell}-{backend}-L{layers}-T{shape[0]}B{shape[1]}E{shape[2]}H{shape[3]}")
 
 
 def build_pair(cell, backend, shape, layers, dropout=0.0, seed=0):
@@ -81,7 +83,7 @@ def run(layer, cell, x, state, cotangents):
     layer.zero_grad(set_to_none=True)
     y, final = layer(x, tuple(state) if cell == "lstm" else state[0])
     outputs = [y] + _as_list(final)
-    sum((out.float() * cot.float()).sum() for out, cot in zip(outputs, cotangents)).backward()
+    sum((out.float() * cot.float()).sum() for out, cot in zip(outputs, cotangents, strict=True)).backward()
     result = {"y": y, "h_n": outputs[1], "dx": x.grad, "dh0": state[0].grad}
     if cell == "lstm":
         result.update(c_n=outputs[2], dc0=state[1].grad)
@@ -109,7 +111,7 @@ def test_matches_reference(cell, backend, layers, shape):
     assert_fp32_parity(run(other, cell, x, state, cotangents), run(ref, cell, x, state, cotangents))
 
 
-@pytest.mark.parametrize("cell, backend", _backends())
+@pytest.mark.parametrize("cell, backend", [backend_param(c, b) for c, b in _backends()])
 def test_zero_state_and_inference(cell, backend):
     """state=None means zeros, and the no-grad eval path (kernels that skip saving) gives the same output."""
     shape, layers = (4, 5, 6, 24), 2
@@ -119,15 +121,16 @@ def test_zero_state_and_inference(cell, backend):
     other.eval()
     with torch.no_grad():
         got, want = other(x), ref(x)
-    for a, b in zip([got[0]] + _as_list(got[1]), [want[0]] + _as_list(want[1])):
+    for a, b in zip([got[0]] + _as_list(got[1]), [want[0]] + _as_list(want[1]), strict=True):
         assert (a - b).abs().max() <= RTOL * b.abs().max()
 
 
-@pytest.mark.parametrize("cell, backend", [(c, b) for c, b in _backends() if b != "cudnn"])
+@pytest.mark.parametrize("cell, backend", [backend_param(c, b) for c, b in _backends()
+                                           if b != "cudnn" or DEVICE == "cpu"])
 def test_dropout_follows_reference(cell, backend):
     """Inter-layer dropout draws the same masks as the reference (F.dropout on each layer's output but the
-    last, in training only), so with one seed outputs and gradients agree. cudnn is torch.nn itself, whose
-    fused dropout draws its masks in its own order, so it is not compared mask for mask."""
+    last, in training only), so with one seed outputs and gradients agree. torch.nn on CPU draws them that
+    way too; cuDNN draws from a dropout state of its own, so on CUDA cudnn is not compared mask for mask."""
     shape, layers = (4, 6, 5, 16), 3
     ref, other = build_pair(cell, backend, shape, layers, dropout=0.4)
     x, state, cotangents = make_inputs(cell, shape, layers)
@@ -140,19 +143,17 @@ def test_dropout_follows_reference(cell, backend):
     assert relative_errors(run(other, cell, x, state, cotangents), want)["y"] > 1e-3, "dropout had no effect"
 
 
-def test_triton_small_tiles_cover_masks():
+@pytest.mark.parametrize("cell, backend", [backend_param("lstm", "triton"), backend_param("gru", "triton")])
+def test_triton_small_tiles_cover_masks(cell, backend):
     """Force 16x16 tiles so that several batch tiles, hidden tiles and reduction chunks, all with ragged
     edges, run in one step (the default tiles on CPU cover these shapes in one program)."""
-    if ("lstm", "triton") not in cells.available():
-        pytest.skip(cells.unavailable_reason("lstm", "triton"))
     from fastlm.cells.triton import kernels
 
-    for cell in ("lstm", "gru"):
-        shape, layers = (3, 33, 20, 40), 2
-        ref, other = build_pair(cell, "triton", shape, layers)
-        other.launch_config = kernels().LaunchConfig(16, 16, 16)
-        x, state, cotangents = make_inputs(cell, shape, layers)
-        assert_fp32_parity(run(other, cell, x, state, cotangents), run(ref, cell, x, state, cotangents))
+    shape, layers = (3, 33, 20, 40), 2
+    ref, other = build_pair(cell, backend, shape, layers)
+    other.launch_config = kernels().LaunchConfig(16, 16, 16)
+    x, state, cotangents = make_inputs(cell, shape, layers)
+    assert_fp32_parity(run(other, cell, x, state, cotangents), run(ref, cell, x, state, cotangents))
 
 
 def _low_precision_cases():
@@ -161,7 +162,7 @@ def _low_precision_cases():
             marks = []
             if DEVICE == "cpu" and backend in INTERPRETED_ON_CPU and dtype == torch.bfloat16:
                 marks = [pytest.mark.gpu]  # numpy, behind the interpreter, has no bfloat16
-            yield pytest.param(cell, backend, dtype, marks=marks, id=f"{cell}-{backend}-{str(dtype)[6:]}")
+            yield backend_param(cell, backend, dtype, marks=marks, id=f"{cell}-{backend}-{str(dtype)[6:]}")
 
 
 @pytest.mark.parametrize("cell, backend, dtype", list(_low_precision_cases()))
@@ -172,12 +173,7 @@ def test_low_precision_within_twice_reference_error(cell, backend, dtype):
     exact = run(ref, cell, x, state, cotangents)
     cast = lambda s: tuple(t.to(dtype) for t in s) if isinstance(s, tuple) else s.to(dtype)  # noqa: E731
     ref_err = relative_errors(run(ref.to(dtype), cell, x.to(dtype), cast(state), cotangents), exact)
-    try:
-        got_err = relative_errors(run(other.to(dtype), cell, x.to(dtype), cast(state), cotangents), exact)
-    except RuntimeError as error:  # e.g. a CPU kernel without this dtype in torch.nn
-        if DEVICE == "cpu" and backend == "cudnn":
-            pytest.skip(f"torch.nn on CPU has no {dtype} kernel here: {error}")
-        raise
+    got_err = relative_errors(run(other.to(dtype), cell, x.to(dtype), cast(state), cotangents), exact)
     bad = {name: f"{got_err[name]:.2e} > 2 x {ref_err[name]:.2e}" for name in exact
            if not got_err[name] <= 2 * ref_err[name]}
     assert not bad, f"{dtype} errors above twice the plain-PyTorch error: {bad}"

@@ -28,6 +28,20 @@ def test_backends_and_their_cells():
     assert "has no rnn_relu cell" in cells.unavailable_reason("rnn_relu", "compile")
 
 
+# Pure PyTorch: these run wherever fastlm installs. A machine's runner adds what it must also have
+# (.ci/run: triton through the interpreter and compile; bench/gpu_check.sh: the compiled ones).
+ALWAYS_REQUIRED = ("reference", "cudnn", "script")
+
+
+def test_backends_this_machine_must_have_are_available():
+    """Tests parametrised from the registry skip a backend that cannot run; this keeps such a skip from
+    hiding a broken install (triton failing to import, no C++ compiler) on a machine that must have it."""
+    extra = [b for b in os.environ.get("FASTLM_REQUIRED_BACKENDS", "").split(",") if b]
+    missing = {backend: cells.unavailable_reason(cell, backend) for backend in (*ALWAYS_REQUIRED, *extra)
+               for cell in ("lstm", "gru") if cells.unavailable_reason(cell, backend) is not None}
+    assert not missing, f"backends this machine must run are unavailable: {missing}"
+
+
 def test_unavailable_pair_raises_with_alternatives():
     with pytest.raises(FastlmError, match=r"cannot build rnn_tanh/triton: .*available here: .*lstm/reference"):
         cells.build(cell="rnn_tanh", backend="triton", input_size=3, hidden_size=4)

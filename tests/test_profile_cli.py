@@ -13,6 +13,7 @@ import torch
 
 from fastlm import cli, profile_tools
 from fastlm.profiling import FORWARD_PARTS, PHASES, STEP
+from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--data", "generated", "--emsize", 32, "--nhid", 32, "--batch-size", 8, "--bptt", 12, "--device", "cpu")
@@ -21,13 +22,6 @@ TINY = ("--data", "generated", "--emsize", 32, "--nhid", 32, "--batch-size", 8, 
 def fastlm(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "fastlm", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def one_line_error(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +70,7 @@ def test_the_torch_trace_is_valid_and_names_every_phase(profiled):
     assert all(e["dur"] >= 0 and "ts" in e for e in ranges)
 
 
+@pytest.mark.slow
 def test_py_spy_mode_writes_speedscope_and_flame_graph(tmp_path):
     if profile_tools.find_tool("py-spy") is None:
         pytest.fail("py-spy is a dependency of fastlm and should be installed")
@@ -116,7 +111,7 @@ def call_without_tools(monkeypatch, capsys, tmp_path, *args):
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
     monkeypatch.setattr(profile_tools, "NSYS_PLACES", ())
     status = cli.main(["profile", *map(str, TINY), "--out", str(tmp_path / "out"), *map(str, args)])
-    return status, one_line_error(capsys.readouterr().err)
+    return status, one_line_error(status, capsys.readouterr().err)
 
 
 def test_missing_py_spy_is_a_clean_error(monkeypatch, capsys, tmp_path):
@@ -144,7 +139,7 @@ def test_nsys_on_cpu_says_it_needs_cuda(tmp_path):
     fake_tool(bin_dir, "nsys", "exit 0")
     result = fastlm("profile", *TINY, "--out", tmp_path / "out", "--nsys",
                     env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
-    assert result.returncode == 2 and "needs a CUDA device" in one_line_error(result.stderr)
+    assert "needs a CUDA device" in one_line_error(result.returncode, result.stderr)
 
 
 @pytest.mark.gpu
@@ -164,6 +159,7 @@ def test_nsys_captures_the_measured_steps(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.perf
 def test_profile_on_gpu_adds_up_and_traces_kernels(tmp_path):
     out = tmp_path / "gpu"
     result = fastlm("profile", "--data", "generated", "--device", "cuda", "--warmup", 5, "--steps", 20,
@@ -184,9 +180,8 @@ def test_profile_on_gpu_adds_up_and_traces_kernels(tmp_path):
     (("--py-spy", "--nsys"), ("not allowed with",)),
 ])
 def test_bad_profile_options_are_one_line_errors(args, words, tmp_path):
-    result = fastlm("profile", *TINY, "--out", tmp_path / "out", *args)
-    assert result.returncode == 2
-    line = one_line_error(result.stderr)
+    status, _, err = run_cli("profile", *TINY, "--out", tmp_path / "out", *args)
+    line = one_line_error(status, err)
     for word in words:
         assert word in line
 

@@ -19,7 +19,7 @@ from fastlm.profile_tools import child_argv, write_config_toml
 from fastlm.profiling import (BACKWARD, CLIP, DATA, DECODER, EMBEDDING, FORWARD, FORWARD_PARTS, LOSS, OPTIMIZER,
                               PHASES, RNN, STEP, PhaseTimer, active_timer, phase)
 from fastlm.train import Trainer
-from tests.helpers import quiet_display
+from tests.helpers import backend_param, quiet_display
 
 
 def one_step(timer, sleeps):
@@ -35,6 +35,7 @@ def one_step(timer, sleeps):
                 time.sleep(sleeps.get(name, 0.0))
 
 
+@pytest.mark.perf
 def test_timer_records_nesting_and_per_step_totals():
     timer = PhaseTimer("cpu")
     for _ in range(3):
@@ -73,6 +74,7 @@ class FakeCudaEvent:
         return (end.time - self.time) * 1e3
 
 
+@pytest.mark.perf
 def test_cuda_path_reads_events_once_per_window_and_reuses_them(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
     FakeCudaEvent.created = FakeCudaEvent.waits = 0
@@ -230,6 +232,7 @@ def test_flowchart_is_written_as_svg_and_png(tmp_path):
     assert width > 1000 and height > 400  # a picture, at a size where the box labels are legible
 
 
+@pytest.mark.perf
 def test_phases_add_up_to_the_measured_step_on_cpu():
     """The default model (2x200 LSTM, batch 20, bptt 35) on the generated corpus, through Trainer's step."""
     config = RunConfig()
@@ -247,19 +250,15 @@ def test_phases_add_up_to_the_measured_step_on_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.perf
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graph"])
-@pytest.mark.parametrize("backend", ["cudnn", "triton"])
-def test_phases_add_up_to_the_measured_step_on_gpu(backend, graphs):
-    from fastlm import cells
-
-    if ("lstm", backend) not in cells.available():
-        pytest.skip(f"lstm/{backend} is not available here")
+@pytest.mark.parametrize("cell, backend", [backend_param("lstm", "cudnn"), backend_param("lstm", "triton")])
+def test_phases_add_up_to_the_measured_step_on_gpu(cell, backend, graphs):
     config = RunConfig()
     config.update({"model": {"backend": backend}, "data": {"data": "generated"},
                    "train": {"device": "cuda", "cuda_graphs": graphs}}, origin="test")
     trainer = Trainer(config.validate(), generated_corpus(), torch.device("cuda"), quiet_display())
-    if graphs and getattr(trainer.step_fn, "graphs", None) is None:
-        pytest.skip("this trainer's step does not capture CUDA graphs")
+    assert (trainer.step_fn.graphs is not None) == graphs, "cuda_graphs on a CUDA device must give a graphed step"
     per_step, step_ms, window_ms = measure(StepRunner(trainer), warmup=5, steps=30, one_off={})
     result = breakdown.summarize(per_step, step_ms, trainer.timer.parents, tokens_per_step=700)
     assert 0.97 <= result["coverage"] <= 1.03, result["coverage"]

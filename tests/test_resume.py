@@ -165,7 +165,7 @@ def test_skip_nonfinite_skips_bad_batches_and_records_them(tmp_path, poison_grad
     for step in bad:  # a skipped step changes neither the weights nor the carried hidden state
         _, weights, state = after[step]
         _, weights_before, state_before = after[step - 1]
-        assert all(torch.equal(a, b) for a, b in zip(weights_before + state_before, weights + state))
+        assert all(torch.equal(a, b) for a, b in zip(weights_before + state_before, weights + state, strict=True))
     assert not torch.equal(after[9][1][0], after[8][1][0])  # training goes on after them
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert [(r["step"], r["skipped"], r["first_skipped_step"], r["skipped_total"]) for r in logs] == [

@@ -35,6 +35,7 @@ def epochs_done(run: Path) -> int:
     return sum(json.loads(line)["kind"] == "epoch" for line in metrics.read_text().splitlines() if line)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_last_tests_best_and_exits(toy_data, tmp_path, signum, status):  # noqa: F811
     run = tmp_path / "run"

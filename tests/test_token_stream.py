@@ -30,7 +30,7 @@ def test_batches_are_batchify_s(tmp_path, dtype, start_batch):
     assert len(stream) == len(reference)
     got, want = list(stream.iterate(start_batch)), list(reference.iterate(start_batch))
     assert len(got) == len(want) and got[-1][1].shape[0] < 13  # the last chunk is the short one
-    for (i, x, y), (j, u, v) in zip(got, want):
+    for (i, x, y), (j, u, v) in zip(got, want, strict=True):
         assert i == j and x.dtype == torch.int64 and torch.equal(x, u) and torch.equal(y, v)
     stream.close()
 
@@ -61,6 +61,8 @@ def rss_kb() -> int:
 TOKENS = 100_000_000 + 20  # a Wikitext-103-sized corpus (103M tokens), as int32: ~400 MB
 
 
+@pytest.mark.perf
+@pytest.mark.slow
 def test_a_corpus_of_100m_tokens_streams_in_flat_memory(tmp_path):
     if shutil.disk_usage(tmp_path).free < 2 * TOKENS * 4:
         pytest.skip(f"needs {2 * TOKENS * 4 / 2**30:.1f} GiB free in {tmp_path}")
@@ -97,6 +99,6 @@ def test_batches_reach_the_gpu_through_the_side_stream(tmp_path):
     np.save(tmp_path / "train.npy", ids)
     stream = TokenFileStream(tmp_path / "train.npy", 5, 9, "cuda", vocab_size=50)
     reference = BatchStreamer(batchify(torch.from_numpy(ids.astype(np.int64)), 5), 9, "cuda")
-    for (i, x, y), (j, u, v) in zip(stream.iterate(), reference.iterate()):
+    for (i, x, y), (j, u, v) in zip(stream.iterate(), reference.iterate(), strict=True):
         assert x.is_cuda and i == j and torch.equal(x, u) and torch.equal(y, v)
         x.add_(1)  # the consumer may write its batch: later batches must not see it

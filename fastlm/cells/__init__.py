@@ -3,10 +3,10 @@
     layer = cells.build(cell="gru", backend="cudnn", input_size=E, hidden_size=H, num_layers=L, dropout=p)
     y, state = layer(x, state)
 
-``available()`` lists the (cell, backend) pairs that run on this machine. An unknown or unavailable key
-raises FastlmError listing the alternatives: there is never a silent fallback to another backend.
+``registered()`` lists every (cell, backend) pair, ``available()`` those that run on this machine. An unknown or
+unavailable key raises FastlmError listing the alternatives: there is never a silent fallback to another backend.
 """
 
-from fastlm.cells.registry import CELLS, BACKENDS, available, build, register, unavailable_reason
+from fastlm.cells.registry import CELLS, BACKENDS, available, build, register, registered, unavailable_reason
 
-__all__ = ["CELLS", "BACKENDS", "available", "build", "register", "unavailable_reason"]
+__all__ = ["CELLS", "BACKENDS", "available", "build", "register", "registered", "unavailable_reason"]

@@ -45,6 +45,11 @@ def unavailable_reason(cell: str, backend: str) -> Optional[str]:
     return entry.probe()
 
 
+def registered() -> list[tuple[str, str]]:
+    """Every (cell, backend) pair fastlm has, whether or not it can run on this machine."""
+    return [(cell, name) for name, entry in _REGISTRY.items() for cell in entry.factories]
+
+
 def available() -> list[tuple[str, str]]:
     """Every (cell, backend) pair that can be built on this machine."""
     return [(cell, name) for name, entry in _REGISTRY.items() for cell in entry.factories

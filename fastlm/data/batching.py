@@ -16,9 +16,10 @@ def batchify(ids: torch.Tensor, batch_size: int, split: str = "train") -> torch.
     """[N] token ids -> [N // B, B]; column b holds tokens b*(N//B) ... (b+1)*(N//B) - 1."""
     rows = ids.numel() // batch_size
     if rows < 2:
-        raise FastlmError(f"batch size {batch_size} is too large for the {split} split ({ids.numel()} tokens): "
-                          f"each of the batch's columns needs at least 2 tokens; use a batch size of at most "
-                          f"{max(ids.numel() // 2, 1)}")
+        flag = "--batch-size" if split == "train" else "--eval-batch-size"
+        raise FastlmError(f"{flag} {batch_size} is too large for the {split} split ({ids.numel()} tokens): each of "
+                          f"the batch's columns needs at least 2 tokens; use {flag} {max(ids.numel() // 2, 1)} "
+                          f"or less")
     return ids[: rows * batch_size].view(batch_size, rows).t().contiguous()
 
 

@@ -81,12 +81,13 @@ def _paragraph(rng: random.Random, lex: _Lexicon) -> list[str]:
     return words
 
 
-def generated_texts(seed: int = SEED) -> dict[str, str]:
-    """split -> text (one paragraph per line, blank lines between some, as in Wikitext) for ``seed``."""
+def generated_texts(seed: int = SEED, sizes: dict[str, int] = SIZES) -> dict[str, str]:
+    """split -> text (one paragraph per line, blank lines between some, as in Wikitext) for ``seed``;
+    ``sizes`` gives each split's target in tokens (smaller corpora make quick tests)."""
     lex = _Lexicon(random.Random(seed))
     texts = {}
-    for index, (split, target) in enumerate(SIZES.items()):
-        rng = random.Random(seed * len(SIZES) + index + 1)  # its own stream per split, independent of the lexicon's
+    for index, (split, target) in enumerate(sizes.items()):
+        rng = random.Random(seed * len(sizes) + index + 1)  # its own stream per split, independent of the lexicon's
         lines, tokens = [], 0
         while tokens < target:
             line = " ".join(_paragraph(rng, lex)) if rng.random() < 0.9 else ""
@@ -96,6 +97,6 @@ def generated_texts(seed: int = SEED) -> dict[str, str]:
     return texts
 
 
-def generated_corpus(seed: int = SEED) -> Corpus:
-    """The generated corpus for ``seed``, tokenised like any other."""
-    return corpus_from_texts(generated_texts(seed), source=f"generated toy corpus (seed {seed}), not Wikitext-2")
+def generated_corpus(seed: int = SEED, sizes: dict[str, int] = SIZES) -> Corpus:
+    """The generated corpus for ``seed`` (and ``sizes``), tokenised like any other."""
+    return corpus_from_texts(generated_texts(seed, sizes), source=f"generated toy corpus (seed {seed}), not Wikitext-2")
