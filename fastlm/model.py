@@ -18,7 +18,7 @@ from torch import nn
 from fastlm import cells
 from fastlm.config import ModelConfig
 from fastlm.errors import FastlmError
-from fastlm.losses import AdaptiveDecoder, linear_cross_entropy
+from fastlm.losses import AdaptiveDecoder, Chunking, linear_cross_entropy
 from fastlm.profiling import DECODER, EMBEDDING, RNN, phase
 
 
@@ -34,7 +34,7 @@ class RNNLM(nn.Module):
         self.encoder = nn.Embedding(ntoken, config.emsize)
         self.rnn = cells.build(cell=config.cell, backend=config.backend, input_size=config.emsize,
                                hidden_size=config.nhid, num_layers=config.nlayers, dropout=config.dropout)
-        self.loss_chunking = None  # a fastlm.losses.Chunking to override the device's default (benchmarks)
+        self.loss_chunking: Chunking | None = None  # overrides the device's default chunking (benchmarks, tests)
         self.adaptive = config.decoder == "adaptive"
         if self.adaptive:
             if config.tied:

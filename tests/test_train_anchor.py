@@ -34,9 +34,8 @@ import torch
 
 from fastlm import cells
 from fastlm.data.synthetic import generated_corpus
-from fastlm.losses import Chunking
-from fastlm.runs import RunFolder
-from fastlm.train import Trainer, TrainingDiverged
+from fastlm.model import Chunking
+from fastlm.train import RunFolder, Trainer, TrainingDiverged
 from tests.example_recipe import RecipeRun, run_recipe
 from tests.helpers import backend_param, quiet_display, small_config
 
