@@ -26,13 +26,13 @@ import time
 
 import torch
 
-from fastlm.breakdown import stats
 from fastlm.cli import _add_train_flags, config_from_args
 from fastlm.data import resolve_corpus
-from fastlm.display import TrainDisplay
-from fastlm.profile import StepRunner
-from fastlm.profiling import FORWARD, FORWARD_PARTS, PHASES, PhaseTimer, active_timer, phase
-from fastlm.train import Trainer, resolve_device
+from fastlm.profile.breakdown import stats
+from fastlm.profile.command import StepRunner
+from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, PhaseTimer, active_timer, phase
+from fastlm.train.progress import TrainDisplay
+from fastlm.train.trainer import Trainer, resolve_device
 
 
 def window_ms(runner: StepRunner, steps: int, enabled: bool, cuda: bool) -> tuple[float, float]:

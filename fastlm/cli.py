@@ -204,7 +204,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
-    from fastlm.launch import run_training
+    from fastlm.train.command import run_training
 
     if args.resume is not None:
         if getattr(args, "config", None):
@@ -214,8 +214,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from fastlm.generate import generate
-    from fastlm.train import resolve_device
+    from fastlm.train.generate import generate
+    from fastlm.train.trainer import resolve_device
 
     text = generate(args.checkpoint, args.words, args.temperature, args.seed, resolve_device(args.device))
     if args.out:
@@ -228,7 +228,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from fastlm.profile import ProfileOptions, run_profile
+    from fastlm.profile.command import ProfileOptions, run_profile
 
     options = ProfileOptions(warmup=args.warmup, steps=args.steps, trace_steps=args.trace_steps, out=args.out,
                              py_spy=args.py_spy, nsys=args.nsys)
@@ -236,7 +236,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fastlm.bench import BenchOptions, StepSettings, run_bench
+    from fastlm.benchmark.command import BenchOptions, StepSettings, run_bench
 
     if args.layers < 1 or args.vocab < 2 or not 0.0 <= args.dropout < 1.0:
         raise FastlmError("--layers must be at least 1, --vocab at least 2 and --dropout in [0, 1)")

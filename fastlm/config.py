@@ -9,10 +9,11 @@ checkpoint carries, so a run can be rebuilt from it.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import tomllib
 
 from fastlm.errors import FastlmError
 

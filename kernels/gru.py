@@ -14,7 +14,6 @@ row-major; [B, X] arguments are slices ``buf[t]`` of [T, B, X] buffers.
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels.common import mma, row_times_matrix, tanh, tile_offsets
 
 

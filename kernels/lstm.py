@@ -14,7 +14,6 @@ kernels touch is contiguous row-major; [B, X] arguments are slices ``buf[t]`` of
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels.common import mma, row_times_matrix, tanh, tile_offsets
 
 

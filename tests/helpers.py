@@ -11,7 +11,7 @@ from fastlm import cells
 from fastlm.cli import main
 from fastlm.config import RunConfig
 from fastlm.data.corpus import corpus_from_texts
-from fastlm.display import TrainDisplay
+from fastlm.train.progress import TrainDisplay
 
 
 def toy_corpus(seed: int = 0, words: int = 120, lines=(600, 60, 60)):

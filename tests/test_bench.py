@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.bench import BenchOptions, plan
-from fastlm.bench_cases import EXAMPLE, Case, StepSettings, build_step_call, zipf_tokens
-from fastlm.example_step import ExampleStep
-from fastlm.measure import PeakMemory, Timing, time_calls
+from fastlm.benchmark.cases import EXAMPLE, Case, StepSettings, build_step_call, zipf_tokens
+from fastlm.benchmark.command import BenchOptions, plan
+from fastlm.benchmark.measure import PeakMemory, Timing, time_calls
+from fastlm.train.example_step import ExampleStep
 from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastlm.data import SPLITS, Vocabulary, default_cache_dir, load_corpus, split_words
-from fastlm.data import cache
+from fastlm.data import SPLITS, Vocabulary, cache, default_cache_dir, load_corpus, split_words
 from fastlm.errors import FastlmError
 
 

@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import fastlm.losses
+import fastlm.model.losses
 from fastlm.config import ModelConfig, RunConfig
-from fastlm.cuda_graphs import WARMUP_STEPS, GraphedStep
 from fastlm.errors import FastlmError
-from fastlm.example_step import ExampleStep
 from fastlm.model import RNNLM, map_state
-from fastlm.profiling import PhaseTimer
-from fastlm.step import TrainStep, make_train_step
+from fastlm.timing import PhaseTimer
+from fastlm.train.cuda_graphs import WARMUP_STEPS, GraphedStep
+from fastlm.train.example_step import ExampleStep
+from fastlm.train.step import TrainStep, make_train_step
 
 VOCAB, T, B = 60, 7, 4
 
@@ -49,8 +49,8 @@ def test_fast_step_trains_the_examples_numbers(cell, tied):
 
 def test_several_loss_chunks_stay_within_float_noise(monkeypatch):
     """With chunks and vocabulary blocks smaller than the problem, dW is summed in another order."""
-    monkeypatch.setattr(fastlm.losses, "CPU_CHUNK_TOKENS", 8)
-    monkeypatch.setattr(fastlm.losses, "CPU_VOCAB_BLOCK", 16)
+    monkeypatch.setattr(fastlm.model.losses, "CPU_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(fastlm.model.losses, "CPU_VOCAB_BLOCK", 16)
     fast_losses, _ = run_steps(TrainStep, "lstm", False)
     example_losses, _ = run_steps(ExampleStep, "lstm", False)
     assert max_rel(fast_losses, example_losses) <= 1e-4
@@ -289,8 +289,8 @@ def test_validation_perplexity_matches_the_example_loop_on_wikitext2(wikitext2_d
     perplexity within 4.2e-8 (at 150 steps over the whole split, 2.7e-8: the shortened run loses nothing).
     """
     from fastlm.data import load_corpus
-    from fastlm.runs import RunFolder
-    from fastlm.train import Trainer
+    from fastlm.train.run_folder import RunFolder
+    from fastlm.train.trainer import Trainer
     from tests.helpers import quiet_display
 
     full = load_corpus(wikitext2_dir)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm import cli, profile_tools
-from fastlm.profiling import FORWARD_PARTS, PHASES, STEP
+from fastlm import cli
+from fastlm.profile import external_profilers
+from fastlm.timing import FORWARD_PARTS, PHASES, STEP
 from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_the_torch_trace_is_valid_and_names_every_phase(profiled):
 
 @pytest.mark.slow
 def test_py_spy_mode_writes_speedscope_and_flame_graph(tmp_path):
-    if profile_tools.find_tool("py-spy") is None:
+    if external_profilers.find_tool("py-spy") is None:
         pytest.fail("py-spy is a dependency of fastlm and should be installed")
     out = tmp_path / "spy"
     result = fastlm("profile", *TINY, "--warmup", 1, "--steps", 3, "--trace-steps", 0, "--out", out, "--py-spy")
@@ -81,7 +82,7 @@ def test_py_spy_mode_writes_speedscope_and_flame_graph(tmp_path):
     assert speedscope["$schema"] == "https://www.speedscope.app/file-format-schema.json"
     assert speedscope["profiles"] and any(p["samples"] for p in speedscope["profiles"])
     files = {frame.get("file", "") for frame in speedscope["shared"]["frames"]}
-    assert any(name.endswith(os.path.join("fastlm", "profile.py")) or "fastlm/profile.py" in name for name in files)
+    assert any(name.endswith(os.path.join("fastlm", "profile", "command.py")) or "fastlm/profile/command.py" in name for name in files)
     assert ET.parse(out / "py-spy-flamegraph.svg").getroot().tag.endswith("svg")
     assert (out / "breakdown.json").is_file() and not (out / "trace.json.gz").exists()
 
@@ -109,7 +110,7 @@ def call_without_tools(monkeypatch, capsys, tmp_path, *args):
     """Runs the CLI in-process with no tool reachable: empty PATH, an interpreter folder without tools."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
-    monkeypatch.setattr(profile_tools, "NSYS_PLACES", ())
+    monkeypatch.setattr(external_profilers, "NSYS_PLACES", ())
     status = cli.main(["profile", *map(str, TINY), "--out", str(tmp_path / "out"), *map(str, args)])
     return status, one_line_error(status, capsys.readouterr().err)
 
@@ -144,14 +145,14 @@ def test_nsys_on_cpu_says_it_needs_cuda(tmp_path):
 
 @pytest.mark.gpu
 def test_nsys_captures_the_measured_steps(tmp_path):
-    if profile_tools.find_tool("nsys", profile_tools.NSYS_PLACES) is None:
+    if external_profilers.find_tool("nsys", external_profilers.NSYS_PLACES) is None:
         pytest.skip("Nsight Systems (nsys) is not installed on this GPU machine")
     out = tmp_path / "nsys"
     result = fastlm("profile", "--data", "generated", "--device", "cuda", "--warmup", 2, "--steps", 5,
                     "--trace-steps", 0, "--out", out, "--nsys", timeout=600)
     assert result.returncode == 0, result.stderr
     assert (out / "nsys.nsys-rep").stat().st_size > 0
-    nsys = profile_tools.find_tool("nsys", profile_tools.NSYS_PLACES)
+    nsys = external_profilers.find_tool("nsys", external_profilers.NSYS_PLACES)
     stats = subprocess.run([nsys, "stats", "--report", "nvtx_sum", str(out / "nsys.nsys-rep")],
                            capture_output=True, text=True, timeout=300)
     for name in ("forward", "backward", "optimizer"):

@@ -10,15 +10,31 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from fastlm import breakdown, flowchart, profiling
+from fastlm import timing
 from fastlm.cli import build_parser, config_from_args
 from fastlm.config import RunConfig, load_toml
 from fastlm.data import generated_corpus
-from fastlm.profile import ProfileOptions, StepRunner, full_chunks, measure
-from fastlm.profile_tools import child_argv, write_config_toml
-from fastlm.profiling import (BACKWARD, CLIP, DATA, DECODER, EMBEDDING, FORWARD, FORWARD_PARTS, LOSS, OPTIMIZER,
-                              PHASES, RNN, STEP, PhaseTimer, active_timer, phase)
-from fastlm.train import Trainer
+from fastlm.profile import breakdown, flowchart
+from fastlm.profile.command import ProfileOptions, StepRunner, full_chunks, measure
+from fastlm.profile.external_profilers import child_argv, write_config_toml
+from fastlm.timing import (
+    BACKWARD,
+    CLIP,
+    DATA,
+    DECODER,
+    EMBEDDING,
+    FORWARD,
+    FORWARD_PARTS,
+    LOSS,
+    OPTIMIZER,
+    PHASES,
+    RNN,
+    STEP,
+    PhaseTimer,
+    active_timer,
+    phase,
+)
+from fastlm.train.trainer import Trainer
 from tests.helpers import backend_param, quiet_display
 
 
@@ -125,7 +141,7 @@ def test_nvtx_ranges_carry_the_phase_names_in_nesting_order():
         with timer.phase(FORWARD):
             pass
     assert calls == [("push", STEP), ("push", FORWARD), ("pop",), ("pop",)]
-    push, pop = profiling.nvtx_range_functions()  # the real ones: harmless without a profiler attached
+    push, pop = timing.nvtx_range_functions()  # the real ones: harmless without a profiler attached
     push(STEP)
     pop()
 
@@ -136,7 +152,7 @@ def test_record_function_ranges_only_while_a_torch_profiler_runs():
         one_step(timer, {})
     names = {event.name for event in prof.events()}
     assert {STEP, *PHASES, *FORWARD_PARTS} <= names
-    assert not profiling.torch_profiler_active()
+    assert not timing.torch_profiler_active()
 
 
 def fake_records(steps=4):

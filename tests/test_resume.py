@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from fastlm.checkpoint import load_checkpoint
 from fastlm.errors import FastlmError
-from fastlm.launch import resume_config
-from fastlm.runs import RunFolder
-from fastlm.train import Trainer, TrainingDiverged
+from fastlm.train.checkpoint import load_checkpoint
+from fastlm.train.command import resume_config
+from fastlm.train.run_folder import RunFolder
+from fastlm.train.trainer import Trainer, TrainingDiverged
 from tests.helpers import quiet_display, small_config, toy_corpus
 
 

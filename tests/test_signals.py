@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.checkpoint import VERSION, load_checkpoint
 from fastlm.errors import FastlmError
+from fastlm.train.checkpoint import VERSION, load_checkpoint
 from tests.test_cli import ROOT, SMALL, toy_data  # noqa: F401  (toy_data is a fixture)
 
 

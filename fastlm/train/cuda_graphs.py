@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from fastlm.profiling import PhaseTimer, active_timer
+from fastlm.timing import PhaseTimer, active_timer
 
 WARMUP_STEPS = 3
 _UNTIMED = PhaseTimer("cpu", enabled=False)
@@ -34,7 +34,7 @@ _UNTIMED = PhaseTimer("cpu", enabled=False)
 
 class GraphedStep:
     def __init__(self, step):
-        self.step = step  # a fastlm.step.TrainStep on a CUDA device
+        self.step = step  # a fastlm.train.step.TrainStep on a CUDA device
         self.graph = None
         self.disabled = False
         self._shape = None  # (inputs shape, targets shape) of the warm-up run or the captured graph

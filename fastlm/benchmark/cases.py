@@ -9,7 +9,7 @@ from seed 0, so every backend of a comparison starts from the same weights and d
 - step: a full training step of the RNNLM (vocabulary V, the example's lr 20 and clip 0.25) on batches of
   Zipf-distributed token ids (a word-frequency law, so the adaptive decoder sees realistic clusters),
   the hidden state carried from step to step. Backend ``example`` is the PyTorch example's step
-  (fastlm.example_step, always fp32); any other is the fast step on that recurrent backend.
+  (fastlm.train.example_step, always fp32); any other is the fast step on that recurrent backend.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 
 from fastlm import cells
 from fastlm.config import ModelConfig
-from fastlm.losses import Chunking
-from fastlm.profiling import PhaseTimer
+from fastlm.model.losses import Chunking
+from fastlm.timing import PhaseTimer
 
 EXAMPLE = "example"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -80,9 +80,9 @@ def build_cells_call(case: Case, layers: int, device: torch.device) -> Callable[
 
 
 def build_step_call(case: Case, settings: StepSettings, device: torch.device) -> "StepCall":
-    from fastlm.example_step import ExampleStep
     from fastlm.model import RNNLM
-    from fastlm.step import TrainStep
+    from fastlm.train.example_step import ExampleStep
+    from fastlm.train.step import TrainStep
 
     example = case.backend == EXAMPLE
     config = ModelConfig(cell=case.cell, backend="cudnn" if example else case.backend, emsize=case.E,

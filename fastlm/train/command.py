@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastlm.checkpoint import load_checkpoint
 from fastlm.config import RunConfig
 from fastlm.errors import FastlmError
+from fastlm.train.checkpoint import load_checkpoint
 
 RESUME_MAY_CHANGE = {
     ("data", "data"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
@@ -42,9 +42,9 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict]:
 def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None) -> int:
     """Runs `fastlm train`; returns the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
     from fastlm.data import resolve_corpus
-    from fastlm.display import TrainDisplay
-    from fastlm.runs import RunFolder, unique_run_dir
-    from fastlm.train import Trainer, resolve_device
+    from fastlm.train.progress import TrainDisplay
+    from fastlm.train.run_folder import RunFolder, unique_run_dir
+    from fastlm.train.trainer import Trainer, resolve_device
 
     payload = None
     if resume_dir is not None:

@@ -22,18 +22,18 @@ from typing import Callable, Optional
 
 import torch
 
-from fastlm.checkpoint import load_checkpoint, save_checkpoint
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer, batchify, check_bptt
-from fastlm.display import TrainDisplay, perplexity
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
-from fastlm.profiling import DATA, PHASES, STEP, PhaseTimer, active_timer
-from fastlm.runs import RunFolder
-from fastlm.signals import StopRequest
-from fastlm.sizing import check_run_fits
-from fastlm.step import make_train_step
-from fastlm import train_state
+from fastlm.timing import DATA, PHASES, STEP, PhaseTimer, active_timer
+from fastlm.train import checkpoint_state
+from fastlm.train.checkpoint import load_checkpoint, save_checkpoint
+from fastlm.train.progress import TrainDisplay, perplexity
+from fastlm.train.run_folder import RunFolder
+from fastlm.train.signals import StopRequest
+from fastlm.train.sizing import check_run_fits
+from fastlm.train.step import make_train_step
 
 DRY_RUN_STEPS = 2  # --dry-run: train and evaluate this many batches of each split, one epoch
 
@@ -101,8 +101,8 @@ class Trainer:
                 "vocab_digest": self.corpus.vocab.digest(), "epoch": self.epoch,
                 "batches_done": self.batches_done, "step": self.global_step, "lr": self.step_fn.lr,
                 "best_val_loss": self.best_val_loss, "skipped_batches": self.skipped_batches,
-                "hidden": train_state.hidden_to_save(self.state),
-                "rng": train_state.rng_state()}
+                "hidden": checkpoint_state.hidden_to_save(self.state),
+                "rng": checkpoint_state.rng_state()}
 
     def _save_last(self, payload: Optional[dict] = None) -> None:
         save_checkpoint(self.run.last, payload or self._payload())
@@ -110,7 +110,7 @@ class Trainer:
 
     def restore(self, payload: dict, path) -> None:
         """Continue from a checkpoint written by ``_payload`` (``--resume``)."""
-        train_state.check_vocabulary(payload, self.corpus, path)
+        checkpoint_state.check_vocabulary(payload, self.corpus, path)
         try:
             self.model.load_state_dict(payload["model"])
             self.step_fn.optimizer.load_state_dict(payload["optimizer"])
@@ -121,11 +121,11 @@ class Trainer:
         self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
         self.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
-        self.state = train_state.hidden_from_saved(payload["hidden"], self.device)
-        train_state.set_rng_state(payload["rng"])
+        self.state = checkpoint_state.hidden_from_saved(payload["hidden"], self.device)
+        checkpoint_state.set_rng_state(payload["rng"])
 
     def _check_room(self) -> None:
-        needed = 3 * train_state.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
+        needed = 3 * checkpoint_state.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
         free = shutil.disk_usage(self.run.path).free
         if free < needed:
             raise FastlmError(f"run folder {self.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "

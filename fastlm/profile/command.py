@@ -16,7 +16,7 @@ cell, backend and flag is profiled as it trains. The run, in order:
 
 Everything lands in ``--out`` (default ``profiles/<time>-<cell>-<backend>/``): breakdown.json, breakdown.md,
 flow.svg/flow.png and trace.json.gz; ``--py-spy`` and ``--nsys`` re-run this command under those tools
-(fastlm.profile_tools).
+(fastlm.profile.external_profilers).
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ from typing import Optional
 import torch
 from rich.console import Console
 
-from fastlm import breakdown as report
-from fastlm import flowchart, profile_tools
 from fastlm.data import resolve_corpus
 from fastlm.data.batching import batchify
-from fastlm.display import TrainDisplay
 from fastlm.errors import FastlmError
-from fastlm.profiling import DATA, active_timer, nvtx_range_functions
-from fastlm.runs import unique_run_dir
-from fastlm.train import Trainer, resolve_device
+from fastlm.profile import breakdown as report
+from fastlm.profile import external_profilers, flowchart
+from fastlm.timing import DATA, active_timer, nvtx_range_functions
+from fastlm.train.progress import TrainDisplay
+from fastlm.train.run_folder import unique_run_dir
+from fastlm.train.trainer import Trainer, resolve_device
 
 BREAKDOWN_JSON, BREAKDOWN_MD, TRACE = "breakdown.json", "breakdown.md", "trace.json.gz"
 FLOW_SVG, FLOW_PNG = "flow.svg", "flow.png"
@@ -89,7 +89,7 @@ def run_profile(config, options: ProfileOptions, console: Optional[Console] = No
     options.check()
     out = output_folder(config, options)
     if options.py_spy or options.nsys:
-        rerun = profile_tools.rerun_under_py_spy if options.py_spy else profile_tools.rerun_under_nsys
+        rerun = external_profilers.rerun_under_py_spy if options.py_spy else external_profilers.rerun_under_nsys
         return rerun(config, options, out)
     console = console or Console()
     breakdown = profile(config, options, out, console)

@@ -17,7 +17,7 @@ from typing import Optional
 
 from rich.table import Table
 
-from fastlm.profiling import FORWARD, FORWARD_PARTS, PHASES, STEP
+from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, STEP
 
 FORWARD_OTHER = "other"  # forward time outside its timed parts: dropout after the stack, state detach, glue
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from fastlm.checkpoint import load_checkpoint
 from fastlm.config import RunConfig
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
+from fastlm.train.checkpoint import load_checkpoint
 
 
 def model_from_checkpoint(payload: dict, path, backend: str | None = None) -> RNNLM:

@@ -37,7 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastlm.errors import FastlmError
-from fastlm.profiling import DECODER, LOSS, phase
+from fastlm.timing import DECODER, LOSS, phase
 
 # Chosen by measurement on the 2-core development CPU (bench/README.md, "decoder chunking").
 CPU_CHUNK_TOKENS = 192

@@ -4,7 +4,7 @@ Suites: ``cells`` (modes fwd and fwdbwd: the recurrent stack alone, baseline cud
 (a whole training step, baseline ``example`` = the PyTorch example's loop as it is, in fp32 whatever the
 dtype of the others). Every result is a row of the table and a JSON line appended to ``--out``; the
 speedup column is the baseline's median over the row's, both measured in this run.
-What each mode times is in fastlm.bench_cases; how, in fastlm.measure.
+What each mode times is in fastlm.benchmark.cases; how, in fastlm.benchmark.measure.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fastlm import cells
-from fastlm.bench_cases import DTYPES, EXAMPLE, Case, StepSettings, build_cells_call, build_step_call
+from fastlm.benchmark.cases import DTYPES, EXAMPLE, Case, StepSettings, build_cells_call, build_step_call
+from fastlm.benchmark.measure import PeakMemory, environment, time_calls
 from fastlm.errors import FastlmError
-from fastlm.measure import PeakMemory, environment, time_calls
 
 MODES = ("fwd", "fwdbwd", "step")
 DEFAULT_SHAPES = ((35, 20, 200, 200), (35, 20, 650, 650), (35, 20, 1500, 1500))  # the example's sizes
@@ -123,7 +123,7 @@ def describe(case: Case, options: BenchOptions, env: dict) -> dict:
 
 def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     """Runs the matrix, prints the table, appends JSON lines to the output file; 1 if any case failed."""
-    from fastlm.train import resolve_device
+    from fastlm.train.trainer import resolve_device
 
     if console is None:
         console = Console()

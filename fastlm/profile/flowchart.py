@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-from fastlm.profiling import BACKWARD, CLIP, DATA, DECODER, EMBEDDING, FORWARD, LOSS, OPTIMIZER, RNN  # noqa: E402
+from fastlm.timing import BACKWARD, CLIP, DATA, DECODER, EMBEDDING, FORWARD, LOSS, OPTIMIZER, RNN  # noqa: E402
 
 BOX_W, BOX_H = 1.7, 1.0
 # (key, label, column, row); row 0 holds one-off work, rows 1-2 the step, which runs right on row 1 and back

@@ -2,16 +2,16 @@
 
 Shared by `fastlm train`, `fastlm bench` and `fastlm profile`, so the three measure the same work.
 ``make_train_step`` picks the step a configuration asks for: ``TrainStep``, the fast one (the default), or
-``ExampleStep`` (fastlm.example_step), the PyTorch example's loop as it is, the baseline of every speed-up.
+``ExampleStep`` (fastlm.train.example_step), the PyTorch example's loop as it is, the baseline of every speed-up.
 
 What makes ``TrainStep`` fast, with the example's numbers up to float noise:
 - no host synchronisation: the loss comes back as a device tensor for the caller to accumulate;
-- the fused, chunked decoder + cross-entropy of fastlm.losses (through ``RNNLM.loss``);
+- the fused, chunked decoder + cross-entropy of fastlm.model.losses (through ``RNNLM.loss``);
 - clipping with foreach kernels where the device has them, the SGD update as one foreach call over all
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
   and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
 - on CUDA: bf16 autocast as an option (``amp="bf16"``), and fixed-shape steps captured once as a CUDA
-  graph and replayed (fastlm.cuda_graphs), the short last chunk of an epoch running eagerly.
+  graph and replayed (fastlm.train.cuda_graphs), the short last chunk of an epoch running eagerly.
 
 Non-finite steps: every step leaves ``finite``, a device flag saying its loss and gradient norm were finite,
 for the trainer to read at its log interval. With ``skip_nonfinite`` a step whose flag is false changes
@@ -26,7 +26,7 @@ import contextlib
 import torch
 
 from fastlm.model import RNNLM, detach_state, map_state
-from fastlm.profiling import BACKWARD, CLIP, FORWARD, OPTIMIZER, PhaseTimer
+from fastlm.timing import BACKWARD, CLIP, FORWARD, OPTIMIZER, PhaseTimer
 
 
 class StepBase:
@@ -72,7 +72,7 @@ class TrainStep(StepBase):
         self.amp = amp
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            from fastlm.cuda_graphs import GraphedStep
+            from fastlm.train.cuda_graphs import GraphedStep
 
             self.graphs = GraphedStep(self)
 
@@ -134,7 +134,7 @@ def make_train_step(model: RNNLM, train_config):
     """The step ``train_config.step`` names: "fast" (TrainStep, with its amp, cuda_graphs and
     skip_nonfinite) or "example"."""
     if train_config.step == "example":
-        from fastlm.example_step import ExampleStep
+        from fastlm.train.example_step import ExampleStep
 
         return ExampleStep(model, train_config.clip, train_config.lr)
     return TrainStep(model, train_config.clip, train_config.lr, amp=train_config.amp,

@@ -1,0 +1,1 @@
+"""`fastlm bench`: recurrent stacks and the training step, timed against baselines measured in the same run."""
