@@ -28,11 +28,12 @@ import torch
 
 from fastlm.cli import _add_train_flags, config_from_args
 from fastlm.data import resolve_corpus
+from fastlm.device import describe, resolve_device
 from fastlm.profile.breakdown import stats
 from fastlm.profile.command import StepRunner
 from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, PhaseTimer, active_timer, phase
 from fastlm.train.progress import TrainDisplay
-from fastlm.train.trainer import Trainer, resolve_device
+from fastlm.train.trainer import Trainer
 
 
 def window_ms(runner: StepRunner, steps: int, enabled: bool, cuda: bool) -> tuple[float, float]:
@@ -102,9 +103,7 @@ def main(argv=None) -> int:
     m, d = config.model, config.data
     result = {"suite": "timer_overhead", "cell": m.cell, "backend": m.backend, "shapes": {
         "B": d.batch_size, "T": d.bptt, "E": m.emsize, "H": m.nhid, "V": len(corpus.vocab)},
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-        "data": corpus.source, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
-        "threads": torch.get_num_threads()}
+        **describe(device), "data": corpus.source, "rounds": args.rounds, "steps_per_round": args.steps_per_round}
     clocks = ("wall",) if cuda else ("wall", "cpu")  # a GPU step's CPU time is not its cost
     for clock in clocks:
         on, off = stats(times[clock, True]), stats(times[clock, False])

@@ -214,8 +214,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from fastlm.device import resolve_device
     from fastlm.train.generate import generate
-    from fastlm.train.trainer import resolve_device
 
     text = generate(args.checkpoint, args.words, args.temperature, args.seed, resolve_device(args.device))
     if args.out:

@@ -12,12 +12,14 @@ import torch
 from fastlm.benchmark.cases import EXAMPLE, Case, StepSettings, build_step_call, zipf_tokens
 from fastlm.benchmark.command import BenchOptions, plan
 from fastlm.benchmark.measure import PeakMemory, Timing, time_calls
+from fastlm.device import describe
 from fastlm.train.example_step import ExampleStep
 from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = ("suite", "cell", "backend", "mode", "T", "B", "E", "H", "V", "dtype", "device", "torch", "triton",
-            "git_sha", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mb")
+# What a result says about the machine is fastlm.device.describe's fields, the same as in breakdown.json.
+REQUIRED = ("suite", "cell", "backend", "mode", "T", "B", "E", "H", "V", "dtype", *describe("cpu"),
+            "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mb")
 
 
 def fastlm(*args, timeout=600):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastlm import cli
+from fastlm.device import describe
 from fastlm.profile import external_profilers
 from fastlm.timing import FORWARD_PARTS, PHASES, STEP
 from tests.helpers import one_line_error, run_cli
@@ -48,6 +49,7 @@ def test_breakdown_json_has_the_documented_fields(profiled):
     for name in ("corpus_load", "trainer_setup", "batchify", "first_h2d_copy", "first_step"):
         assert data["one_off_ms"][name] >= 0, name
     assert data["config"]["model"]["emsize"] == 32 and data["device"] == "cpu"
+    assert {key: data[key] for key in describe("cpu")} == describe("cpu")  # the one machine description
     table = (profiled / "breakdown.md").read_text()
     assert "| backward |" in table and "| step (measured wall) |" in table
 

@@ -22,7 +22,8 @@ from rich.table import Table
 
 from fastlm import cells
 from fastlm.benchmark.cases import DTYPES, EXAMPLE, Case, StepSettings, build_cells_call, build_step_call
-from fastlm.benchmark.measure import PeakMemory, environment, time_calls
+from fastlm.benchmark.measure import PeakMemory, time_calls
+from fastlm.device import describe, device_name, resolve_device
 from fastlm.errors import FastlmError
 
 MODES = ("fwd", "fwdbwd", "step")
@@ -110,7 +111,7 @@ def run_case(case: Case, options: BenchOptions, device: torch.device, repeat: in
             "tokens_per_s": tokens / (median / 1e3), "peak_mem_mb": peak.mb}
 
 
-def describe(case: Case, options: BenchOptions, env: dict) -> dict:
+def case_fields(case: Case, options: BenchOptions, env: dict) -> dict:
     s = options.step
     step_fields = {"V": s.vocab, "decoder": s.decoder if case.backend != EXAMPLE else "full", "tied": s.tied,
                    "dropout": s.dropout, "cuda_graphs": s.cuda_graphs and case.backend != EXAMPLE,
@@ -123,8 +124,6 @@ def describe(case: Case, options: BenchOptions, env: dict) -> dict:
 
 def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     """Runs the matrix, prints the table, appends JSON lines to the output file; 1 if any case failed."""
-    from fastlm.train.trainer import resolve_device
-
     if console is None:
         console = Console()
         if not console.is_terminal:  # a log file or a pipe: keep the table's rows on one line each
@@ -141,8 +140,8 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     groups, notes = plan(options, device)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
-    env = environment(device)
-    console.print(f"fastlm bench | {env['device']} | torch {env['torch']} | {repeat} timed + {warmup} warm-up "
+    env = describe(device)
+    console.print(f"fastlm bench | {env['device_name']} | torch {env['torch']} | {repeat} timed + {warmup} warm-up "
                   f"calls per case | results -> {out}")
     table = _new_table()
     failures = 0
@@ -151,7 +150,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
         for group in groups:
             baseline_ms = None
             for case in group:
-                record = {**describe(case, options, env), "repeat": repeat, "warmup": warmup, "time": stamp}
+                record = {**case_fields(case, options, env), "repeat": repeat, "warmup": warmup, "time": stamp}
                 try:
                     record.update(run_case(case, options, device, repeat, warmup))
                 except Exception as error:  # one failing case (OOM, unsupported dtype) must not end the matrix
@@ -208,7 +207,7 @@ def _check(options: BenchOptions) -> None:
 
 
 def default_out_path(device: torch.device) -> Path:
-    name = "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device)
+    name = "cpu" if device.type != "cuda" else device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return Path("bench") / "results" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{slug}.jsonl"
 

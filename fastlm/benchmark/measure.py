@@ -1,4 +1,4 @@
-"""Timing, peak memory and the facts about the machine that every benchmark result carries.
+"""Timing and peak memory of the calls a benchmark makes (the machine is described by fastlm.device).
 
 Timing: on CUDA each call is bracketed by CUDA events recorded in the stream and all of them are read
 after one synchronisation at the end, so timing adds no host sync between calls; on CPU, perf_counter.
@@ -11,14 +11,9 @@ what the calls needed beyond what was already resident (freed memory the allocat
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -107,46 +102,3 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
-
-
-@functools.cache
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@functools.cache
-def git_sha() -> str:
-    """The checkout's commit, with "-dirty" when it has uncommitted changes; "unknown" outside git."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
-
-def environment(device: torch.device) -> dict:
-    """The fields every result line carries about where it was measured."""
-    try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "git_sha": git_sha(), "threads": torch.get_num_threads(), "host": platform.node()}

@@ -26,7 +26,6 @@ import gzip
 import itertools
 import json
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -39,13 +38,14 @@ from rich.console import Console
 
 from fastlm.data import resolve_corpus
 from fastlm.data.batching import batchify
+from fastlm.device import describe, resolve_device
 from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
 from fastlm.timing import DATA, active_timer, nvtx_range_functions
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import unique_run_dir
-from fastlm.train.trainer import Trainer, resolve_device
+from fastlm.train.trainer import Trainer
 
 BREAKDOWN_JSON, BREAKDOWN_MD, TRACE = "breakdown.json", "breakdown.md", "trace.json.gz"
 FLOW_SVG, FLOW_PNG = "flow.svg", "flow.png"
@@ -261,7 +261,8 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
     with _stopwatch(one_off, "batchify", clock):
         batchify(corpus.train, config.data.batch_size)
     m, d = config.model, config.data
-    title = f"{m.cell} {m.nlayers}x{m.nhid} {m.backend} | {_device_name(device)}"
+    machine = describe(device)
+    title = f"{m.cell} {m.nlayers}x{m.nhid} {m.backend} | {machine['device_name']}"
     console.print(f"fastlm profile | {title} | {corpus.source} ({len(corpus.vocab):,} words) | "
                   f"batch {d.batch_size} x bptt {d.bptt} | {options.warmup} warm-up + {options.steps} measured steps")
     runner = StepRunner(trainer)
@@ -269,8 +270,7 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
     breakdown = report.summarize(per_step, step_ms, trainer.timer.parents, d.batch_size * d.bptt)
     one_off["first_step_over_steady"] = max(0.0, one_off["first_step"] - breakdown["step_ms"]["median"])
     breakdown["step_ms"]["window_mean"] = window_ms
-    breakdown.update(title=title, steps=options.steps, warmup=options.warmup, one_off_ms=one_off,
-                     device=str(device), device_name=_device_name(device), torch=torch.__version__,
+    breakdown.update(title=title, steps=options.steps, warmup=options.warmup, one_off_ms=one_off, **machine,
                      data_source=corpus.source, vocab_size=len(corpus.vocab), config=config.to_dict())
     graphed = any("+" in name for name in breakdown["phases"])
     if graphed and device.type == "cuda" and getattr(config.train, "cuda_graphs", False):
@@ -301,12 +301,6 @@ ONE_OFF_MEANING = {
 
 def _one_off_notes(one_off: dict) -> list[str]:
     return ["one-off costs: " + "; ".join(f"{name} = {ONE_OFF_MEANING[name]}" for name in one_off)]
-
-
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def write_report(breakdown: dict, out: Path, console: Console) -> None:

@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastlm.device import resolve_device
 from fastlm.errors import FastlmError
-from fastlm.train.trainer import resolve_device
 
 PY_SPY_SPEEDSCOPE, PY_SPY_FLAMEGRAPH, NSYS_REPORT = "py-spy.speedscope.json", "py-spy-flamegraph.svg", "nsys"
 CONFIG_TOML = "profile-config.toml"  # the resolved configuration the re-run reads

@@ -42,9 +42,10 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict]:
 def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None) -> int:
     """Runs `fastlm train`; returns the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
     from fastlm.data import resolve_corpus
+    from fastlm.device import resolve_device
     from fastlm.train.progress import TrainDisplay
     from fastlm.train.run_folder import RunFolder, unique_run_dir
-    from fastlm.train.trainer import Trainer, resolve_device
+    from fastlm.train.trainer import Trainer
 
     payload = None
     if resume_dir is not None:

@@ -44,15 +44,6 @@ class TrainingDiverged(FastlmError):
     exit_status = 3
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FastlmError(f"--device {name} was asked for but this torch build or machine has no CUDA device; "
-                          f"use --device cpu or auto")
-    return torch.device(name)
-
-
 @dataclass
 class TrainResult:
     best_val_loss: Optional[float]

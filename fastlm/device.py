@@ -1,0 +1,78 @@
+"""Which device a run uses, and the one description of it that every report carries.
+
+``resolve_device`` turns the ``--device`` flag into a torch.device. ``describe`` is what bench JSON lines,
+``breakdown.json`` and run folders say about where they were measured: the device (``cpu``, ``cuda:0``), its
+human name, the thread count, torch/CUDA/triton versions, the git commit and the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fastlm.errors import FastlmError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` takes CUDA when present; asking for CUDA where there is none is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastlmError(f"--device {name} was asked for but this torch build or machine has no CUDA device; "
+                          f"use --device cpu or auto")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model with the threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def git_sha() -> str:
+    """The checkout's commit, with "-dirty" when it has uncommitted changes; "unknown" outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe(device: torch.device) -> dict:
+    """Where a result was measured, the same fields in every report."""
+    device = torch.device(device)
+    return {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
+            "git_sha": git_sha(), "host": platform.node()}
