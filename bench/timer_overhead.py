@@ -29,9 +29,8 @@ import torch
 from fastlm.cli import _add_train_flags, config_from_args
 from fastlm.data import resolve_corpus
 from fastlm.device import describe, resolve_device
-from fastlm.profile.breakdown import stats
 from fastlm.profile.command import StepRunner
-from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, PhaseTimer, active_timer, phase
+from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, PhaseTimer, active_timer, phase, stats
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.trainer import Trainer
 

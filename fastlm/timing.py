@@ -1,4 +1,7 @@
-"""Phase timing shared by train, bench and profile.
+"""The one clock, and phase timing shared by train, bench and profile.
+
+``Clock`` is how fastlm reads time everywhere: on CUDA, events recorded in the stream and read after one
+synchronisation, so that timing never stalls the work it times; on CPU, ``time.perf_counter``.
 
 Every training step is split into the phases below. The same names label the timer's buckets, NVTX ranges
 and ``torch.profiler.record_function`` ranges, so an Nsight timeline, a torch trace and the breakdown table
@@ -15,6 +18,7 @@ entered while a torch profiler is active (a ~0.1 us check).
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from collections import defaultdict
 from typing import Callable, Optional
@@ -45,6 +49,56 @@ def nvtx_range_functions() -> tuple[Callable[[str], None], Callable[[], None]]:
     return (lambda name: None), (lambda: None)
 
 
+class Clock:
+    """Time marks on ``device``'s timeline. ``mark()`` records one (a CUDA event, or perf_counter seconds);
+    ``ms(start, end)`` reads the time between two marks once they are done (``wait`` or ``sync`` first on
+    CUDA). Events that were read can be handed back with ``reuse`` so that a loop does not create new ones."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._free_events: list = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+    def wait(self, mark) -> None:
+        """Until ``mark`` (and everything recorded before it) is done."""
+        if self.cuda:
+            mark.synchronize()
+
+    def sync(self) -> None:
+        """Until all work queued on the device is done."""
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reuse(self, *marks) -> None:
+        if self.cuda:
+            self._free_events.extend(marks)
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of an already sorted list, linear between closest ranks (numpy's default)."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def stats(values: list[float]) -> dict:
+    """mean, median, p20, p80, min, max and n of a list of timings."""
+    ordered = sorted(values)
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered),
+            "p20": quantile(ordered, 0.2), "p80": quantile(ordered, 0.8), "min": ordered[0], "max": ordered[-1],
+            "n": len(ordered)}
+
+
 torch_profiler_active = torch.autograd._profiler_enabled  # True while a torch.profiler records (~0.1 us)
 
 
@@ -62,12 +116,12 @@ class _Phase:
         self.label = torch.profiler.record_function(self.name) if torch_profiler_active() else None
         if self.label is not None:
             self.label.__enter__()
-        self.start = timer._mark()
+        self.start = timer.clock.mark()
         return self
 
     def __exit__(self, *exc):
         timer = self.timer
-        end = timer._mark()
+        end = timer.clock.mark()
         if self.label is not None:
             self.label.__exit__(*exc)
         timer._close_phase(self.name, self.start, end)
@@ -103,9 +157,8 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.enabled = enabled
-        self.cuda = torch.device(device).type == "cuda"
+        self.clock = Clock(device)
         self._pending: list[tuple[str, object, object, Optional[int]]] = []  # (name, start, end, step) not yet read
-        self._free_events: list = []  # CUDA events already read, reused instead of created per phase
         self._open: list[str] = []
         self._step_number: Optional[int] = None  # the step in progress, or None between steps
         self._steps_started = 0
@@ -113,13 +166,6 @@ class PhaseTimer:
         self.samples: dict[str, list[float]] = defaultdict(list)
         self.per_step: list[dict[str, float]] = []
         self.parents: dict[str, Optional[str]] = {}
-
-    def _mark(self):
-        if self.cuda:
-            event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
 
     def _open_phase(self, name: str) -> None:
         if name == STEP:
@@ -145,17 +191,16 @@ class PhaseTimer:
 
     def collect(self) -> dict[str, list[float]]:
         """Moves finished measurements into ``samples`` and ``per_step`` (ms) and returns ``samples``."""
-        if self._pending and self.cuda:
-            self._pending[-1][2].synchronize()  # the last phase closed is the last event recorded
+        if self._pending:
+            self.clock.wait(self._pending[-1][2])  # the last phase closed is the last mark recorded
         steps: dict[int, dict[str, float]] = {}
         for name, start, end, step_number in self._pending:
-            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            ms = self.clock.ms(start, end)
             self.samples[name].append(ms)
             if step_number is not None:
                 totals = steps.setdefault(step_number, {})
                 totals[name] = totals.get(name, 0.0) + ms
-            if self.cuda:
-                self._free_events += (start, end)
+            self.clock.reuse(start, end)
         # per_step holds finished steps only: collect() is called between steps.
         self.per_step.extend(totals for _, totals in sorted(steps.items()) if STEP in totals)
         self._pending.clear()

@@ -1,7 +1,7 @@
 """Timing and peak memory of the calls a benchmark makes (the machine is described by fastlm.device).
 
-Timing: on CUDA each call is bracketed by CUDA events recorded in the stream and all of them are read
-after one synchronisation at the end, so timing adds no host sync between calls; on CPU, perf_counter.
+Timing: each call is bracketed by marks of fastlm.timing's Clock (CUDA events in the stream, all read after
+one synchronisation at the end, so timing adds no host sync between calls; perf_counter on CPU).
 Results are medians with the 20th and 80th percentiles: robust to the odd slow call of a shared machine.
 
 Peak memory: on CUDA, torch's peak allocated bytes during the timed calls; on CPU, how far the process's
@@ -12,11 +12,12 @@ what the calls needed beyond what was already resident (freed memory the allocat
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from fastlm.timing import Clock, quantile
 
 
 @dataclass
@@ -29,32 +30,23 @@ class Timing:
 
     def percentile_ms(self, q: float) -> float:
         """The q-th percentile (0-100), linear between samples."""
-        ordered = sorted(self.samples_ms)
-        position = (len(ordered) - 1) * q / 100
-        low = int(position)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+        return quantile(sorted(self.samples_ms), q / 100)
 
 
 def time_calls(fn: Callable[[], object], repeat: int, warmup: int, device: torch.device) -> Timing:
-    """Runs ``fn`` ``warmup`` times untimed, then ``repeat`` times timed, one sample per call."""
+    """Runs ``fn`` ``warmup`` times untimed, then ``repeat`` times timed, one sample per call (marks on the
+    device's clock around each call, read after one synchronisation at the end)."""
     for _ in range(warmup):
         fn()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return Timing([start.elapsed_time(end) for start, end in events])
-    samples = []
+    clock = Clock(device)
+    clock.sync()
+    marks = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock.mark()
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return Timing(samples)
+        marks.append((start, clock.mark()))
+    clock.sync()
+    return Timing([clock.ms(start, end) for start, end in marks])
 
 
 class PeakMemory:

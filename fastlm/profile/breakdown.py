@@ -17,24 +17,9 @@ from typing import Optional
 
 from rich.table import Table
 
-from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, STEP
+from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, STEP, stats
 
 FORWARD_OTHER = "other"  # forward time outside its timed parts: dropout after the stack, state detach, glue
-
-
-def stats(values: list[float]) -> dict:
-    ordered = sorted(values)
-    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered),
-            "p20": _quantile(ordered, 0.2), "p80": _quantile(ordered, 0.8), "min": ordered[0], "max": ordered[-1],
-            "n": len(ordered)}
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), on an already sorted list."""
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def children(parents: dict, parent: str, known: tuple) -> list[str]:

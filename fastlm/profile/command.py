@@ -42,7 +42,7 @@ from fastlm.device import describe, resolve_device
 from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
-from fastlm.timing import DATA, active_timer, nvtx_range_functions
+from fastlm.timing import DATA, Clock, active_timer, nvtx_range_functions
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import unique_run_dir
 from fastlm.train.trainer import Trainer
@@ -136,29 +136,8 @@ class StepRunner:
                 _, self.state = self.trainer.step_fn(inputs, targets, self.state, timer)
 
 
-class _Clock:
-    """Marks for wall time: perf_counter on CPU; on CUDA events in the stream, read after a final sync."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def ms(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-
-
 @contextlib.contextmanager
-def _stopwatch(costs: dict, name: str, clock: _Clock):
+def _stopwatch(costs: dict, name: str, clock: Clock):
     """Times a one-off piece of work to completion (synchronised on CUDA) into ``costs[name]`` (ms)."""
     clock.sync()
     start = time.perf_counter()
@@ -184,7 +163,7 @@ def measure(runner: StepRunner, warmup: int, steps: int, one_off: dict) -> tuple
     synchronised wall ms of the whole window / steps). Adds the first H2D copy, the first step and the rest
     of the warm-up to ``one_off``.
     """
-    clock = _Clock(runner.trainer.device.type == "cuda")
+    clock = Clock(runner.trainer.device)
     timer = runner.trainer.timer
     with _stopwatch(one_off, "first_h2d_copy", clock):
         runner.fetch_ahead()
@@ -249,7 +228,7 @@ def write_trace(runner: StepRunner, steps: int, path: Path) -> None:
 def profile(config, options: ProfileOptions, out: Path, console: Console) -> dict:
     """Runs the profile and returns breakdown.json's content (artifacts other than the trace not yet written)."""
     device = resolve_device(config.train.device)
-    clock = _Clock(device.type == "cuda")
+    clock = Clock(device)
     one_off: dict = {}
     if clock.cuda:
         with _stopwatch(one_off, "cuda_init", clock):
