@@ -139,7 +139,7 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--warmup", type=int, default=None, help="untimed calls first (5 on CUDA, 1 on CPU)")
     bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    bench.add_argument("--layers", type=int, default=2, help="recurrent layers (2)")
+    bench.add_argument("--nlayers", "--layers", dest="nlayers", type=int, default=2, help="recurrent layers (2)")
     bench.add_argument("--vocab", type=int, default=33_278, help="step: vocabulary size (33278, Wikitext-2's)")
     bench.add_argument("--dropout", type=float, default=0.2, help="step: dropout (0.2)")
     bench.add_argument("--tied", action="store_true", help="step: tie embedding and decoder weights (needs E == H)")
@@ -237,14 +237,19 @@ def cmd_profile(args) -> int:
 
 def cmd_bench(args) -> int:
     from fastlm.benchmark.command import BenchOptions, StepSettings, run_bench
+    from fastlm.config import RunConfig
 
-    if args.layers < 1 or args.vocab < 2 or not 0.0 <= args.dropout < 1.0:
-        raise FastlmError("--layers must be at least 1, --vocab at least 2 and --dropout in [0, 1)")
+    if args.vocab < 2:
+        raise FastlmError(f"--vocab must be at least 2, got {args.vocab}")
     if args.loss_chunk is not None and (len(args.loss_chunk) != 2 or args.loss_chunk[0] < 1 or args.loss_chunk[1] < 0):
         raise FastlmError("--loss-chunk takes TOKENS,BLOCK: tokens per chunk (at least 1) and vocabulary columns "
                           "per GEMM (0 for all)")
-    step = StepSettings(vocab=args.vocab, layers=args.layers, dropout=args.dropout, tied=args.tied,
-                        decoder=args.decoder, cuda_graphs=args.cuda_graphs,
+    # The step cases start from the training configuration these flags describe, validated as `fastlm train`
+    # validates it (sizes, cell and backend come from each case).
+    base = RunConfig()
+    model = {"nlayers": args.nlayers, "dropout": args.dropout, "tied": args.tied, "decoder": args.decoder}
+    base.update({"model": model, "train": {"cuda_graphs": args.cuda_graphs}}, origin="command line")
+    step = StepSettings(base=base.validate(), vocab=args.vocab,
                         loss_chunk=tuple(args.loss_chunk) if args.loss_chunk else None)
     options = BenchOptions(cells=args.cell, backends=args.backend, modes=args.mode,
                            shapes=args.shape, dtypes=args.dtype, repeat=args.repeat,

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.benchmark.cases import EXAMPLE, Case, StepSettings, build_step_call, zipf_tokens
+from fastlm.benchmark.cases import EXAMPLE, Case, StepSettings, build_step_call, step_config, zipf_tokens
 from fastlm.benchmark.command import BenchOptions, plan
 from fastlm.benchmark.measure import PeakMemory, Timing, time_calls
+from fastlm.config import RunConfig
 from fastlm.device import describe
 from fastlm.train.example_step import ExampleStep
+from fastlm.train.step import TrainStep
 from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +76,8 @@ def test_default_shapes_are_the_examples_on_cuda_and_leave_1500_out_on_cpu():
     (("--backend", "example", "--mode", "fwd"), "example"),
     (("--shape", "1,2,3"), "T,B,E,H"),
     (("--tied", "--shape", "5,2,4,8", "--mode", "step"), "--tied"),
+    (("--dropout", "1.5"), "--dropout"),
+    (("--layers", "0"), "--nlayers"),
 ])
 def test_bad_arguments_are_one_line_errors(args, words):
     status, _, err = run_cli("bench", "--device", "cpu", *args)
@@ -90,9 +94,30 @@ def test_a_failing_case_is_recorded_and_the_matrix_goes_on(tmp_path):
     assert "error" not in records[0] and "compile" in records[1]["error"]
 
 
+def step_settings(**model) -> StepSettings:
+    base = RunConfig()
+    base.update({"model": model}, origin="test")
+    return StepSettings(base=base.validate(), vocab=30)
+
+
+def test_a_step_case_is_built_from_a_validated_run_configuration():
+    """Bench builds its step as training does: the base configuration with the case's cell, backend, sizes and
+    precision, through make_train_step, so lr and clip are the training defaults, not numbers of its own."""
+    settings = step_settings(nlayers=3, dropout=0.1)
+    config = step_config(Case("step", "gru", "script", 5, 4, 8, 8, "bf16"), settings, torch.device("cpu"))
+    assert (config.model.cell, config.model.backend, config.model.nlayers, config.model.dropout) == ("gru", "script",
+                                                                                                     3, 0.1)
+    assert (config.data.bptt, config.data.batch_size, config.model.emsize, config.train.amp) == (5, 4, 8, "bf16")
+    call = build_step_call(Case("step", "gru", "script", 5, 4, 8, 8, "fp32"), settings, torch.device("cpu"))
+    assert isinstance(call.step, TrainStep) and (call.step.lr, call.step.clip) == (RunConfig().train.lr, 0.25)
+    example = step_config(Case("step", "lstm", EXAMPLE, 5, 4, 8, 8, "fp32"), step_settings(decoder="adaptive"),
+                          torch.device("cpu"))
+    assert (example.train.step, example.model.backend, example.model.decoder) == ("example", "cudnn", "full")
+
+
 def test_step_call_carries_the_hidden_state_from_step_to_step():
     case = Case("step", "lstm", "reference", 3, 2, 8, 8, "fp32")
-    call = build_step_call(case, StepSettings(vocab=30, tied=True), torch.device("cpu"))
+    call = build_step_call(case, step_settings(tied=True), torch.device("cpu"))
     given, step = [], call.step
     call.step = lambda inputs, targets, state, timer: step(inputs, targets, given.append(state) or state, timer)
     returned = []
@@ -106,7 +131,7 @@ def test_step_call_carries_the_hidden_state_from_step_to_step():
 
 
 def test_example_step_call_runs_the_examples_step():
-    example = build_step_call(Case("step", "gru", EXAMPLE, 3, 2, 8, 8, "fp32"), StepSettings(vocab=30),
+    example = build_step_call(Case("step", "gru", EXAMPLE, 3, 2, 8, 8, "fp32"), step_settings(),
                               torch.device("cpu"))
     example()
     assert isinstance(example.step, ExampleStep) and example.step.total_loss > 0

@@ -84,7 +84,7 @@ def test_py_spy_mode_writes_speedscope_and_flame_graph(tmp_path):
     assert speedscope["$schema"] == "https://www.speedscope.app/file-format-schema.json"
     assert speedscope["profiles"] and any(p["samples"] for p in speedscope["profiles"])
     files = {frame.get("file", "") for frame in speedscope["shared"]["frames"]}
-    assert any(name.endswith(os.path.join("fastlm", "profile", "command.py")) or "fastlm/profile/command.py" in name for name in files)
+    assert any(name.endswith(os.path.join("fastlm", "profile", "command.py")) for name in files)
     assert ET.parse(out / "py-spy-flamegraph.svg").getroot().tag.endswith("svg")
     assert (out / "breakdown.json").is_file() and not (out / "trace.json.gz").exists()
 

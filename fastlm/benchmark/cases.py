@@ -6,7 +6,8 @@ from seed 0, so every backend of a comparison starts from the same weights and d
 - fwd: the stack's forward under no_grad, x [T, B, E] and zero state, dropout 0.
 - fwdbwd: forward, then backward of a fixed random cotangent on the output; parameter gradients are
   dropped between calls as a training step does.
-- step: a full training step of the RNNLM (vocabulary V, the example's lr 20 and clip 0.25) on batches of
+- step: a full training step of the RNNLM (vocabulary V), built from a RunConfig as `fastlm train` builds
+  it (so lr 20 and clip 0.25 are the example's defaults) and run by the trainer's loop body, on batches of
   Zipf-distributed token ids (a word-frequency law, so the adaptive decoder sees realistic clusters),
   the hidden state carried from step to step. Backend ``example`` is the PyTorch example's step
   (fastlm.train.example_step, always fp32); any other is the fast step on that recurrent backend.
@@ -14,15 +15,17 @@ from seed 0, so every backend of a comparison starts from the same weights and d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from fastlm import cells
-from fastlm.config import ModelConfig
-from fastlm.model.losses import Chunking
+from fastlm.config import RunConfig
+from fastlm.model import RNNLM, Chunking
 from fastlm.timing import PhaseTimer
+from fastlm.train.step import make_train_step, run_step
 
 EXAMPLE = "example"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,13 +50,25 @@ class Case:
 
 @dataclass(frozen=True)
 class StepSettings:
+    """What a step case takes beyond its Case: the run configuration every case starts from (recurrent
+    layers, dropout, tied weights, decoder, CUDA graphs; lr and clip stay the example's defaults), the
+    vocabulary size of the random data, and an optional override of the fused loss's chunking."""
+
+    base: RunConfig = field(default_factory=RunConfig)
     vocab: int = 33_278
-    layers: int = 2
-    dropout: float = 0.2
-    tied: bool = False
-    decoder: str = "full"
-    cuda_graphs: bool = True
     loss_chunk: Optional[tuple] = None  # (tokens, vocabulary block or 0) for the fast step's fused loss
+
+
+def step_config(case: Case, settings: StepSettings, device: torch.device) -> RunConfig:
+    """The validated RunConfig of a step case: the base with the case's cell, backend, sizes and precision."""
+    example = case.backend == EXAMPLE
+    config = RunConfig.from_dict(settings.base.to_dict(), origin="bench")
+    config.update({"model": {"cell": case.cell, "backend": "cudnn" if example else case.backend, "emsize": case.E,
+                             "nhid": case.H, **({"decoder": "full"} if example else {})},
+                   "data": {"batch_size": case.B, "bptt": case.T},
+                   "train": {"device": str(device), "step": "example" if example else "fast",
+                             "amp": "bf16" if case.dtype == "bf16" and not example else "off"}}, origin="bench")
+    return config.validate()
 
 
 def build_cells_call(case: Case, layers: int, device: torch.device) -> Callable[[], None]:
@@ -80,42 +95,33 @@ def build_cells_call(case: Case, layers: int, device: torch.device) -> Callable[
 
 
 def build_step_call(case: Case, settings: StepSettings, device: torch.device) -> "StepCall":
-    from fastlm.model import RNNLM
-    from fastlm.train.example_step import ExampleStep
-    from fastlm.train.step import TrainStep
-
-    example = case.backend == EXAMPLE
-    config = ModelConfig(cell=case.cell, backend="cudnn" if example else case.backend, emsize=case.E,
-                         nhid=case.H, nlayers=settings.layers, dropout=settings.dropout, tied=settings.tied,
-                         decoder="full" if example else settings.decoder)
+    """The training step of ``case``, built as `fastlm train` builds it: RNNLM and make_train_step from the
+    case's RunConfig."""
+    config = step_config(case, settings, device)
     torch.manual_seed(0)
-    model = RNNLM(settings.vocab, config).to(device)
-    if example:
-        step = ExampleStep(model, clip=0.25, lr=20.0)
-    else:
-        if settings.loss_chunk is not None:
-            tokens, block = settings.loss_chunk
-            model.loss_chunking = Chunking(tokens, block or None)
-        step = TrainStep(model, clip=0.25, lr=20.0, amp="bf16" if case.dtype == "bf16" else "off",
-                         cuda_graphs=settings.cuda_graphs)
+    model = RNNLM(settings.vocab, config.model).to(device)
+    if settings.loss_chunk is not None and config.train.step == "fast":
+        tokens, block = settings.loss_chunk
+        model.loss_chunking = Chunking(tokens, block or None)
     ids = zipf_tokens(settings.vocab, BATCHES * case.T * case.B + 1, device)
-    batches = [(ids[i * case.T * case.B:(i + 1) * case.T * case.B].view(case.T, case.B),
-                ids[i * case.T * case.B + 1:(i + 1) * case.T * case.B + 1]) for i in range(BATCHES)]
-    return StepCall(step, batches, model.init_state(case.B), PhaseTimer(device, enabled=False))
+    size = case.T * case.B
+    batches = [(i, ids[i * size:(i + 1) * size].view(case.T, case.B), ids[i * size + 1:(i + 1) * size + 1])
+               for i in range(BATCHES)]
+    return StepCall(make_train_step(model, config.train), batches, model.init_state(case.B),
+                    PhaseTimer(device, enabled=False))
 
 
 class StepCall:
-    """One training step per call, cycling through ``batches``; the hidden state the step returns is the one
-    it is given next time (``state``), as in training."""
+    """One training step per call through ``run_step`` (the trainer's loop body), cycling through
+    ``batches``; the hidden state the step returns is the one it is given next time (``state``)."""
 
     def __init__(self, step, batches, state, timer):
-        self.step, self.batches, self.state, self.timer = step, batches, state, timer
+        self.step, self.batches, self.state, self.timer = step, itertools.cycle(batches), state, timer
         self.calls = 0
 
     def __call__(self) -> None:
-        inputs, targets = self.batches[self.calls % len(self.batches)]
         self.calls += 1
-        _, self.state = self.step(inputs, targets, self.state, self.timer)
+        _, self.state, _ = run_step(self.step, self.batches, self.state, self.timer)
 
 
 def zipf_tokens(vocab: int, count: int, device: torch.device) -> torch.Tensor:

@@ -102,7 +102,7 @@ def run_case(case: Case, options: BenchOptions, device: torch.device, repeat: in
     if case.suite == "step":
         call = build_step_call(case, options.step, device)
     else:
-        call = build_cells_call(case, options.step.layers, device)
+        call = build_cells_call(case, options.step.base.model.nlayers, device)
     tokens = case.T * case.B
     with PeakMemory(device) as peak:
         timing = time_calls(call, repeat, warmup, device)
@@ -112,13 +112,13 @@ def run_case(case: Case, options: BenchOptions, device: torch.device, repeat: in
 
 
 def case_fields(case: Case, options: BenchOptions, env: dict) -> dict:
-    s = options.step
-    step_fields = {"V": s.vocab, "decoder": s.decoder if case.backend != EXAMPLE else "full", "tied": s.tied,
-                   "dropout": s.dropout, "cuda_graphs": s.cuda_graphs and case.backend != EXAMPLE,
-                   "loss_chunk": list(s.loss_chunk) if s.loss_chunk and case.backend != EXAMPLE else None,
-                   "step": "example" if case.backend == EXAMPLE else "fast"}
+    s, model, fast = options.step, options.step.base.model, case.backend != EXAMPLE
+    step_fields = {"V": s.vocab, "decoder": model.decoder if fast else "full", "tied": model.tied,
+                   "dropout": model.dropout, "cuda_graphs": s.base.train.cuda_graphs and fast,
+                   "loss_chunk": list(s.loss_chunk) if s.loss_chunk and fast else None,
+                   "step": "fast" if fast else "example"}
     return {"suite": case.suite, "cell": case.cell, "backend": case.backend, "mode": case.mode, "T": case.T,
-            "B": case.B, "E": case.E, "H": case.H, "layers": s.layers,
+            "B": case.B, "E": case.E, "H": case.H, "layers": model.nlayers,
             **(step_fields if case.suite == "step" else {"V": None}), "dtype": case.dtype, **env}
 
 
@@ -190,12 +190,9 @@ def _check(options: BenchOptions) -> None:
     for name, value in (("--repeat", options.repeat), ("--warmup", options.warmup), ("--threads", options.threads)):
         if value is not None and value < (0 if name == "--warmup" else 1):
             raise FastlmError(f"{name} must be at least {0 if name == '--warmup' else 1}, got {value}")
-    s = options.step
-    if s.decoder not in ("full", "adaptive"):
-        raise FastlmError(f"--decoder must be full or adaptive, got {s.decoder!r}")
-    if s.tied and s.decoder == "adaptive":
-        raise FastlmError("--tied cannot be combined with --decoder adaptive; drop one of them")
-    if s.tied and any(E != H for _, _, E, H in options.shapes or DEFAULT_SHAPES) and "step" in options.modes:
+    # The model settings were validated with the RunConfig they live in; what is left is how they meet the shapes.
+    shapes = options.shapes or DEFAULT_SHAPES
+    if options.step.base.model.tied and any(E != H for _, _, E, H in shapes) and "step" in options.modes:
         raise FastlmError("--tied needs E equal to H in every --shape")
     if options.backends is not None:
         known = set(cells.BACKENDS) | {EXAMPLE}

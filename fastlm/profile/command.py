@@ -1,7 +1,7 @@
 """`fastlm profile`: where every millisecond of a training step goes.
 
 It builds the very ``Trainer`` that `fastlm train` builds from the same configuration and drives its step
-(``trainer.step_fn`` inside ``trainer.timer``'s phases, the loop body of ``Trainer.train_epoch``), so any
+with the trainer's own loop body (fastlm.train.step.run_step, inside ``trainer.timer``'s phases), so any
 cell, backend and flag is profiled as it trains. The run, in order:
 
 1. one-off costs, each timed on its own: CUDA start-up, corpus loading and tokenising, the trainer's setup
@@ -42,9 +42,10 @@ from fastlm.device import describe, resolve_device
 from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
-from fastlm.timing import DATA, Clock, active_timer, nvtx_range_functions
+from fastlm.timing import Clock, nvtx_range_functions
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import unique_run_dir
+from fastlm.train.step import run_step
 from fastlm.train.trainer import Trainer
 
 BREAKDOWN_JSON, BREAKDOWN_MD, TRACE = "breakdown.json", "breakdown.md", "trace.json.gz"
@@ -107,16 +108,15 @@ def full_chunks(stream) -> int:
 
 
 def batches_forever(stream):
-    """(inputs, targets) of the split's full chunks, round and round (as epochs would)."""
+    """(index, inputs, targets) of the split's full chunks, round and round (as epochs would)."""
     count = full_chunks(stream)
     while True:
-        for _, inputs, targets in itertools.islice(stream.iterate(), count):
-            yield inputs, targets
+        yield from itertools.islice(stream.iterate(), count)
 
 
 class StepRunner:
-    """Runs ``trainer``'s step as ``Trainer.train_epoch`` does (the batch fetch in DATA, then ``step_fn``
-    with the timer active), over the train split's full chunks, carrying the hidden state along."""
+    """Runs ``trainer``'s step through ``run_step``, as the trainer does, over the train split's full chunks,
+    carrying the hidden state along."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -129,11 +129,7 @@ class StepRunner:
         self.batches = itertools.chain([next(self.batches)], self.batches)
 
     def step(self, timer) -> None:
-        with timer.step():
-            with timer.phase(DATA):
-                inputs, targets = next(self.batches)
-            with active_timer(timer):
-                _, self.state = self.trainer.step_fn(inputs, targets, self.state, timer)
+        _, self.state, _ = run_step(self.trainer.step_fn, self.batches, self.state, timer)
 
 
 @contextlib.contextmanager

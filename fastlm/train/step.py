@@ -1,6 +1,7 @@
 """The training step: forward, backward, clip and update on one chunk, in the profiler's phases.
 
-Shared by `fastlm train`, `fastlm bench` and `fastlm profile`, so the three measure the same work.
+Shared by `fastlm train`, `fastlm bench` and `fastlm profile`, so the three measure the same work: each
+builds its step with ``make_train_step`` from a RunConfig and runs it with ``run_step``, the one loop body.
 ``make_train_step`` picks the step a configuration asks for: ``TrainStep``, the fast one (the default), or
 ``ExampleStep`` (fastlm.train.example_step), the PyTorch example's loop as it is, the baseline of every speed-up.
 
@@ -26,7 +27,7 @@ import contextlib
 import torch
 
 from fastlm.model import RNNLM, detach_state, map_state
-from fastlm.timing import BACKWARD, CLIP, FORWARD, OPTIMIZER, PhaseTimer
+from fastlm.timing import BACKWARD, CLIP, DATA, FORWARD, OPTIMIZER, PhaseTimer, active_timer
 
 
 class StepBase:
@@ -139,3 +140,18 @@ def make_train_step(model: RNNLM, train_config):
         return ExampleStep(model, train_config.clip, train_config.lr)
     return TrainStep(model, train_config.clip, train_config.lr, amp=train_config.amp,
                      cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0)
+
+
+def run_step(step_fn, batches, state, timer: PhaseTimer):
+    """One training step as fastlm runs every one (train, profile and bench alike): the next batch of
+    ``batches`` (an iterator of (index, inputs, targets)) is taken inside the DATA phase, then ``step_fn`` runs
+    with ``timer`` active, so the model reports its parts (embedding, rnn, decoder, loss) to it.
+
+    Returns (the loss as a device tensor, the new hidden state for the next step, the batch's target count).
+    """
+    with timer.step():
+        with timer.phase(DATA):
+            _, inputs, targets = next(batches)
+        with active_timer(timer):
+            loss, state = step_fn(inputs, targets, state, timer)
+    return loss, state, targets.numel()

@@ -26,14 +26,14 @@ from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer, batchify, check_bptt
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
-from fastlm.timing import DATA, PHASES, STEP, PhaseTimer, active_timer
+from fastlm.timing import PHASES, STEP, PhaseTimer
 from fastlm.train import checkpoint_state
 from fastlm.train.checkpoint import load_checkpoint, save_checkpoint
 from fastlm.train.progress import TrainDisplay, perplexity
 from fastlm.train.run_folder import RunFolder
 from fastlm.train.signals import StopRequest
 from fastlm.train.sizing import check_run_fits
-from fastlm.train.step import make_train_step
+from fastlm.train.step import make_train_step, run_step
 
 DRY_RUN_STEPS = 2  # --dry-run: train and evaluate this many batches of each split, one epoch
 
@@ -174,11 +174,7 @@ class Trainer:
         batches = self.train_stream.iterate(self.batches_done)
         self._good = self._payload(copy=True)  # validated or restored: good, and newer than any older snapshot
         while self.batches_done < limit:
-            with self.timer.step():
-                with self.timer.phase(DATA):
-                    _, inputs, targets = next(batches)
-                with active_timer(self.timer):
-                    loss, self.state = self.step_fn(inputs, targets, self.state, self.timer)
+            loss, self.state, tokens = run_step(self.step_fn, batches, self.state, self.timer)
             self.batches_done += 1
             self.global_step += 1
             # Count non-finite steps and remember the first on the device: no host sync until the log
@@ -188,7 +184,7 @@ class Trainer:
             first_bad = torch.where((first_bad < 0) & bad, self.global_step, first_bad)
             window_loss += torch.where(bad, 0.0, loss) if skipping else loss
             window_steps += 1
-            window_tokens += targets.numel()
+            window_tokens += tokens
             if self.on_step is not None:
                 self.on_step(self.global_step, loss)
             self.display.advance(self.batches_done)
