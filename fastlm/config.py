@@ -17,7 +17,8 @@ import tomllib
 
 from fastlm.errors import FastlmError
 
-CELL_ALIASES = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
+# The recurrent cells fastlm knows, in one place (fastlm.cells.math holds their math, in this order).
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
 @dataclass
@@ -93,8 +94,8 @@ class RunConfig:
         """Check value ranges that do not need the data; raises FastlmError naming the flag."""
         m, d, t = self.model, self.data, self.train
         m.cell = str(m.cell).lower()
-        if m.cell not in CELL_ALIASES:
-            raise FastlmError(f"--cell {m.cell!r} is not supported; choose one of lstm, gru, rnn_tanh, rnn_relu")
+        if m.cell not in CELLS:
+            raise FastlmError(f"--cell {m.cell!r} is not supported; choose one of {', '.join(CELLS)}")
         _at_least("--emsize", m.emsize, 1)
         _at_least("--nhid", m.nhid, 1)
         _at_least("--nlayers", m.nlayers, 1)

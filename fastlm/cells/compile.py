@@ -21,8 +21,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastlm.cells.math import gru_pointwise, lstm_pointwise
-from fastlm.cells.script import LayerwiseStack
+from fastlm.cells.base import LayerwiseStack
+from fastlm.cells.math import CELL_MATH
+
+CELLS = ("lstm", "gru")  # a benchmark peer of the fused kernels, which implement these two
 
 
 def probe() -> Optional[str]:
@@ -37,20 +39,20 @@ def probe() -> Optional[str]:
     return None
 
 
-def _lstm_step(gi_t, h, c, w_hh, b_hh):
-    """gi_t [B, 4, H], h and c [B, H], w_hh [4, H, H], b_hh [4, H] -> (h_t, c_t)."""
-    return lstm_pointwise(gi_t.flatten(1), F.linear(h, w_hh.flatten(0, 1), b_hh.flatten()), c)
+def _step(cell: str):
+    """One time step of ``cell``: gi_t [B, G, H], h and c [B, H] (c None without a cell state),
+    w_hh [G, H, H], b_hh [G, H] -> (h_t, c_t or None)."""
+    cell_step = CELL_MATH[cell].step
 
-
-def _gru_step(gi_t, h, w_hh, b_hh):
-    """gi_t [B, 3, H], h [B, H], w_hh [3, H, H], b_hh [3, H] -> h_t."""
-    return gru_pointwise(gi_t.flatten(1), F.linear(h, w_hh.flatten(0, 1), b_hh.flatten()), h)
+    def step(gi_t, h, c, w_hh, b_hh):
+        return cell_step(gi_t.flatten(1), F.linear(h, w_hh.flatten(0, 1), b_hh.flatten()), h, c)
+    return step
 
 
 @functools.cache
 def compiled_step(cell: str):
     """The compiled one-step function of ``cell``; compiled lazily by dynamo on its first call."""
-    return torch.compile({"lstm": _lstm_step, "gru": _gru_step}[cell])
+    return torch.compile(_step(cell))
 
 
 class CompileStack(LayerwiseStack):
@@ -67,9 +69,6 @@ class CompileStack(LayerwiseStack):
         step = compiled_step(self.cell)
         h, c, outputs = h0, c0, []
         for t in range(gi.shape[0]):
-            if self.cell == "lstm":
-                h, c = step(gi[t], h, c, w_hh, b_hh)
-            else:
-                h = step(gi[t], h, w_hh, b_hh)
+            h, c = step(gi[t], h, c, w_hh, b_hh)
             outputs.append(h)
         return torch.stack(outputs), h, c

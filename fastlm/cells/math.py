@@ -1,14 +1,21 @@
-"""Cell math in torch.nn's conventions, shared by the reference backend and the kernels' docs.
+"""Cell math in torch.nn's conventions, and the table every backend picks it from.
 
 Gate order follows torch.nn: LSTM rows of ``weight_ih``/``weight_hh`` are [i, f, g, o], GRU rows are
 [r, z, n]. ``gi`` is the input projection ``x @ W_ih^T + b_ih`` and ``gh`` the recurrent projection
 ``h @ W_hh^T + b_hh``; both are [B, G*H]. Keeping the projections outside the pointwise functions is what
 lets a fused backend do all T input projections as one GEMM.
+
+``CELL_MATH[cell]`` says how many gate blocks a cell has, whether it carries a cell state beside h (LSTM),
+and its step ``(gi, gh, h, c) -> (h_new, c_new)`` (c is None for cells without one). The cells are the
+ones fastlm.config.CELLS names.
 """
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+from fastlm.config import CELLS
 
 
 def lstm_pointwise(gi: torch.Tensor, gh: torch.Tensor, c: torch.Tensor):
@@ -35,3 +42,23 @@ def rnn_tanh_pointwise(gi: torch.Tensor, gh: torch.Tensor) -> torch.Tensor:
 
 def rnn_relu_pointwise(gi: torch.Tensor, gh: torch.Tensor) -> torch.Tensor:
     return torch.relu(gi + gh)
+
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
+                tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class CellMath:
+    gates: int  # gate blocks: W_ih and W_hh have gates * H rows
+    has_cell_state: bool  # the state is (h, c) rather than h
+    step: Step  # (gi, gh, h, c) -> (h_new, c_new or None)
+
+
+CELL_MATH = {
+    "lstm": CellMath(4, True, lambda gi, gh, h, c: lstm_pointwise(gi, gh, c)),
+    "gru": CellMath(3, False, lambda gi, gh, h, c: (gru_pointwise(gi, gh, h), None)),
+    "rnn_tanh": CellMath(1, False, lambda gi, gh, h, c: (rnn_tanh_pointwise(gi, gh), None)),
+    "rnn_relu": CellMath(1, False, lambda gi, gh, h, c: (rnn_relu_pointwise(gi, gh), None)),
+}
+assert tuple(CELL_MATH) == CELLS, "every cell fastlm.config names needs its math here, in the same order"

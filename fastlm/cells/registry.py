@@ -11,9 +11,8 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from fastlm.config import CELLS
 from fastlm.errors import FastlmError
-
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
 @dataclass(frozen=True)
@@ -83,10 +82,10 @@ def _register_builtin_backends() -> None:
     register("cudnn", CUDNN_STACKS, description="torch.nn (cuDNN on GPU, ATen/oneDNN on CPU)")
     register("script", {cell: functools.partial(ScriptStack, cell) for cell in CELLS},
              description="TorchScript-compiled time loop, input projection as one GEMM")
-    register("triton", {cell: functools.partial(triton_backend.TritonStack, cell) for cell in ("lstm", "gru")},
+    register("triton", {cell: functools.partial(triton_backend.TritonStack, cell) for cell in triton_backend.CELLS},
              probe=triton_backend.probe,
              description="hand-written Triton kernels, one fused launch per step (interpreted without CUDA)")
-    register("compile", {cell: functools.partial(compile_backend.CompileStack, cell) for cell in ("lstm", "gru")},
+    register("compile", {cell: functools.partial(compile_backend.CompileStack, cell) for cell in compile_backend.CELLS},
              probe=compile_backend.probe,
              description="torch.compile of the reference cell step (benchmark peer; slow first call)")
 

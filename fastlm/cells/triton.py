@@ -19,7 +19,6 @@ Inputs, state and parameters must share one device and one dtype: fp32, fp16, or
 
 import contextlib
 import functools
-import importlib
 import importlib.util
 import logging
 import os
@@ -30,13 +29,12 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastlm.cells.script import LayerwiseStack
+from fastlm.cells.base import LayerwiseStack
 from fastlm.errors import FastlmError
 
 log = logging.getLogger(__name__)
 
 VARIANT = "per-step"
-_KERNEL_MODULES = ("fastlm.kernels.common", "fastlm.kernels.lstm", "fastlm.kernels.gru")
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # compiled kernels cannot run without CUDA (see module doc)
@@ -55,9 +53,10 @@ def probe() -> Optional[str]:
 def kernels() -> SimpleNamespace:
     """The kernel modules, imported once, compiled for CUDA or interpreted (no CUDA): .lstm, .gru,
     .LaunchConfig and .interpreted."""
-    common, lstm, gru = (importlib.import_module(name) for name in _KERNEL_MODULES)
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
+
+    from fastlm.kernels import common, gru, lstm  # imports triton: decided compiled or interpreted by now
 
     interpreted = isinstance(lstm.lstm_forward_step, InterpretedFunction)
     if not torch.cuda.is_available() and not (interpreted and isinstance(tl.zeros, InterpretedFunction)):
@@ -182,19 +181,30 @@ class TritonStack(LayerwiseStack):
     def run_layer(self, layer: int, x: torch.Tensor, h0: torch.Tensor, c0):
         weights = tuple(w.contiguous() for w in self.layer_weights(layer))
         x, h0 = x.contiguous(), h0.contiguous()
+        c0 = c0.contiguous() if c0 is not None else None
         config = self.launch_config or choose_launch_config(x.shape[1], self.hidden_size, x.dtype)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h0, c0) + weights)
-        k = kernels()
-        if self.cell == "lstm":
-            c0 = c0.contiguous()
-            if needs_grad:
-                return _LSTMLayer.apply(x, h0, c0, *weights, config)
-            y, cs, _ = k.lstm.lstm_layer_forward(x, h0, c0, *weights, config, save=False)
-            return y, y[-1], cs[-1].to(x.dtype)
-        if needs_grad:
-            y, h_n = _GRULayer.apply(x, h0, *weights, config)
-        else:
-            y, _ = k.gru.gru_layer_forward(x, h0, *weights, config, save=False)
-            h_n = y[-1]
+        return _LAYER_RUNNERS[self.cell](x, h0, c0, weights, config, needs_grad)
+
+
+def _run_lstm_layer(x, h0, c0, weights, config, needs_grad):
+    """(y, h_n, c_n) of one LSTM layer: through autograd when a gradient is needed, else the forward kernels
+    alone (nothing saved)."""
+    if needs_grad:
+        return _LSTMLayer.apply(x, h0, c0, *weights, config)
+    y, cs, _ = kernels().lstm.lstm_layer_forward(x, h0, c0, *weights, config, save=False)
+    return y, y[-1], cs[-1].to(x.dtype)
+
+
+def _run_gru_layer(x, h0, c0, weights, config, needs_grad):
+    """(y, h_n, None) of one GRU layer, as _run_lstm_layer."""
+    if needs_grad:
+        y, h_n = _GRULayer.apply(x, h0, *weights, config)
         return y, h_n, None
+    y, _ = kernels().gru.gru_layer_forward(x, h0, *weights, config, save=False)
+    return y, y[-1], None
+
+
+_LAYER_RUNNERS = {"lstm": _run_lstm_layer, "gru": _run_gru_layer}
+CELLS = tuple(_LAYER_RUNNERS)  # the cells these kernels implement

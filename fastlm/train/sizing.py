@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from fastlm.cells.math import GATES
+from fastlm.cells.math import CELL_MATH
 from fastlm.config import ModelConfig, RunConfig
 from fastlm.errors import FastlmError
 from fastlm.model.losses import default_chunking
@@ -24,7 +24,7 @@ FLOAT_BYTES = 4
 
 
 def parameter_count(config: ModelConfig, vocab_size: int) -> int:
-    gates = GATES[config.cell] * config.nhid
+    gates = CELL_MATH[config.cell].gates * config.nhid
     # Closed form, not a loop over layers: --nlayers 10^12 must be refused at once.
     recurrent = gates * (config.emsize + config.nhid + 2) + (config.nlayers - 1) * gates * (2 * config.nhid + 2)
     decoder = 0 if config.tied else vocab_size * config.nhid
@@ -36,7 +36,7 @@ def activation_count(config: RunConfig, vocab_size: int, device: torch.device) -
     m, d = config.model, config.data
     # Embedding output, its dropout mask and result; per layer the gates, states and outputs; the last
     # layer's dropout.
-    per_token = 3 * m.emsize + m.nlayers * (GATES[m.cell] + 4) * m.nhid + 2 * m.nhid
+    per_token = 3 * m.emsize + m.nlayers * (CELL_MATH[m.cell].gates + 4) * m.nhid + 2 * m.nhid
     tokens = d.bptt * d.batch_size
     # The example's step holds four [tokens x vocabulary] tensors; the fused loss three of a chunk's rows.
     if config.train.step == "example":
