@@ -8,3 +8,10 @@ Anything a user can cause (bad flags, bad files, a checkpoint from another model
 
 class FastlmError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what fits in a one-line
+    error that passes on a library's words."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

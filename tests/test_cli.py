@@ -44,12 +44,6 @@ def assert_one_line_error(result, *words):
         assert word in line, line
 
 
-def test_the_command_line_does_not_import_torch_until_a_command_runs():
-    probe = subprocess.run([sys.executable, "-c", "import sys, fastlm.cli; fastlm.cli.build_parser(); "
-                            "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
-    assert probe.stdout.strip() == "False"
-
-
 @pytest.mark.perf
 def test_help_is_fast():
     start = time.perf_counter()

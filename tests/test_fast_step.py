@@ -1,8 +1,9 @@
 """The fast training step computes the example's step: same losses and weights, no host sync, same schedule."""
 
 import dataclasses
+import gc
 import math
-from types import SimpleNamespace
+import weakref
 
 import pytest
 import torch
@@ -121,9 +122,16 @@ def test_example_step_needs_torch_nn_layers_and_the_full_softmax():
         config.validate()
 
 
+class StepAtLr:
+    """Just what the graph schedule reads of a step: its lr."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+
 def test_graph_schedule_warms_up_captures_replays_and_recaptures():
     """The CUDA-graph step's decisions, without a GPU: what each call would do."""
-    step = SimpleNamespace(lr=20.0)
+    step = StepAtLr(20.0)
     graphed = GraphedStep(step)
     full, short = ((35, 20), (700,)), ((12, 20), (240,))
     assert [graphed.next_action(full, 20.0) for _ in range(WARMUP_STEPS)] == ["warm up"] * WARMUP_STEPS
@@ -138,7 +146,8 @@ def test_graph_schedule_warms_up_captures_replays_and_recaptures():
 
 
 def test_a_new_shape_warms_up_again_before_capture():
-    graphed = GraphedStep(SimpleNamespace(lr=1.0))
+    step = StepAtLr(1.0)
+    graphed = GraphedStep(step)
     a, b = ((5, 2), (10,)), ((6, 2), (12,))
     assert graphed.next_action(a, 1.0) == "warm up"
     assert [graphed.next_action(b, 1.0) for _ in range(WARMUP_STEPS)] == ["warm up"] * WARMUP_STEPS
@@ -187,6 +196,22 @@ def test_graphed_step_bookkeeping_reproduces_the_eager_step(cell):
     graphed, step = run(True)
     assert graphed == eager
     assert step.graphs.graph is not None and step.graphs._captured_lr == 20.0 / 4
+
+
+def test_a_step_and_its_graph_are_freed_without_the_cycle_collector():
+    """The graph refers to its step weakly: dropping the step frees both at once (and with them the graph's
+    memory pool on CUDA), not whenever the cycle collector next runs."""
+    model = RNNLM(VOCAB, ModelConfig(emsize=8, nhid=8))
+    step = TrainStep(model, 0.25, 20.0)
+    step.graphs = EmulatedGraphedStep(step)
+    step(torch.randint(VOCAB, (T, B)), torch.randint(VOCAB, (T * B,)), model.init_state(B), PhaseTimer("cpu"))
+    step_alive, graph_alive = weakref.ref(step), weakref.ref(step.graphs)
+    gc.disable()
+    try:
+        del step
+        assert step_alive() is None and graph_alive() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("device, cuda_graphs", [

@@ -8,6 +8,7 @@ import torch
 
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import load_checkpoint
+from fastlm.train.checkpoint_state import hidden_from_saved, hidden_to_save
 from fastlm.train.command import resume_config
 from fastlm.train.run_folder import RunFolder
 from fastlm.train.trainer import Trainer, TrainingDiverged
@@ -195,3 +196,17 @@ def test_nan_gradients_with_a_finite_loss_stop_the_run_without_skipping(tmp_path
     with pytest.raises(TrainingDiverged, match="non-finite at step 7"):
         poisoned_run(tmp_path / "run", 0, {7}, poison_gradients=True)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_hidden_state_is_saved_in_its_own_shape_and_older_lists_still_load(cell):
+    h = torch.randn(2, 3, 4)
+    state = (h, h + 1) if cell == "lstm" else h
+    saved = hidden_to_save(state)
+    assert type(saved) is type(state)
+    older = list(state) if cell == "lstm" else [state]  # how checkpoints held it before
+    for form in (saved, older):
+        restored = hidden_from_saved(form, torch.device("cpu"), cell)
+        assert type(restored) is type(state)
+        assert all(torch.equal(a, b) for a, b in zip(restored if cell == "lstm" else [restored],
+                                                     state if cell == "lstm" else [state], strict=True))

@@ -24,7 +24,7 @@ from fastlm import cells
 from fastlm.benchmark.cases import DTYPES, EXAMPLE, Case, StepSettings, build_cells_call, build_step_call
 from fastlm.benchmark.measure import PeakMemory, time_calls
 from fastlm.device import describe, device_name, resolve_device
-from fastlm.errors import FastlmError
+from fastlm.errors import FastlmError, first_line
 
 MODES = ("fwd", "fwdbwd", "step")
 DEFAULT_SHAPES = ((35, 20, 200, 200), (35, 20, 650, 650), (35, 20, 1500, 1500))  # the example's sizes
@@ -155,8 +155,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
                     record.update(run_case(case, options, device, repeat, warmup))
                 except Exception as error:  # one failing case (OOM, unsupported dtype) must not end the matrix
                     failures += 1
-                    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                    record["error"] = f"{type(error).__name__}: {first}"[:300]
+                    record["error"] = f"{type(error).__name__}: {first_line(error)}"[:300]
                 if case is group[0]:
                     baseline_ms = record.get("median_ms")
                 record["baseline"] = group[0].backend

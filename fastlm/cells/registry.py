@@ -11,6 +11,12 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+# None of the backend modules imports triton: the triton backend imports its kernels on the first build.
+from fastlm.cells import compile as compile_backend
+from fastlm.cells import triton as triton_backend
+from fastlm.cells.cudnn import CUDNN_STACKS
+from fastlm.cells.reference import ReferenceStack
+from fastlm.cells.script import ScriptStack
 from fastlm.config import CELLS
 from fastlm.errors import FastlmError
 
@@ -70,13 +76,6 @@ def build(cell: str, backend: str, input_size: int, hidden_size: int, num_layers
 
 
 def _register_builtin_backends() -> None:
-    # None of these modules imports triton: the triton backend imports its kernels on the first build.
-    from fastlm.cells import compile as compile_backend
-    from fastlm.cells import triton as triton_backend
-    from fastlm.cells.cudnn import CUDNN_STACKS
-    from fastlm.cells.reference import ReferenceStack
-    from fastlm.cells.script import ScriptStack
-
     register("reference", {cell: functools.partial(ReferenceStack, cell) for cell in CELLS},
              description="plain PyTorch loop, fp32: the oracle")
     register("cudnn", CUDNN_STACKS, description="torch.nn (cuDNN on GPU, ATen/oneDNN on CPU)")
@@ -85,7 +84,8 @@ def _register_builtin_backends() -> None:
     register("triton", {cell: functools.partial(triton_backend.TritonStack, cell) for cell in triton_backend.CELLS},
              probe=triton_backend.probe,
              description="hand-written Triton kernels, one fused launch per step (interpreted without CUDA)")
-    register("compile", {cell: functools.partial(compile_backend.CompileStack, cell) for cell in compile_backend.CELLS},
+    register("compile",
+             {cell: functools.partial(compile_backend.CompileStack, cell) for cell in compile_backend.CELLS},
              probe=compile_backend.probe,
              description="torch.compile of the reference cell step (benchmark peer; slow first call)")
 

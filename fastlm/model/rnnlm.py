@@ -82,7 +82,7 @@ class RNNLM(nn.Module):
 def map_state(fn, *states):
     """``fn`` applied part by part to recurrent states: a tensor (GRU, RNN) or a tuple (LSTM's h and c)."""
     if isinstance(states[0], tuple):
-        return tuple(fn(*parts) for parts in zip(*states))
+        return tuple(fn(*parts) for parts in zip(*states, strict=True))
     return fn(*states)
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, STEP, stats
 
+BREAKDOWN_JSON = "breakdown.json"  # the file `fastlm profile` writes summarize()'s result to
 FORWARD_OTHER = "other"  # forward time outside its timed parts: dropout after the stack, state detach, glue
 
 

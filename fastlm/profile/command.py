@@ -42,13 +42,14 @@ from fastlm.device import describe, resolve_device
 from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
+from fastlm.profile.breakdown import BREAKDOWN_JSON
 from fastlm.timing import Clock, nvtx_range_functions
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import unique_run_dir
 from fastlm.train.step import run_step
 from fastlm.train.trainer import Trainer
 
-BREAKDOWN_JSON, BREAKDOWN_MD, TRACE = "breakdown.json", "breakdown.md", "trace.json.gz"
+BREAKDOWN_MD, TRACE = "breakdown.md", "trace.json.gz"
 FLOW_SVG, FLOW_PNG = "flow.svg", "flow.png"
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fastlm.device import resolve_device
 from fastlm.errors import FastlmError
+from fastlm.profile.breakdown import BREAKDOWN_JSON
 
 PY_SPY_SPEEDSCOPE, PY_SPY_FLAMEGRAPH, NSYS_REPORT = "py-spy.speedscope.json", "py-spy-flamegraph.svg", "nsys"
 CONFIG_TOML = "profile-config.toml"  # the resolved configuration the re-run reads
@@ -104,8 +105,6 @@ def rerun_under_py_spy(config, options, out: Path) -> int:
 def _record(py_spy: str, fmt: str, output: Path, argv: list[str], child_out: Path, quiet: bool = False) -> None:
     """py-spy record of one child run. Its stderr is relayed line by line as it comes (and kept, to tell a
     permission problem or the child's own error); its stdout streams through unless ``quiet``."""
-    from fastlm.profile.command import BREAKDOWN_JSON
-
     for stale in (output, child_out / BREAKDOWN_JSON):
         stale.unlink(missing_ok=True)
     command = [py_spy, "record", "--format", fmt, "--output", str(output), "--", *_fastlm(argv)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastlm.errors import FastlmError
+from fastlm.errors import FastlmError, first_line
 
 FORMAT = "fastlm-checkpoint"
 VERSION = 1
@@ -58,9 +58,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise FastlmError(f"checkpoint {path} was refused: it holds objects other than plain tensors and "
-                          f"values, which could run code when loaded ({first_line[:160]})") from None
+                          f"values, which could run code when loaded ({first_line(e)[:160]})") from None
     except Exception as e:  # garbage bytes surface as many error types from the unpickler
         raise FastlmError(f"checkpoint {path} is corrupt or not a PyTorch file "
                           f"({type(e).__name__}); point --checkpoint at a best.pt or last.pt of a run") from None

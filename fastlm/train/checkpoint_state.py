@@ -11,7 +11,9 @@ import random
 
 import torch
 
+from fastlm.cells.math import CELL_MATH
 from fastlm.errors import FastlmError
+from fastlm.model import map_state
 
 
 def rng_state() -> dict:
@@ -30,16 +32,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def hidden_to_save(state):
-    if state is None:
-        return None
-    return [s.detach().cpu() for s in state] if isinstance(state, tuple) else [state.detach().cpu()]
+    """The carried hidden state on the CPU, in its own shape: a tensor, or LSTM's (h, c) tuple."""
+    return None if state is None else map_state(lambda s: s.detach().cpu(), state)
 
 
-def hidden_from_saved(saved, device):
+def hidden_from_saved(saved, device, cell: str):
+    """The saved hidden state on ``device``. Checkpoints written before the state was saved in its own shape
+    hold a list ([h], or [h, c] for a cell with a cell state)."""
     if saved is None:
         return None
-    tensors = [t.to(device) for t in saved]
-    return tuple(tensors) if len(tensors) == 2 else tensors[0]
+    if isinstance(saved, list):
+        saved = tuple(saved) if CELL_MATH[cell].has_cell_state else saved[0]
+    return map_state(lambda s: s.to(device), saved)
 
 
 def check_vocabulary(payload: dict, corpus, path) -> None:

@@ -10,8 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastlm.config import RunConfig
+from fastlm.data import resolve_corpus
+from fastlm.device import resolve_device
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import load_checkpoint
+from fastlm.train.progress import TrainDisplay
+from fastlm.train.run_folder import RunFolder, unique_run_dir
+from fastlm.train.trainer import Trainer
 
 RESUME_MAY_CHANGE = {
     ("data", "data"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
@@ -41,12 +46,6 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict]:
 
 def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None) -> int:
     """Runs `fastlm train`; returns the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
-    from fastlm.data import resolve_corpus
-    from fastlm.device import resolve_device
-    from fastlm.train.progress import TrainDisplay
-    from fastlm.train.run_folder import RunFolder, unique_run_dir
-    from fastlm.train.trainer import Trainer
-
     payload = None
     if resume_dir is not None:
         config, payload = resume_config(Path(resume_dir), overrides or {})

@@ -23,9 +23,12 @@ If capture fails (an operation that cannot be captured), the step says so once a
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
+from fastlm.errors import first_line
+from fastlm.model import map_state
 from fastlm.timing import PhaseTimer, active_timer
 
 WARMUP_STEPS = 3
@@ -34,7 +37,10 @@ _UNTIMED = PhaseTimer("cpu", enabled=False)
 
 class GraphedStep:
     def __init__(self, step):
-        self.step = step  # a fastlm.train.step.TrainStep on a CUDA device
+        # The TrainStep on a CUDA device that owns this graph. Held weakly: a step and its graph that held each
+        # other would keep the graph's memory pool alive after the step is dropped, until the cycle collector
+        # happened to run (bench's peak-memory figures, empty_cache between cases).
+        self.step = weakref.proxy(step)
         self.graph = None
         self.disabled = False
         self._shape = None  # (inputs shape, targets shape) of the warm-up run or the captured graph
@@ -87,7 +93,8 @@ class GraphedStep:
         return graph.replay, outputs
 
     def _capture(self, inputs, targets, state) -> bool:
-        static_state = _clone_state(state) if state is not None else self.step.model.init_state(inputs.shape[1])
+        static_state = (map_state(lambda s: s.detach().clone(), state) if state is not None
+                        else self.step.model.init_state(inputs.shape[1]))
         static_inputs, static_targets = inputs.clone(), targets.clone()
         for p in self.step.params:
             p.grad = None
@@ -99,8 +106,7 @@ class GraphedStep:
             for p in self.step.params:
                 p.grad = None
             self.disabled = True
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            warnings.warn(f"CUDA graph capture of the training step failed ({first}); training goes on "
+            warnings.warn(f"CUDA graph capture of the training step failed ({first_line(error)}); training goes on "
                           f"eagerly. Pass --no-cuda-graphs to skip the attempt.", stacklevel=3)
             return False
         self.graph, self._captured_lr = replay, self.step.lr
@@ -112,7 +118,7 @@ class GraphedStep:
         """The step as captured: the eager step, untimed, then its new state written into ``state``."""
         loss, new_state = self.step.eager(inputs, targets, state, _UNTIMED)
         with torch.no_grad():
-            _copy_state(state, new_state)
+            map_state(torch.Tensor.copy_, state, new_state)
         return loss, new_state
 
     def _replay(self, inputs, targets, state):
@@ -120,7 +126,7 @@ class GraphedStep:
         static["inputs"].copy_(inputs)
         static["targets"].copy_(targets)
         if state is not None and state is not static["state"]:
-            _copy_state(static["state"], state)
+            map_state(torch.Tensor.copy_, static["state"], state)
         self.graph()
         self.step.finite = static["finite"].clone()
         return static["loss"].clone(), static["state"]
@@ -129,14 +135,3 @@ class GraphedStep:
         self.graph, self._static, self._captured_lr = None, None, None
         self._warm_steps = WARMUP_STEPS  # already warm: the next full-size step captures again
 
-
-def _clone_state(state):
-    return tuple(s.detach().clone() for s in state) if isinstance(state, tuple) else state.detach().clone()
-
-
-def _copy_state(destination, source) -> None:
-    if isinstance(destination, tuple):
-        for d, s in zip(destination, source):
-            d.copy_(s)
-    else:
-        destination.copy_(source)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, detach_state
 from fastlm.timing import BACKWARD, CLIP, FORWARD, LOSS, OPTIMIZER, PhaseTimer, phase
-from fastlm.train.step import StepBase
+from fastlm.train.step_base import StepBase
 
 
 class ExampleStep(StepBase):

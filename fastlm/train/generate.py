@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastlm.config import RunConfig
-from fastlm.errors import FastlmError
+from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM
 from fastlm.train.checkpoint import load_checkpoint
 
@@ -24,8 +24,7 @@ def model_from_checkpoint(payload: dict, path, backend: str | None = None) -> RN
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FastlmError(f"checkpoint {path} does not fit the model it describes: {first}") from None
+        raise FastlmError(f"checkpoint {path} does not fit the model it describes: {first_line(e)}") from None
     return model
 
 

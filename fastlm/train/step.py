@@ -28,31 +28,9 @@ import torch
 
 from fastlm.model import RNNLM, detach_state, map_state
 from fastlm.timing import BACKWARD, CLIP, DATA, FORWARD, OPTIMIZER, PhaseTimer, active_timer
-
-
-class StepBase:
-    """Parameters, clipping norm and learning rate, shared by the fast step and the example's.
-
-    The SGD optimizer object holds the learning rate (``lr``) and is what checkpoints save and restore;
-    plain SGD has no per-parameter state, and the update itself is done by the step.
-    """
-
-    def __init__(self, model: RNNLM, clip: float, lr: float):
-        self.model = model
-        self.params = list(model.parameters())  # tied weights appear once
-        self.clip = clip
-        self.optimizer = torch.optim.SGD(self.params, lr=lr)
-        # Device bool after each step: its loss and gradients were finite. None: the step does not say
-        # (the example's), and the trainer checks the loss alone.
-        self.finite: torch.Tensor | None = None
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.optimizer.param_groups[0]["lr"] = value
+from fastlm.train.cuda_graphs import GraphedStep
+from fastlm.train.example_step import ExampleStep
+from fastlm.train.step_base import StepBase
 
 
 class TrainStep(StepBase):
@@ -73,8 +51,6 @@ class TrainStep(StepBase):
         self.amp = amp
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            from fastlm.train.cuda_graphs import GraphedStep
-
             self.graphs = GraphedStep(self)
 
     def autocast(self):
@@ -135,8 +111,6 @@ def make_train_step(model: RNNLM, train_config):
     """The step ``train_config.step`` names: "fast" (TrainStep, with its amp, cuda_graphs and
     skip_nonfinite) or "example"."""
     if train_config.step == "example":
-        from fastlm.train.example_step import ExampleStep
-
         return ExampleStep(model, train_config.clip, train_config.lr)
     return TrainStep(model, train_config.clip, train_config.lr, amp=train_config.amp,
                      cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0)

@@ -24,7 +24,7 @@ import torch
 
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer, batchify, check_bptt
-from fastlm.errors import FastlmError
+from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM
 from fastlm.timing import PHASES, STEP, PhaseTimer
 from fastlm.train import checkpoint_state
@@ -106,13 +106,13 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             self.step_fn.optimizer.load_state_dict(payload["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FastlmError(f"checkpoint {path} does not fit this model: {first}") from None
+            raise FastlmError(f"checkpoint {path} does not fit this model: {first_line(e)}") from None
         self.step_fn.lr = payload["lr"]
         self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
         self.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
-        self.state = checkpoint_state.hidden_from_saved(payload["hidden"], self.device)
+        self.state = checkpoint_state.hidden_from_saved(payload["hidden"], self.device,
+                                                        self.config.model.cell)
         checkpoint_state.set_rng_state(payload["rng"])
 
     def _check_room(self) -> None:

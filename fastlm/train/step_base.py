@@ -1,0 +1,35 @@
+"""What every training step has: the parameters, the clipping norm and the learning rate.
+
+Shared by the fast step (fastlm.train.step) and the example's (fastlm.train.example_step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlm.model import RNNLM
+
+
+class StepBase:
+    """Parameters, clipping norm and learning rate, shared by the fast step and the example's.
+
+    The SGD optimizer object holds the learning rate (``lr``) and is what checkpoints save and restore;
+    plain SGD has no per-parameter state, and the update itself is done by the step.
+    """
+
+    def __init__(self, model: RNNLM, clip: float, lr: float):
+        self.model = model
+        self.params = list(model.parameters())  # tied weights appear once
+        self.clip = clip
+        self.optimizer = torch.optim.SGD(self.params, lr=lr)
+        # Device bool after each step: its loss and gradients were finite. None: the step does not say
+        # (the example's), and the trainer checks the loss alone.
+        self.finite: torch.Tensor | None = None
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.param_groups[0]["lr"] = value
