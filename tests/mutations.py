@@ -65,7 +65,7 @@ MUTATIONS = (
              "fastlm/model/rnnlm.py", (("return map_state(torch.Tensor.detach, state)", "return state"),),
              ("tests/test_fast_step.py", "tests/test_train_anchor.py", "-k", "cudnn or given")),
     Mutation("loss_drops_last_chunk", "the fused loss drops the last, shorter chunk of tokens",
-             "fastlm/model/losses.py",
+             "fastlm/model/fused_loss.py",
              (("for start in range(0, num_tokens, chunking.tokens):",
                "for start in range(0, num_tokens - num_tokens % chunking.tokens, chunking.tokens):"),
               # The skipped tokens count as zero loss and zero gradient (not as uninitialised memory).

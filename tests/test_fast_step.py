@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-import fastlm.model.losses
+import fastlm.model.fused_loss
 from fastlm.config import ModelConfig, RunConfig
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, map_state
@@ -50,8 +50,8 @@ def test_fast_step_trains_the_examples_numbers(cell, tied):
 
 def test_several_loss_chunks_stay_within_float_noise(monkeypatch):
     """With chunks and vocabulary blocks smaller than the problem, dW is summed in another order."""
-    monkeypatch.setattr(fastlm.model.losses, "CPU_CHUNK_TOKENS", 8)
-    monkeypatch.setattr(fastlm.model.losses, "CPU_VOCAB_BLOCK", 16)
+    monkeypatch.setattr(fastlm.model.fused_loss, "CPU_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(fastlm.model.fused_loss, "CPU_VOCAB_BLOCK", 16)
     fast_losses, _ = run_steps(TrainStep, "lstm", False)
     example_losses, _ = run_steps(ExampleStep, "lstm", False)
     assert max_rel(fast_losses, example_losses) <= 1e-4

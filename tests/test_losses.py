@@ -5,15 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.errors import FastlmError
-from fastlm.model.losses import (
-    CPU_CHUNK_TOKENS,
-    CUDA_CHUNK_BYTES,
-    AdaptiveDecoder,
-    Chunking,
-    default_chunking,
-    default_cutoffs,
-    linear_cross_entropy,
-)
+from fastlm.model.adaptive import AdaptiveDecoder, default_cutoffs
+from fastlm.model.fused_loss import CPU_CHUNK_TOKENS, CUDA_CHUNK_BYTES, Chunking, default_chunking, linear_cross_entropy
 
 # fp32 with the example's own softmax kernels: only the GEMMs' split changes summation order.
 RTOL = 1e-5

@@ -1,7 +1,8 @@
 """The language model: embedding -> dropout -> recurrent stack (fastlm.cells) -> dropout -> decoder, and the
 decoders' losses (the fused, chunked linear + cross-entropy; the opt-in adaptive softmax)."""
 
-from fastlm.model.losses import AdaptiveDecoder, Chunking, linear_cross_entropy
+from fastlm.model.adaptive import AdaptiveDecoder
+from fastlm.model.fused_loss import Chunking, linear_cross_entropy
 from fastlm.model.rnnlm import RNNLM, detach_state, map_state
 
 __all__ = ["RNNLM", "AdaptiveDecoder", "Chunking", "detach_state", "linear_cross_entropy", "map_state"]

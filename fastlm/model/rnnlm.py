@@ -3,11 +3,11 @@
 Module names (encoder, rnn, decoder) and initialisation match the PyTorch word_language_model example, so
 under the same seed the same weights come out, and its state_dict keys are the example's.
 The forward pass stops before the decoder: ``decode`` gives logits (for sampling) and ``loss`` the mean
-cross-entropy through the fused, chunked decoder + loss of fastlm.model.losses, which never builds the
+cross-entropy through the fused, chunked decoder + loss of fastlm.model.fused_loss, which never builds the
 [tokens x vocabulary] tensors and times its GEMMs as the ``decoder`` phase and its softmax as ``loss``.
 
 ``decoder="adaptive"`` (opt-in, a different model) replaces the full softmax with an adaptive softmax over
-frequency-ranked words (fastlm.model.losses.AdaptiveDecoder); the module is still named ``decoder``.
+frequency-ranked words (fastlm.model.adaptive); the module is still named ``decoder``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from torch import nn
 from fastlm import cells
 from fastlm.config import ModelConfig
 from fastlm.errors import FastlmError
-from fastlm.model.losses import AdaptiveDecoder, Chunking, linear_cross_entropy
+from fastlm.model.adaptive import AdaptiveDecoder
+from fastlm.model.fused_loss import Chunking, linear_cross_entropy
 from fastlm.timing import DECODER, EMBEDDING, RNN, phase
 
 

@@ -7,7 +7,7 @@ builds its step with ``make_train_step`` from a RunConfig and runs it with ``run
 
 What makes ``TrainStep`` fast, with the example's numbers up to float noise:
 - no host synchronisation: the loss comes back as a device tensor for the caller to accumulate;
-- the fused, chunked decoder + cross-entropy of fastlm.model.losses (through ``RNNLM.loss``);
+- the fused, chunked decoder + cross-entropy of fastlm.model.fused_loss (through ``RNNLM.loss``);
 - clipping with foreach kernels where the device has them, the SGD update as one foreach call over all
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
   and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
