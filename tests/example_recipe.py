@@ -1,4 +1,4 @@
-"""The PyTorch word_language_model recipe, written again from DESIGN.md's semantics without fastlm's code.
+"""The PyTorch word_language_model recipe, written again from docs/semantics.md without fastlm's code.
 
 It is the oracle of the semantic anchor (test_train_anchor.py): the whole recipe, not one step. Model:
 Embedding -> dropout -> torch.nn LSTM/GRU (dropout between layers) -> dropout -> Linear, initialised as the

@@ -14,8 +14,8 @@ from fastlm.benchmark.command import BenchOptions, plan
 from fastlm.benchmark.measure import PeakMemory, Timing, time_calls
 from fastlm.config import RunConfig
 from fastlm.device import describe
-from fastlm.train.example_step import ExampleStep
-from fastlm.train.step import TrainStep
+from fastlm.step.example import ExampleStep
+from fastlm.step.fast import TrainStep
 from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

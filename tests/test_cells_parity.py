@@ -4,7 +4,7 @@ Compared: the output, the final state, and the gradients of the input, the initi
 under random cotangents on both the output and the final state. Same weights (the reference's state_dict
 loaded into the backend), same inputs.
 
-Tolerance rule (DESIGN.md), per compared tensor:
+Tolerance rule (docs/semantics.md), per compared tensor:
 - fp32: max|a - ref| <= RTOL * max|ref| with RTOL = 1e-5. The error is measured against the tensor's
   largest magnitude, not elementwise: backends sum in different orders (GEMM tiling, T*B-row reductions
   for weight gradients), so a small element that is the difference of large terms carries an absolute

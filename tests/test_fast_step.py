@@ -12,10 +12,11 @@ import fastlm.model.fused_loss
 from fastlm.config import ModelConfig, RunConfig
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, map_state
+from fastlm.step import make_train_step
+from fastlm.step.cuda_graphs import WARMUP_STEPS, GraphedStep
+from fastlm.step.example import ExampleStep
+from fastlm.step.fast import TrainStep
 from fastlm.timing import PhaseTimer
-from fastlm.train.cuda_graphs import WARMUP_STEPS, GraphedStep
-from fastlm.train.example_step import ExampleStep
-from fastlm.train.step import TrainStep, make_train_step
 
 VOCAB, T, B = 60, 7, 4
 

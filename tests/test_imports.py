@@ -134,3 +134,13 @@ def test_help_does_not_import_torch(argv):
             "print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert "usage:" in done.stdout and done.stderr.strip().endswith("torch not imported"), done.stderr
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages a (non-editable) install copies: a new folder must be named there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(("fastlm", *init.parent.relative_to(ROOT / "fastlm").parts))
+               for init in (ROOT / "fastlm").rglob("__init__.py")} | {"fastlm.kernels"}
+    assert listed == folders

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from fastlm.errors import FastlmError
-from fastlm.train.checkpoint import load_checkpoint
-from fastlm.train.checkpoint_state import hidden_from_saved, hidden_to_save
+from fastlm.train.checkpoint import hidden_from_saved, hidden_to_save, load_checkpoint
 from fastlm.train.command import resume_config
 from fastlm.train.run_folder import RunFolder
 from fastlm.train.trainer import Trainer, TrainingDiverged

@@ -1,6 +1,6 @@
 """The semantic anchor: fastlm's trainer computes the PyTorch word_language_model recipe's numbers.
 
-The whole recipe, against an independent loop (tests/example_recipe.py, written from DESIGN.md without
+The whole recipe, against an independent loop (tests/example_recipe.py, written from docs/semantics.md without
 fastlm's code): several epochs on a generated corpus with structure to learn, dropout 0.2 on the embedding
 output, between the two layers and on the recurrent output, the loss in several chunks (a ragged last one)
 and a short last batch per epoch. Compared: every training step's loss, every epoch's validation loss,

@@ -10,7 +10,7 @@ from seed 0, so every backend of a comparison starts from the same weights and d
   it (so lr 20 and clip 0.25 are the example's defaults) and run by the trainer's loop body, on batches of
   Zipf-distributed token ids (a word-frequency law, so the adaptive decoder sees realistic clusters),
   the hidden state carried from step to step. Backend ``example`` is the PyTorch example's step
-  (fastlm.train.example_step, always fp32); any other is the fast step on that recurrent backend.
+  (fastlm.step.example, always fp32); any other is the fast step on that recurrent backend.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from fastlm import cells
 from fastlm.config import RunConfig
 from fastlm.model import RNNLM, Chunking
+from fastlm.step import make_train_step, run_step
 from fastlm.timing import PhaseTimer
-from fastlm.train.step import make_train_step, run_step
 
 EXAMPLE = "example"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -36,7 +36,6 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastlm.errors import FastlmError
 from fastlm.timing import DECODER, LOSS, phase
 
 # Chosen by measurement on the 2-core development CPU (bench/README.md, "decoder chunking").

@@ -1,7 +1,7 @@
 """`fastlm profile`: where every millisecond of a training step goes.
 
 It builds the very ``Trainer`` that `fastlm train` builds from the same configuration and drives its step
-with the trainer's own loop body (fastlm.train.step.run_step, inside ``trainer.timer``'s phases), so any
+with the trainer's own loop body (fastlm.step.run_step, inside ``trainer.timer``'s phases), so any
 cell, backend and flag is profiled as it trains. The run, in order:
 
 1. one-off costs, each timed on its own: CUDA start-up, corpus loading and tokenising, the trainer's setup
@@ -43,10 +43,10 @@ from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
 from fastlm.profile.breakdown import BREAKDOWN_JSON
+from fastlm.step import run_step
 from fastlm.timing import Clock, nvtx_range_functions
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import unique_run_dir
-from fastlm.train.step import run_step
 from fastlm.train.trainer import Trainer
 
 BREAKDOWN_MD, TRACE = "breakdown.md", "trace.json.gz"

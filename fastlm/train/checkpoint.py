@@ -1,4 +1,10 @@
-"""Checkpoints: plain dicts of tensors, numbers, strings and lists, written atomically, read safely.
+"""Checkpoints: what they hold to continue a run exactly, written atomically, read safely.
+
+A checkpoint is a plain dict of tensors, numbers, strings and lists: beyond the weights, the optimizer state
+and learning rate, the position in the data (epoch, batches done), the hidden state carried between
+batches, the best validation loss, the RNG states (so dropout masks repeat), the configuration and the
+vocabulary (with its digest, to refuse a checkpoint trained on other data). The helpers below put those
+pieces into a checkpoint and back.
 
 A checkpoint is loaded with ``torch.load(weights_only=True)`` only: a file that carries a pickled object
 (which could run code) is refused, never executed. Writes go to a temporary file in the same folder,
@@ -9,12 +15,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import tempfile
 from pathlib import Path
 
 import torch
 
+from fastlm.cells.math import CELL_MATH
 from fastlm.errors import FastlmError, first_line
+from fastlm.model import map_state
 
 FORMAT = "fastlm-checkpoint"
 VERSION = 1
@@ -70,3 +79,48 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FastlmError(f"checkpoint {path} has format version {payload.get('version')}, this fastlm reads "
                           f"version {VERSION}")
     return payload
+
+
+# ---------------------------------------------------------------------------------------------- the pieces
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def hidden_to_save(state):
+    """The carried hidden state on the CPU, in its own shape: a tensor, or LSTM's (h, c) tuple."""
+    return None if state is None else map_state(lambda s: s.detach().cpu(), state)
+
+
+def hidden_from_saved(saved, device, cell: str):
+    """The saved hidden state on ``device``. Checkpoints written before the state was saved in its own shape
+    hold a list ([h], or [h, c] for a cell with a cell state)."""
+    if saved is None:
+        return None
+    if isinstance(saved, list):
+        saved = tuple(saved) if CELL_MATH[cell].has_cell_state else saved[0]
+    return map_state(lambda s: s.to(device), saved)
+
+
+def check_vocabulary(payload: dict, corpus, path) -> None:
+    if payload.get("vocab_digest") != corpus.vocab.digest():
+        raise FastlmError(f"checkpoint {path} was trained on another vocabulary ({len(payload.get('vocab', []))} "
+                          f"words, digest {str(payload.get('vocab_digest'))[:12]}) than the data given now "
+                          f"({corpus.source}: {len(corpus.vocab)} words, digest {corpus.vocab.digest()[:12]}); "
+                          f"pass the same --data as the run used")
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About how large one checkpoint of this model is (weights; SGD keeps no per-parameter state)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

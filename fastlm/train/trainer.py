@@ -1,6 +1,6 @@
 """The trainer: the PyTorch word_language_model example's semantics, timed in phases, resumable.
 
-Semantics kept exactly (DESIGN.md): hidden state carried across batches and detached each batch, mean
+Semantics kept exactly (docs/semantics.md): hidden state carried across batches and detached each batch, mean
 cross-entropy, clip_grad_norm_(clip), plain SGD p -= lr * grad, validation after each epoch, best model
 saved when validation improves and lr /= 4 when it does not, test loss of the best model at the end.
 The loss is accumulated on the device and read once per log interval, not once per step.
@@ -26,14 +26,14 @@ from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer, batchify, check_bptt
 from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM
+from fastlm.step import make_train_step, run_step
 from fastlm.timing import PHASES, STEP, PhaseTimer
-from fastlm.train import checkpoint_state
+from fastlm.train import checkpoint
 from fastlm.train.checkpoint import load_checkpoint, save_checkpoint
 from fastlm.train.progress import TrainDisplay, perplexity
 from fastlm.train.run_folder import RunFolder
 from fastlm.train.signals import StopRequest
 from fastlm.train.sizing import check_run_fits
-from fastlm.train.step import make_train_step, run_step
 
 DRY_RUN_STEPS = 2  # --dry-run: train and evaluate this many batches of each split, one epoch
 
@@ -92,8 +92,8 @@ class Trainer:
                 "vocab_digest": self.corpus.vocab.digest(), "epoch": self.epoch,
                 "batches_done": self.batches_done, "step": self.global_step, "lr": self.step_fn.lr,
                 "best_val_loss": self.best_val_loss, "skipped_batches": self.skipped_batches,
-                "hidden": checkpoint_state.hidden_to_save(self.state),
-                "rng": checkpoint_state.rng_state()}
+                "hidden": checkpoint.hidden_to_save(self.state),
+                "rng": checkpoint.rng_state()}
 
     def _save_last(self, payload: Optional[dict] = None) -> None:
         save_checkpoint(self.run.last, payload or self._payload())
@@ -101,7 +101,7 @@ class Trainer:
 
     def restore(self, payload: dict, path) -> None:
         """Continue from a checkpoint written by ``_payload`` (``--resume``)."""
-        checkpoint_state.check_vocabulary(payload, self.corpus, path)
+        checkpoint.check_vocabulary(payload, self.corpus, path)
         try:
             self.model.load_state_dict(payload["model"])
             self.step_fn.optimizer.load_state_dict(payload["optimizer"])
@@ -111,12 +111,12 @@ class Trainer:
         self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
         self.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
-        self.state = checkpoint_state.hidden_from_saved(payload["hidden"], self.device,
+        self.state = checkpoint.hidden_from_saved(payload["hidden"], self.device,
                                                         self.config.model.cell)
-        checkpoint_state.set_rng_state(payload["rng"])
+        checkpoint.set_rng_state(payload["rng"])
 
     def _check_room(self) -> None:
-        needed = 3 * checkpoint_state.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
+        needed = 3 * checkpoint.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
         free = shutil.disk_usage(self.run.path).free
         if free < needed:
             raise FastlmError(f"run folder {self.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, detach_state
+from fastlm.step.base import StepBase
 from fastlm.timing import BACKWARD, CLIP, FORWARD, LOSS, OPTIMIZER, PhaseTimer, phase
-from fastlm.train.step_base import StepBase
 
 
 class ExampleStep(StepBase):

@@ -1,6 +1,6 @@
 """What every training step has: the parameters, the clipping norm and the learning rate.
 
-Shared by the fast step (fastlm.train.step) and the example's (fastlm.train.example_step).
+Shared by the fast step (fastlm.step.fast) and the example's (fastlm.step.example).
 """
 
 from __future__ import annotations

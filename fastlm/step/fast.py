@@ -1,9 +1,4 @@
-"""The training step: forward, backward, clip and update on one chunk, in the profiler's phases.
-
-Shared by `fastlm train`, `fastlm bench` and `fastlm profile`, so the three measure the same work: each
-builds its step with ``make_train_step`` from a RunConfig and runs it with ``run_step``, the one loop body.
-``make_train_step`` picks the step a configuration asks for: ``TrainStep``, the fast one (the default), or
-``ExampleStep`` (fastlm.train.example_step), the PyTorch example's loop as it is, the baseline of every speed-up.
+"""The fast training step: forward, backward, clip and update on one chunk, in the profiler's phases.
 
 What makes ``TrainStep`` fast, with the example's numbers up to float noise:
 - no host synchronisation: the loss comes back as a device tensor for the caller to accumulate;
@@ -12,7 +7,7 @@ What makes ``TrainStep`` fast, with the example's numbers up to float noise:
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
   and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
 - on CUDA: bf16 autocast as an option (``amp="bf16"``), and fixed-shape steps captured once as a CUDA
-  graph and replayed (fastlm.train.cuda_graphs), the short last chunk of an epoch running eagerly.
+  graph and replayed (fastlm.step.cuda_graphs), the short last chunk of an epoch running eagerly.
 
 Non-finite steps: every step leaves ``finite``, a device flag saying its loss and gradient norm were finite,
 for the trainer to read at its log interval. With ``skip_nonfinite`` a step whose flag is false changes
@@ -27,10 +22,9 @@ import contextlib
 import torch
 
 from fastlm.model import RNNLM, detach_state, map_state
-from fastlm.timing import BACKWARD, CLIP, DATA, FORWARD, OPTIMIZER, PhaseTimer, active_timer
-from fastlm.train.cuda_graphs import GraphedStep
-from fastlm.train.example_step import ExampleStep
-from fastlm.train.step_base import StepBase
+from fastlm.step.base import StepBase
+from fastlm.step.cuda_graphs import GraphedStep
+from fastlm.timing import BACKWARD, CLIP, FORWARD, OPTIMIZER, PhaseTimer
 
 
 class TrainStep(StepBase):
@@ -105,27 +99,3 @@ class TrainStep(StepBase):
         torch._foreach_add_(params, grads, alpha=-self.lr)
         for p in self.params:
             p.grad = None
-
-
-def make_train_step(model: RNNLM, train_config):
-    """The step ``train_config.step`` names: "fast" (TrainStep, with its amp, cuda_graphs and
-    skip_nonfinite) or "example"."""
-    if train_config.step == "example":
-        return ExampleStep(model, train_config.clip, train_config.lr)
-    return TrainStep(model, train_config.clip, train_config.lr, amp=train_config.amp,
-                     cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0)
-
-
-def run_step(step_fn, batches, state, timer: PhaseTimer):
-    """One training step as fastlm runs every one (train, profile and bench alike): the next batch of
-    ``batches`` (an iterator of (index, inputs, targets)) is taken inside the DATA phase, then ``step_fn`` runs
-    with ``timer`` active, so the model reports its parts (embedding, rnn, decoder, loss) to it.
-
-    Returns (the loss as a device tensor, the new hidden state for the next step, the batch's target count).
-    """
-    with timer.step():
-        with timer.phase(DATA):
-            _, inputs, targets = next(batches)
-        with active_timer(timer):
-            loss, state = step_fn(inputs, targets, state, timer)
-    return loss, state, targets.numel()

@@ -1,0 +1,41 @@
+"""The training step: what one batch does (forward, backward, clip, update), built one way and run one way.
+
+`fastlm train`, `fastlm bench` and `fastlm profile` all build their step with ``make_train_step`` from a
+RunConfig and run it with ``run_step``, so the three measure the same work. The step a configuration asks
+for is ``TrainStep`` (fastlm.step.fast), the fast one and the default, or ``ExampleStep``
+(fastlm.step.example), the PyTorch example's loop as it is, the baseline of every speed-up. On CUDA the fast
+step replays fixed-shape steps as a CUDA graph (fastlm.step.cuda_graphs).
+"""
+
+from __future__ import annotations
+
+from fastlm.model import RNNLM
+from fastlm.step.example import ExampleStep
+from fastlm.step.fast import TrainStep
+from fastlm.timing import DATA, PhaseTimer, active_timer
+
+__all__ = ["ExampleStep", "TrainStep", "make_train_step", "run_step"]
+
+
+def make_train_step(model: RNNLM, train_config) -> TrainStep | ExampleStep:
+    """The step ``train_config.step`` names: "fast" (TrainStep, with its amp, cuda_graphs and
+    skip_nonfinite) or "example"."""
+    if train_config.step == "example":
+        return ExampleStep(model, train_config.clip, train_config.lr)
+    return TrainStep(model, train_config.clip, train_config.lr, amp=train_config.amp,
+                     cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0)
+
+
+def run_step(step_fn, batches, state, timer: PhaseTimer):
+    """One training step as fastlm runs every one (train, profile and bench alike): the next batch of
+    ``batches`` (an iterator of (index, inputs, targets)) is taken inside the DATA phase, then ``step_fn`` runs
+    with ``timer`` active, so the model reports its parts (embedding, rnn, decoder, loss) to it.
+
+    Returns (the loss as a device tensor, the new hidden state for the next step, the batch's target count).
+    """
+    with timer.step():
+        with timer.phase(DATA):
+            _, inputs, targets = next(batches)
+        with active_timer(timer):
+            loss, state = step_fn(inputs, targets, state, timer)
+    return loss, state, targets.numel()
