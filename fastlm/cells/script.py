@@ -16,52 +16,54 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastlm.cells.base import LayerwiseStack
 from fastlm.cells.math import gru_pointwise, lstm_pointwise, rnn_relu_pointwise, rnn_tanh_pointwise
 
-# One loop per cell, all with the signature (gi [T, B, G*H] input projections with b_ih, h [B, H], c [B, H] or
-# None, w_hh, b_hh) -> (y [T, B, H], h_T, c_T or None). TorchScript takes no function arguments, hence four.
+# The step of each cell as a tiny module: TorchScript takes no function as an argument, but it compiles a
+# module's submodules, so one scripted time loop (_TimeLoop) serves every cell. Each one applies the cell's
+# math from fastlm.cells.math: (gi_t, gh, h, c) -> (h_new, c_new or None).
 
-def _lstm_loop(gi: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor,
-               b_hh: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    assert c is not None
-    outputs: List[Tensor] = []
-    for t in range(gi.size(0)):
-        h, c = lstm_pointwise(gi[t], torch.addmm(b_hh, h, w_hh.t()), c)
-        outputs.append(h)
-    return torch.stack(outputs), h, c
+class _LSTMStep(nn.Module):
+    def forward(self, gi: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        assert c is not None
+        return lstm_pointwise(gi, gh, c)
 
 
-def _gru_loop(gi: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor,
-              b_hh: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    outputs: List[Tensor] = []
-    for t in range(gi.size(0)):
-        h = gru_pointwise(gi[t], torch.addmm(b_hh, h, w_hh.t()), h)
-        outputs.append(h)
-    return torch.stack(outputs), h, c
+class _GRUStep(nn.Module):
+    def forward(self, gi: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        return gru_pointwise(gi, gh, h), c
 
 
-def _rnn_tanh_loop(gi: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor,
-                   b_hh: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    outputs: List[Tensor] = []
-    for t in range(gi.size(0)):
-        h = rnn_tanh_pointwise(gi[t], torch.addmm(b_hh, h, w_hh.t()))
-        outputs.append(h)
-    return torch.stack(outputs), h, c
+class _TanhStep(nn.Module):
+    def forward(self, gi: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        return rnn_tanh_pointwise(gi, gh), c
 
 
-def _rnn_relu_loop(gi: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor,
-                   b_hh: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    outputs: List[Tensor] = []
-    for t in range(gi.size(0)):
-        h = rnn_relu_pointwise(gi[t], torch.addmm(b_hh, h, w_hh.t()))
-        outputs.append(h)
-    return torch.stack(outputs), h, c
+class _ReluStep(nn.Module):
+    def forward(self, gi: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        return rnn_relu_pointwise(gi, gh), c
 
 
-_LOOPS = {"lstm": _lstm_loop, "gru": _gru_loop, "rnn_tanh": _rnn_tanh_loop, "rnn_relu": _rnn_relu_loop}
+_STEPS = {"lstm": _LSTMStep, "gru": _GRUStep, "rnn_tanh": _TanhStep, "rnn_relu": _ReluStep}
+
+
+class _TimeLoop(nn.Module):
+    """(gi [T, B, G*H] input projections with b_ih, h [B, H], c [B, H] or None, w_hh, b_hh)
+    -> (y [T, B, H], h_T, c_T or None)."""
+
+    def __init__(self, step: nn.Module):
+        super().__init__()
+        self.step = step
+
+    def forward(self, gi: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor,
+                b_hh: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        outputs: List[Tensor] = []
+        for t in range(gi.size(0)):
+            h, c = self.step(gi[t], torch.addmm(b_hh, h, w_hh.t()), h, c)
+            outputs.append(h)
+        return torch.stack(outputs), h, c
 
 
 @functools.cache
@@ -70,7 +72,7 @@ def scripted_loop(cell: str):
     with warnings.catch_warnings():
         # torch >= 2.10 deprecates torch.jit.script; this backend uses it on purpose (see module doc).
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=DeprecationWarning)
-        return torch.jit.script(_LOOPS[cell])
+        return torch.jit.script(_TimeLoop(_STEPS[cell]()))
 
 
 class ScriptStack(LayerwiseStack):
