@@ -61,8 +61,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=S, help="random seed (1111)")
     t.add_argument("--log-interval", dest="log_interval", type=int, default=S, help="batches per log line (200)")
     t.add_argument("--device", default=S, help="auto (default), cpu or cuda")
-    t.add_argument("--max-steps", dest="max_steps", type=int, default=S, help="stop after this many steps")
-    t.add_argument("--max-minutes", dest="max_minutes", type=float, default=S, help="stop after this many minutes")
+    t.add_argument("--max-steps", dest="max_steps", type=int, default=S,
+                   help="pause once the run has done this many steps in all (resume to go on)")
+    t.add_argument("--max-minutes", dest="max_minutes", type=float, default=S,
+                   help="pause after this many minutes of this invocation (resume to go on)")
     t.add_argument("--dry-run", dest="dry_run", action="store_true", default=S,
                    help="a couple of steps of everything, in seconds")
     t.add_argument("--run-dir", dest="run_dir", default=S, help="folder for everything the run writes "
@@ -86,7 +88,10 @@ def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train an RNN language model (the PyTorch example's recipe, faster)")
     _add_train_flags(train)
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
-                       help="continue the run in RUN_DIR exactly where its last.pt left it")
+                       help="continue the run in RUN_DIR exactly where its last.pt left it (a pause at the "
+                            "--max-steps/--max-minutes budget, a signal, a crash)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a --run-dir that holds one, replacing its files")
 
 
 def _add_generate_parser(sub) -> None:
@@ -209,8 +214,10 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         if getattr(args, "config", None):
             raise FastlmError("--resume takes the run's own configuration; drop --config")
+        if args.overwrite:
+            raise FastlmError("--resume continues the run in its folder and --overwrite replaces it; choose one")
         return run_training(None, resume_dir=args.resume, overrides=overrides_from_args(args))
-    return run_training(config_from_args(args))
+    return run_training(config_from_args(args), overwrite=args.overwrite)
 
 
 def cmd_generate(args) -> int:

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import random
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -24,6 +25,15 @@ def toy_corpus(seed: int = 0, words: int = 120, lines=(600, 60, 60)):
 
     return corpus_from_texts({"train": text(lines[0]), "valid": text(lines[1]), "test": text(lines[2])},
                              source="toy corpus")
+
+
+def write_corpus_folder(corpus, folder: Path) -> Path:
+    """``corpus`` written back as train.txt, valid.txt and test.txt (a line per <eos>): a --data folder."""
+    for split in ("train", "valid", "test"):
+        words = [corpus.vocab.idx2word[i] for i in getattr(corpus, split).tolist()]
+        text = " ".join(words).replace(" <eos> ", "\n").replace(" <eos>", "\n")
+        (folder / f"{split}.txt").write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return folder
 
 
 def quiet_display() -> TrainDisplay:

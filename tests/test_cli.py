@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import one_line_error, run_cli, toy_corpus
+from tests.helpers import one_line_error, run_cli, toy_corpus, write_corpus_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,14 +23,7 @@ def fastlm(*args, cwd=None, env_extra=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("toy")
-    corpus = toy_corpus()
-    for split in ("train", "valid", "test"):
-        ids = getattr(corpus, split).tolist()
-        words = [corpus.vocab.idx2word[i] for i in ids]
-        text = " ".join(words).replace(" <eos> ", "\n").replace(" <eos>", "\n")
-        (folder / f"{split}.txt").write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    return folder
+    return write_corpus_folder(toy_corpus(), tmp_path_factory.mktemp("toy"))
 
 
 SMALL = ("--emsize", 16, "--nhid", 16, "--batch-size", 4, "--bptt", 8, "--device", "cpu")

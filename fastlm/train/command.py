@@ -1,8 +1,10 @@
 """`fastlm train` from a configuration: data, model, run folder, training, test; or `--resume RUN_DIR`.
 
 On resume the run's own configuration (from its ``last.pt``) is the base. Flags may change how long and
-where it runs, and where the data lives; a flag that would change the model or the batches is refused,
-naming the checkpoint's value and the flag's.
+where it runs, where the data lives, and the lr and clipping norm (what one lowers after a divergence); a
+flag that would change the model or the batches is refused, naming the checkpoint's value and the flag's.
+What a resume changed is recorded in config.json ("resumes") and metrics.jsonl (a "resume" record).
+A new run is refused a folder that already holds a run, unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -11,57 +13,93 @@ from pathlib import Path
 
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
-from fastlm.device import resolve_device
+from fastlm.device import describe, resolve_device
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import load_checkpoint
 from fastlm.train.progress import TrainDisplay
-from fastlm.train.run_folder import RunFolder, unique_run_dir
+from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
 from fastlm.train.trainer import Trainer
 
 RESUME_MAY_CHANGE = {
     ("data", "data"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
     ("train", "log_interval"), ("train", "device"), ("train", "save"), ("train", "save_minutes"),
     ("train", "run_dir"), ("train", "skip_nonfinite"),
+    # What people lower after a divergence: the lr training continues with (the schedule goes on dividing
+    # it) and the clipping norm. Recorded in the run's history.
+    ("train", "lr"), ("train", "clip"),
 }
+# A budget belongs to one invocation: a resumed run takes --max-steps/--max-minutes from its own command line.
+BUDGETS = ("max_steps", "max_minutes")
 
 
-def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict]:
-    """(config to continue with, the last.pt payload) for ``--resume run_dir`` with these flag overrides."""
+def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict]:
+    """(config to continue with, the last.pt payload, {setting: [before, now]} the flags changed) for
+    ``--resume run_dir`` with these flag overrides."""
     last = Path(run_dir) / "last.pt"
     if not last.is_file():
         raise FastlmError(f"cannot resume {run_dir}: it has no last.pt (is it a fastlm run folder?)")
     payload = load_checkpoint(last)
     config = RunConfig.from_dict(payload["config"], origin=f"checkpoint {last}")
     saved = config.to_dict()
+    saved["train"]["lr"] = payload["lr"]  # the lr training stands at, after the schedule's divisions
     for section, values in overrides.items():
         for name, value in values.items():
             if (section, name) not in RESUME_MAY_CHANGE and saved[section][name] != value:
                 flag = "--" + name.replace("_", "-")
                 raise FastlmError(f"{flag} {value} differs from the run being resumed ({run_dir} was trained with "
                                   f"{saved[section][name]}); drop the flag or start a new run")
+    for name in BUDGETS:
+        setattr(config.train, name, None)
     config.update(overrides, origin="command line")
     config.train.run_dir = str(run_dir)
-    return config.validate(), payload
+    config.validate()
+    _check_budgets_leave_work(config, payload, run_dir)
+    changed = {name: [saved["train"][name], value] for name, value in overrides.get("train", {}).items()
+               if name not in ("run_dir", *BUDGETS) and saved["train"][name] != value}
+    changed.update({f"{section}.{name}": [saved[section][name], value] for section in ("model", "data")
+                    for name, value in overrides.get(section, {}).items() if saved[section][name] != value})
+    return config, payload, changed
 
 
-def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None) -> int:
+def _check_budgets_leave_work(config: RunConfig, payload: dict, run_dir: Path) -> None:
+    """A resume whose --epochs or --max-steps is already reached would do nothing: say so instead."""
+    done_epochs, steps = payload["epoch"] - 1, payload["step"]
+    if config.train.epochs <= done_epochs:
+        raise FastlmError(f"{run_dir} has finished {done_epochs} epoch(s), so --epochs {config.train.epochs} leaves "
+                          f"nothing to train; give --epochs {done_epochs + 1} or more")
+    if config.train.max_steps is not None and config.train.max_steps <= steps:
+        raise FastlmError(f"{run_dir} has done {steps} steps, so --max-steps {config.train.max_steps} leaves nothing "
+                          f"to train; give --max-steps {steps + 1} or more (it counts all steps), or none")
+
+
+def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None,
+                 overwrite: bool = False) -> int:
     """Runs `fastlm train`; returns the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
-    payload = None
+    payload = changed = None
     if resume_dir is not None:
-        config, payload = resume_config(Path(resume_dir), overrides or {})
+        config, payload, changed = resume_config(Path(resume_dir), overrides or {})
+    m = config.model
+    run_dir = config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}")
+    if payload is None:
+        check_free_for_a_new_run(run_dir, overwrite)  # before the corpus loads: say so at once
     device = resolve_device(config.train.device)
     display = TrainDisplay()
     corpus = resolve_corpus(config.data.data, console=display.console)
     trainer = Trainer(config, corpus, device, display)
-    if payload is not None:
-        trainer.restore(payload, Path(resume_dir) / "last.pt")
-    m = config.model
-    run = RunFolder(config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"))
     if payload is None:
+        run = RunFolder.new(run_dir, overwrite)
         run.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                          "device": str(device)})
-    where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
-             if payload is not None else f"run folder {run.path}")
+                          **describe(device)})
+        where = f"run folder {run.path}"
+    else:
+        trainer.restore(payload, Path(resume_dir) / "last.pt")
+        if "lr" in changed:  # the lr training continues with, instead of the one it stood at
+            trainer.step_fn.lr = config.train.lr
+        run = RunFolder(run_dir)
+        run.record_resume({"kind": "resume", "epoch": trainer.epoch, "batch": trainer.batches_done,
+                           "step": trainer.global_step, "changed": changed})
+        where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
+                 + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} on {m.backend} | {device} | "
                     f"{corpus.source} ({len(corpus.vocab):,} words) | {where}")
     with display:

@@ -1,9 +1,13 @@
-"""The run folder: everything a run writes, in one place with a stable layout.
+"""The run folder: everything a run writes, in one place with a stable layout. A folder holds one run.
 
-    <run_dir>/config.json     the full configuration (RunConfig.to_dict()) plus where the data came from
-    <run_dir>/metrics.jsonl   one JSON object per log line, per epoch and a final test line
+    <run_dir>/config.json     the full configuration (RunConfig.to_dict()), where the data came from, the
+                              machine, and "resumes": what each --resume changed
+    <run_dir>/metrics.jsonl   one JSON object per log line, per epoch, per pause or resume, and a test line
     <run_dir>/best.pt         the checkpoint with the best validation loss so far
-    <run_dir>/last.pt         the checkpoint at the end of the latest epoch (or at an interrupt)
+    <run_dir>/last.pt         the latest state (an epoch end, a pause, a signal, a periodic save)
+
+A new run is refused a folder that already holds a run, unless asked to overwrite it: appending to another
+run's metrics, or testing its best.pt, would mix two runs up.
 """
 
 from __future__ import annotations
@@ -26,7 +30,31 @@ def unique_run_dir(root: str | Path, label: str) -> Path:
     return candidate
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "best.pt", "last.pt")
+
+
+def check_free_for_a_new_run(path: str | Path, overwrite: bool) -> None:
+    """Refuses ``path`` when it holds a run, unless ``overwrite``; touches nothing."""
+    path = Path(path)
+    held = [name for name in RUN_FILES if (path / name).exists()]
+    if held and not overwrite:
+        raise FastlmError(f"{path} already holds a run ({', '.join(held)}): continue it with --resume {path}, choose "
+                          f"another --run-dir, or pass --overwrite to replace it")
+
+
 class RunFolder:
+    @classmethod
+    def new(cls, path: str | Path, overwrite: bool = False) -> "RunFolder":
+        """The folder of a new run: refused if it holds a run, unless ``overwrite``, which deletes that run's
+        files (nothing else in the folder)."""
+        path = Path(path)
+        check_free_for_a_new_run(path, overwrite)
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+        for partial in path.glob(".*.pt.*.tmp"):  # a checkpoint write that a crash cut short
+            partial.unlink()
+        return cls(path)
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
@@ -47,3 +75,11 @@ class RunFolder:
     def append_metrics(self, record: dict) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def record_resume(self, record: dict) -> None:
+        """Adds a resume (where it continued, what it changed) to config.json's history and to the metrics."""
+        path = self.path / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        config.setdefault("resumes", []).append({key: value for key, value in record.items() if key != "kind"})
+        self.write_config(config)
+        self.append_metrics(record)

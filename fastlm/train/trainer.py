@@ -7,10 +7,13 @@ The loss is accumulated on the device and read once per log interval, not once p
 
 Reliability: ``last`` is saved at every epoch end, every ``save_minutes`` and at a stop (signal), with
 the exact position, hidden state and RNG states, so ``--resume`` continues as if never stopped.
-``--max-steps``/``--max-minutes`` end the current epoch early; that shortened epoch is validated like a
-full one. A non-finite loss or gradient is found at the log interval without a per-step host sync: the
-run stops with the last good state in ``last``, or, with ``--skip-nonfinite N``, up to N such batches are
-skipped (the step masks their update on the device) and recorded in the log lines of metrics.jsonl.
+``--max-steps``/``--max-minutes`` pause the run: where the budget runs out (inside an epoch or between two)
+the run reports the validation and test loss of its current weights (a "pause" record, which changes nothing
+training depends on: no lr change, no best model), saves ``last`` and ends; ``--resume`` continues at the
+next batch, and the split run is the uninterrupted one step for step. A non-finite loss or gradient is found
+at the log interval without a per-step host sync: the run stops with the last good state in ``last``, or,
+with ``--skip-nonfinite N``, up to N such batches are skipped (the step masks their update on the device)
+and recorded in the log lines of metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ class TrainingDiverged(FastlmError):
 @dataclass
 class TrainResult:
     best_val_loss: Optional[float]
-    test_loss: Optional[float]
+    test_loss: Optional[float]  # the best model's, at the end of training or after a signal; None at a pause
     steps: int
     exit_status: int  # 0, or 130/143 after SIGINT/SIGTERM
+    pause: Optional[dict] = None  # the "pause" record when the budget ran out before the last epoch ended
 
 
 class Trainer:
@@ -237,7 +241,8 @@ class Trainer:
                 f"{self.skipped_batches} batches had a non-finite loss or gradients (the latest window's first "
                 f"at step {first_step}), more than --skip-nonfinite {allowed}")
         raise TrainingDiverged(f"{what}; training stopped and {self.run.last} holds the last good state "
-                               f"(step {self._good['step']}): lower --lr or --clip and resume from it")
+                               f"(step {self._good['step']}): resume from it with a lower lr or clip, e.g. "
+                               f"fastlm train --resume {self.run.path} --lr {self._good['lr'] / 4:g}")
 
     def _end_epoch(self, started: float) -> bool:
         """Validation and the example's bookkeeping; False when a stop request cut validation short."""
@@ -263,26 +268,50 @@ class Trainer:
         self.run = run
         self._check_room()
         epochs = 1 if self.config.train.dry_run else self.config.train.epochs
+        pause = test_loss = None
         with self.stop:
-            while self.epoch <= epochs and not self.stop.requested:
+            while self.epoch <= epochs and not self.stop.requested and not self._budget_spent():
                 started = time.perf_counter()
-                if self._budget_spent():
-                    self.display.message(f"stopping after {self.global_step} steps: the --max-steps/--max-minutes "
-                                         f"budget is spent")
-                    break
                 self.train_epoch()
-                if self.stop.requested or not self._end_epoch(started):
+                if self.stop.requested or self.batches_done < self._batches_per_epoch():
+                    break  # a signal, or the budget ran out inside the epoch: not an epoch end
+                if not self._end_epoch(started):
                     break
             if self.stop.requested:
                 self._save_last()
                 self.display.message(f"[bold yellow]stopped at epoch {self.epoch}, {self.batches_done} batches in "
                                      f"(step {self.global_step}); 'last' saved: continue with --resume {run.path}[/]")
-            test_loss = self.test_best()
-        return TrainResult(self.best_val_loss, test_loss, self.global_step, self.stop.exit_status)
+                test_loss = self.test_best()
+            elif self.epoch <= epochs:
+                pause = self.pause()
+            else:
+                test_loss = self.test_best()
+        return TrainResult(self.best_val_loss, test_loss, self.global_step, self.stop.exit_status, pause)
+
+    def pause(self) -> Optional[dict]:
+        """The budget ran out before training ended: save ``last`` where the run stands, then report the
+        validation and test loss of the current weights as a "pause" record. Evaluation draws no random
+        numbers and touches neither the lr nor the best model, so a resumed run goes on as if never paused.
+        Returns the record (None when a signal cut the report short; ``last`` is saved by then)."""
+        self._save_last()
+        val_loss = self.evaluate(self.valid_stream)
+        test_loss = self.evaluate(self.test_stream) if val_loss is not None else None
+        if test_loss is None:
+            return None
+        record = {"kind": "pause", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
+                  "lr": self.step_fn.lr, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+                  "test_loss": test_loss, "test_ppl": perplexity(test_loss)}
+        self.run.append_metrics(record)
+        self.display.message(f"[bold]paused at epoch {self.epoch}, batch {self.batches_done} (step "
+                             f"{self.global_step}): the --max-steps/--max-minutes budget is spent | current "
+                             f"weights: valid ppl {record['val_ppl']:8.2f} | test ppl {record['test_ppl']:8.2f}[/]")
+        self.display.message(f"'last' saved: continue with fastlm train --resume {self.run.path} (and a new "
+                             f"--max-steps or --max-minutes)")
+        return record
 
     def test_best(self) -> Optional[float]:
         """Loads the best checkpoint, reports its test loss and ppl, and records them."""
-        if not self.run.best.is_file():
+        if self.best_val_loss is None:  # no validation yet in this run: no best model of its own to test
             self.display.message("no best model yet (no epoch finished its validation): nothing to test")
             return None
         self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
