@@ -22,7 +22,8 @@ TRAIN_FLAGS = {
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
     "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
     "step": ("train", "step"), "amp": ("train", "amp"), "cuda_graphs": ("train", "cuda_graphs"),
-    "skip_nonfinite": ("train", "skip_nonfinite"),
+    "skip_nonfinite": ("train", "skip_nonfinite"), "steps_per_epoch": ("train", "steps_per_epoch"),
+    "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"),
 }
 
 
@@ -72,6 +73,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save", default=S, help="also copy the best checkpoint to this path")
     t.add_argument("--save-minutes", dest="save_minutes", type=float, default=S,
                    help="also save 'last' at a log line when this many minutes passed since the last save (10)")
+    t.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int, default=S, metavar="N",
+                   help="an epoch of N batches (validation and the lr schedule after each), continuing through the "
+                        "corpus from where the last epoch stopped; default: one pass over the training split")
+    t.add_argument("--eval-batches", dest="eval_batches", type=int, default=S, metavar="N",
+                   help="validate and test on the first N batches of valid and test only (quicker, said so in reports)")
+    t.add_argument("--threads", type=int, default=S, metavar="N", help="torch's CPU threads (default: torch's)")
     t.add_argument("--skip-nonfinite", dest="skip_nonfinite", type=int, default=S, metavar="N",
                    help="skip up to N batches whose loss or gradients are NaN/inf (no update), recorded in "
                         "metrics; the next one stops the run (0: stop at the first)")

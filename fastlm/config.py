@@ -60,6 +60,9 @@ class TrainConfig:
     amp: str = "off"  # "bf16": autocast the fast step's GEMMs to bfloat16 (CUDA; changes the numbers)
     cuda_graphs: bool = True  # on CUDA, capture the fast step's fixed-shape steps once and replay them
     skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss or gradients, then stop
+    steps_per_epoch: Optional[int] = None  # an epoch of this many batches, continuing through the corpus
+    eval_batches: Optional[int] = None  # evaluate on the first this many batches of valid and test
+    threads: Optional[int] = None  # torch's CPU threads (None: torch's default)
 
 
 @dataclass
@@ -131,6 +134,10 @@ class RunConfig:
         if not isinstance(t.cuda_graphs, bool):
             raise FastlmError(f"cuda_graphs must be true or false, got {t.cuda_graphs!r}")
         _at_least("--skip-nonfinite", t.skip_nonfinite, 0)
+        for flag, value in (("--steps-per-epoch", t.steps_per_epoch), ("--eval-batches", t.eval_batches),
+                            ("--threads", t.threads)):
+            if value is not None:
+                _at_least(flag, value, 1)
         if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.amp != "off"
                                     or t.skip_nonfinite):
             raise FastlmError("--step example is the PyTorch example's loop as it is: it needs --backend cudnn, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -76,3 +77,23 @@ def describe(device: torch.device) -> dict:
     return {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
             "git_sha": git_sha(), "host": platform.node()}
+
+
+def use_threads(threads: Optional[int]) -> None:
+    """--threads: how many CPU threads torch computes with (None leaves torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def machine_load() -> tuple[float, int]:
+    """(the 1-minute load average, the cores this process may use). A load above the cores means other work
+    competes for them: timings taken meanwhile say more about the machine than about fastlm."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return load, cores

@@ -336,7 +336,7 @@ def test_validation_perplexity_matches_the_example_loop_on_wikitext2(wikitext2_d
         trainer.run = RunFolder(tmp_path / step_name)
         trainer.train_epoch()
         assert trainer.global_step == 80
-        return torch.tensor(losses, dtype=torch.float64), trainer.evaluate(trainer.valid_stream)
+        return torch.tensor(losses, dtype=torch.float64), trainer.evaluate(trainer.valid_stream, "valid")
 
     (fast_losses, fast), (example_losses, example) = run("fast"), run("example")
     assert max_rel(fast_losses, example_losses) <= 1e-5

@@ -7,6 +7,8 @@ last chunk is shorter (``n - 1 - i`` rows) because every input row needs the nex
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from fastlm.errors import FastlmError
@@ -56,10 +58,12 @@ class BatchStreamer:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def iterate(self, start_batch: int = 0):
-        """Yields (batch_index, inputs, targets) from chunk ``start_batch`` to the end of the split."""
-        host = ((index, *get_batch(self.source, self.starts[index], self.bptt))
-                for index in range(start_batch, len(self.starts)))
+    def iterate(self, start_batch: int = 0, count: Optional[int] = None):
+        """Yields (batch_index, inputs, targets) from chunk ``start_batch`` to the end of the split, or, with
+        ``count``, that many chunks, going round to the split's start after its last one."""
+        indices = (range(start_batch, len(self.starts)) if count is None else
+                   ((start_batch + j) % len(self.starts) for j in range(count)))
+        host = ((index, *get_batch(self.source, self.starts[index], self.bptt)) for index in indices)
         return to_device(host, self.device)
 
 

@@ -53,6 +53,17 @@ class RNNLM(nn.Module):
             nn.init.zeros_(self.decoder.bias)
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
+    def parameter_counts(self) -> dict:
+        """Parameters by part: embedding, recurrent, decoder (tied: only its bias, the weight being the
+        embedding's), and total (each shared tensor once)."""
+        def count(module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        total = count(self)
+        embedding, recurrent = count(self.encoder), count(self.rnn)
+        return {"embedding": embedding, "recurrent": recurrent, "decoder": total - embedding - recurrent,
+                "total": total}
+
     def init_state(self, batch_size: int):
         return self.rnn.zero_state(batch_size, self.encoder.weight)
 

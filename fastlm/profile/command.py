@@ -38,7 +38,7 @@ from rich.console import Console
 
 from fastlm.data import resolve_corpus
 from fastlm.data.batching import batchify
-from fastlm.device import describe, resolve_device
+from fastlm.device import describe, resolve_device, use_threads
 from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
@@ -225,6 +225,7 @@ def write_trace(runner: StepRunner, steps: int, path: Path) -> None:
 def profile(config, options: ProfileOptions, out: Path, console: Console) -> dict:
     """Runs the profile and returns breakdown.json's content (artifacts other than the trace not yet written)."""
     device = resolve_device(config.train.device)
+    use_threads(config.train.threads)
     clock = Clock(device)
     one_off: dict = {}
     if clock.cuda:

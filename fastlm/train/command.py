@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
-from fastlm.device import describe, resolve_device
+from fastlm.device import describe, resolve_device, use_threads
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import load_checkpoint
 from fastlm.train.progress import TrainDisplay
@@ -23,7 +23,7 @@ from fastlm.train.trainer import Trainer
 RESUME_MAY_CHANGE = {
     ("data", "data"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
     ("train", "log_interval"), ("train", "device"), ("train", "save"), ("train", "save_minutes"),
-    ("train", "run_dir"), ("train", "skip_nonfinite"),
+    ("train", "run_dir"), ("train", "skip_nonfinite"), ("train", "eval_batches"), ("train", "threads"),
     # What people lower after a divergence: the lr training continues with (the schedule goes on dividing
     # it) and the clipping norm. Recorded in the run's history.
     ("train", "lr"), ("train", "clip"),
@@ -83,13 +83,14 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
     if payload is None:
         check_free_for_a_new_run(run_dir, overwrite)  # before the corpus loads: say so at once
     device = resolve_device(config.train.device)
+    use_threads(config.train.threads)
     display = TrainDisplay()
     corpus = resolve_corpus(config.data.data, console=display.console)
     trainer = Trainer(config, corpus, device, display)
     if payload is None:
         run = RunFolder.new(run_dir, overwrite)
         run.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                          **describe(device)})
+                          "parameters": trainer.model.parameter_counts(), **describe(device)})
         where = f"run folder {run.path}"
     else:
         trainer.restore(payload, Path(resume_dir) / "last.pt")
@@ -100,8 +101,12 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
                            "step": trainer.global_step, "changed": changed})
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
+    counts = trainer.model.parameter_counts()
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} on {m.backend} | {device} | "
                     f"{corpus.source} ({len(corpus.vocab):,} words) | {where}")
+    display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
+                    f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
+                    f"{', its weight tied to the embedding' if m.tied else ''})")
     with display:
         result = trainer.fit(run)
     display.message(f"run folder: {run.path}")

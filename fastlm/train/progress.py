@@ -6,6 +6,7 @@ the bar is off and the same figures come as one printed line per log interval.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from rich.console import Console
@@ -20,7 +21,7 @@ class TrainDisplay:
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[figures]}"), TimeRemainingColumn(),
             console=self.console, disable=not self.console.is_terminal, transient=True)
         self._task = None
@@ -35,7 +36,7 @@ class TrainDisplay:
     def start_epoch(self, epoch: int, total_batches: int) -> None:
         if self._task is not None:
             self.progress.remove_task(self._task)
-        self._task = self.progress.add_task("train", total=total_batches, epoch=epoch, figures="")
+        self._task = self.progress.add_task(f"epoch {epoch}", total=total_batches, figures="")
 
     def advance(self, completed: int) -> None:
         self.progress.update(self._task, completed=completed)
@@ -48,6 +49,20 @@ class TrainDisplay:
         self.progress.update(self._task, figures=figures)
         line = f"| epoch {record['epoch']:3d} | {record['batch']:5d}/{total_batches:5d} batches | {figures}"
         self.console.print(line, soft_wrap=True)
+
+    @contextlib.contextmanager
+    def evaluating(self, split: str, batches: int):
+        """Around an evaluation: a progress bar on a terminal, one line elsewhere, so that a long validation is
+        never silent. Yields ``advance(batches_done)``."""
+        if not self.progress.disable:
+            task = self.progress.add_task(f"{split}", total=batches, figures="evaluating")
+            try:
+                yield lambda done: self.progress.update(task, completed=done)
+            finally:
+                self.progress.remove_task(task)
+            return
+        self.console.print(f"evaluating on {batches} {split} batches", soft_wrap=True)
+        yield lambda done: None
 
     def epoch_summary(self, record: dict) -> None:
         self.console.rule(f"end of epoch {record['epoch']} | {record['seconds']:.1f} s | "

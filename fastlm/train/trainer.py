@@ -27,6 +27,7 @@ import torch
 
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer, batchify, check_bptt
+from fastlm.device import machine_load
 from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM
 from fastlm.step import make_train_step, run_step
@@ -84,6 +85,8 @@ class Trainer:
         self._last_save = time.monotonic()
         self._good: Optional[dict] = None  # snapshot at the latest log window without a non-finite step
         self.skipped_batches = 0  # non-finite batches skipped so far (--skip-nonfinite)
+        self.epoch_train_seconds = 0.0  # spent training the current epoch, across pauses and resumes
+        self._warned_load = False
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, copy: bool = False) -> dict:
@@ -96,6 +99,7 @@ class Trainer:
                 "vocab_digest": self.corpus.vocab.digest(), "epoch": self.epoch,
                 "batches_done": self.batches_done, "step": self.global_step, "lr": self.step_fn.lr,
                 "best_val_loss": self.best_val_loss, "skipped_batches": self.skipped_batches,
+                "epoch_train_seconds": self.epoch_train_seconds,
                 "hidden": checkpoint.hidden_to_save(self.state),
                 "rng": checkpoint.rng_state()}
 
@@ -115,6 +119,7 @@ class Trainer:
         self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
         self.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
+        self.epoch_train_seconds = payload.get("epoch_train_seconds", 0.0)
         self.state = checkpoint.hidden_from_saved(payload["hidden"], self.device,
                                                         self.config.model.cell)
         checkpoint.set_rng_state(payload["rng"])
@@ -134,30 +139,39 @@ class Trainer:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _batches_per_epoch(self) -> int:
-        batches = len(self.train_stream)
-        return min(DRY_RUN_STEPS, batches) if self.config.train.dry_run else batches
+        t = self.config.train
+        batches = t.steps_per_epoch or len(self.train_stream)
+        return min(DRY_RUN_STEPS, batches) if t.dry_run else batches
+
+    def _epoch_start(self) -> int:
+        """The train split's batch where the current epoch begins: 0, or with --steps-per-epoch where the
+        previous epoch stopped (going round the split)."""
+        if not self.config.train.steps_per_epoch:
+            return 0
+        return (self.epoch - 1) * self.config.train.steps_per_epoch % len(self.train_stream)
 
     # ------------------------------------------------------------------ loops
-    def evaluate(self, stream: BatchStreamer, interruptible: bool = True) -> Optional[float]:
-        """Mean loss per target token over a split (the example's evaluate()).
+    def evaluate(self, stream: BatchStreamer, split: str, interruptible: bool = True) -> Optional[float]:
+        """Mean loss per target token over a split (the example's evaluate()), or over its first
+        ``--eval-batches`` batches.
 
         Returns None when ``interruptible`` and a stop request cut it short.
         """
         self.model.eval()
-        limit = DRY_RUN_STEPS if self.config.train.dry_run else len(stream)
+        limit = min(len(stream), self.config.train.eval_batches or len(stream))
+        limit = min(limit, DRY_RUN_STEPS) if self.config.train.dry_run else limit
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
         state = self.model.init_state(self.config.data.eval_batch_size)
-        with torch.no_grad():
-            for index, inputs, targets in stream.iterate():
-                if index >= limit:
-                    break
+        with torch.no_grad(), self.display.evaluating(split, limit) as advance:
+            for index, inputs, targets in stream.iterate(0, limit):
                 if interruptible and self.stop.requested:
                     self.model.train()
                     return None
                 hidden, state = self.model(inputs, state)
                 total += self.model.loss(hidden, targets).double() * targets.numel()
                 count += targets.numel()
+                advance(index + 1)
         self.model.train()
         return total.item() / count
 
@@ -165,8 +179,7 @@ class Trainer:
         """Trains the current epoch from ``batches_done`` until its end, the budget, or a stop request."""
         t = self.config.train
         limit = self._batches_per_epoch()
-        if self.batches_done == 0:
-            self.state = self.model.init_state(self.config.data.batch_size)
+        start = self._epoch_start() + self.batches_done
         self.model.train()
         self.display.start_epoch(self.epoch, limit)
         skipping = t.skip_nonfinite > 0
@@ -175,9 +188,13 @@ class Trainer:
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         self.timer.reset()
-        batches = self.train_stream.iterate(self.batches_done)
+        batches = self.train_stream.iterate(start, limit - self.batches_done)
         self._good = self._payload(copy=True)  # validated or restored: good, and newer than any older snapshot
         while self.batches_done < limit:
+            if (self._epoch_start() + self.batches_done) % len(self.train_stream) == 0:
+                # The start of the corpus: a fresh hidden state, as at every epoch's start in the example (with
+                # --steps-per-epoch, epochs in the middle of the corpus carry the state on, as the text does).
+                self.state = self.model.init_state(self.config.data.batch_size)
             loss, self.state, tokens = run_step(self.step_fn, batches, self.state, self.timer)
             self.batches_done += 1
             self.global_step += 1
@@ -210,10 +227,20 @@ class Trainer:
             self._check_nonfinite(bad, bad_step)
         loss = window_loss.item() / (steps - bad) if steps > bad else None
         seconds = time.perf_counter() - started
+        self.epoch_train_seconds += seconds
         record = {"kind": "log", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
                   "loss": loss, "ppl": perplexity(loss) if loss is not None else None, "lr": self.step_fn.lr,
                   "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
                   "phases_ms": {name: _mean(samples.get(name)) for name in (*PHASES, STEP)}}
+        load, cores = machine_load()
+        record.update(load=round(load, 2), cores=cores)
+        if load > cores:
+            record["timing_unreliable"] = True
+            if not self._warned_load:
+                self._warned_load = True
+                self.display.message(f"[bold yellow]warning: the machine's load ({load:.1f}) exceeds its {cores} "
+                                     f"cores: other work competes for them, so these timings are unreliable "
+                                     f"(marked in metrics.jsonl; fewer --threads may help)[/]")
         if self.config.train.skip_nonfinite:
             record.update(skipped=bad, first_skipped_step=bad_step if bad else None,
                           skipped_total=self.skipped_batches)
@@ -240,19 +267,24 @@ class Trainer:
         what = (f"the loss or gradients became non-finite at step {first_step}" if not allowed else
                 f"{self.skipped_batches} batches had a non-finite loss or gradients (the latest window's first "
                 f"at step {first_step}), more than --skip-nonfinite {allowed}")
-        raise TrainingDiverged(f"{what}; training stopped and {self.run.last} holds the last good state "
-                               f"(step {self._good['step']}): resume from it with a lower lr or clip, e.g. "
-                               f"fastlm train --resume {self.run.path} --lr {self._good['lr'] / 4:g}")
+        message = (f"{what}; training stopped and {self.run.last} holds the last good state (step "
+                   f"{self._good['step']}): resume from it with a lower lr or clip, e.g. fastlm train --resume "
+                   f"{self.run.path} --lr {self._good['lr'] / 4:g}")
+        self.run.append_metrics({"kind": "diverged", "step": first_step, "epoch": self.epoch, "message": message})
+        raise TrainingDiverged(message)
 
-    def _end_epoch(self, started: float) -> bool:
+    def _end_epoch(self) -> bool:
         """Validation and the example's bookkeeping; False when a stop request cut validation short."""
-        val_loss = self.evaluate(self.valid_stream)
+        started = time.perf_counter()
+        val_loss = self.evaluate(self.valid_stream, "valid")
         if val_loss is None:
             return False
+        train_seconds, eval_seconds = self.epoch_train_seconds, time.perf_counter() - started
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "val_loss": val_loss,
-                  "val_ppl": perplexity(val_loss), "seconds": time.perf_counter() - started, "best": improved}
-        self.epoch, self.batches_done = self.epoch + 1, 0
+                  "val_ppl": perplexity(val_loss), "seconds": train_seconds + eval_seconds,
+                  "train_seconds": train_seconds, "eval_seconds": eval_seconds, "best": improved}
+        self.epoch, self.batches_done, self.epoch_train_seconds = self.epoch + 1, 0, 0.0
         if improved:
             self.best_val_loss = val_loss
             save_checkpoint(self.run.best, self._payload())
@@ -271,11 +303,10 @@ class Trainer:
         pause = test_loss = None
         with self.stop:
             while self.epoch <= epochs and not self.stop.requested and not self._budget_spent():
-                started = time.perf_counter()
                 self.train_epoch()
                 if self.stop.requested or self.batches_done < self._batches_per_epoch():
                     break  # a signal, or the budget ran out inside the epoch: not an epoch end
-                if not self._end_epoch(started):
+                if not self._end_epoch():
                     break
             if self.stop.requested:
                 self._save_last()
@@ -294,8 +325,8 @@ class Trainer:
         numbers and touches neither the lr nor the best model, so a resumed run goes on as if never paused.
         Returns the record (None when a signal cut the report short; ``last`` is saved by then)."""
         self._save_last()
-        val_loss = self.evaluate(self.valid_stream)
-        test_loss = self.evaluate(self.test_stream) if val_loss is not None else None
+        val_loss = self.evaluate(self.valid_stream, "valid")
+        test_loss = self.evaluate(self.test_stream, "test") if val_loss is not None else None
         if test_loss is None:
             return None
         record = {"kind": "pause", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
@@ -315,7 +346,7 @@ class Trainer:
             self.display.message("no best model yet (no epoch finished its validation): nothing to test")
             return None
         self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
-        test_loss = self.evaluate(self.test_stream, interruptible=False)  # after a stop too; a 2nd signal exits
+        test_loss = self.evaluate(self.test_stream, "test", interruptible=False)  # after a stop too; a 2nd signal exits
         self.run.append_metrics({"kind": "test", "test_loss": test_loss, "test_ppl": perplexity(test_loss),
                                  "step": self.global_step})
         self.display.message(f"[bold]End of training | test loss {test_loss:5.2f} | "
