@@ -188,10 +188,45 @@ def _add_profile_parser(sub) -> None:
                        help="re-run under Nsight Systems, capturing only the measured steps (needs nsys and CUDA)")
 
 
+def _add_sweep_parser(sub) -> None:
+    sweep = sub.add_parser(
+        "sweep", help="train a grid of runs (e.g. LSTM against GRU over layers and sizes) and report on them",
+        description="Trains one run per cell and combination of --set values, each an ordinary `fastlm train` in "
+                    "its own folder under --out, then writes report.md/.json and plots. Run the same command again "
+                    "to finish an interrupted sweep. The train flags set what every point shares.")
+    _add_train_flags(sweep)
+    s = sweep.add_argument_group("sweep")
+    s.add_argument("--out", required=True, metavar="DIR", help="the sweep's folder")
+    s.add_argument("--cells", type=_names, default=None, metavar="CELL[,CELL]",
+                   help="the cells to compare (lstm,gru; rnn_tanh and rnn_relu compare the non-linearity)")
+    s.add_argument("--set", dest="axes", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="an axis of the grid: any training setting and its values (repeatable), e.g. nlayers=1,2")
+    s.add_argument("--set-cell", dest="cell_settings", action="append", default=[], metavar="CELL:FIELD=VALUE",
+                   help="a setting for one cell's points only (repeatable), e.g. gru:lr=5")
+    s.add_argument("--grid", metavar="FILE.toml", default=None, help="cells, [axes] and [per_cell.CELL] from a file")
+    s.add_argument("--jobs", type=int, default=1, help="points trained at once (1)")
+    s.add_argument("--devices", type=_names, default=None, metavar="DEV[,DEV]",
+                   help="devices the jobs take in turn, e.g. cuda:0,cuda:1 (default: --device)")
+    s.add_argument("--max-minutes-per-run", dest="max_minutes_per_run", type=float, default=None, metavar="M",
+                   help="pause each point after M minutes of each invocation (its report then says so)")
+    s.add_argument("--quick", action="store_true",
+                   help="LSTM against GRU over nlayers 1,2, nhid 100,200 and bptt 20,35 with 3 short epochs "
+                        "(40 batches, evaluated on 20): minutes on a 2-core CPU; flags still override")
+
+
+def _add_report_parser(sub) -> None:
+    report = sub.add_parser("report", help="compare runs: tables, plots, and the conditions of every number",
+                            description="Writes report.md, report.json and plots/ for a sweep folder or any run "
+                                        "folders (LSTM and GRU side by side per varied setting).")
+    report.add_argument("folders", nargs="+", metavar="DIR", help="sweep folders or run folders")
+    report.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the one DIR given)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastlm", description="Train, profile and benchmark word-level RNN language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for add_parser in (_add_train_parser, _add_generate_parser, _add_profile_parser, _add_bench_parser):
+    for add_parser in (_add_train_parser, _add_generate_parser, _add_profile_parser, _add_bench_parser,
+                       _add_sweep_parser, _add_report_parser):
         add_parser(sub)
     return parser
 
@@ -205,10 +240,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, preset: dict | None = None):
+    """The validated RunConfig of a command: the defaults, a preset's settings (e.g. sweep --quick), then the
+    --config file, then the flags."""
     from fastlm.config import RunConfig, load_toml
 
     config = RunConfig()
+    if preset:
+        config.update(preset, origin="preset")
     if getattr(args, "config", None):
         config.update(load_toml(args.config), origin=f"config file {args.config}")
     config.update(overrides_from_args(args), origin="command line")
@@ -271,7 +310,46 @@ def cmd_bench(args) -> int:
     return run_bench(options)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench}
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from fastlm.sweep.command import QUICK_GRID, QUICK_TRAIN, SweepOptions, run_sweep
+    from fastlm.sweep.grid import Grid, add_cell_setting, add_setting, grid_from_toml
+
+    if hasattr(args, "run_dir"):
+        raise FastlmError("--run-dir is not a sweep flag: each point gets a folder under --out")
+    if hasattr(args, "max_minutes"):
+        raise FastlmError("--max-minutes is per run in a sweep: use --max-minutes-per-run")
+    if args.quick and args.grid:
+        raise FastlmError("--quick is a grid of its own; drop it or --grid")
+    grid = grid_from_toml(args.grid) if args.grid else Grid(**QUICK_GRID) if args.quick else Grid()
+    if args.cells:
+        grid.cells = args.cells
+    for text in args.axes:
+        add_setting(grid, text)
+    for text in args.cell_settings:
+        add_cell_setting(grid, text)
+    base = config_from_args(args, preset={"train": QUICK_TRAIN} if args.quick else None)
+    options = SweepOptions(out=Path(args.out), grid=grid, base=base, jobs=args.jobs, devices=args.devices or [],
+                           max_minutes_per_run=args.max_minutes_per_run, quick=args.quick)
+    return run_sweep(options)
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from fastlm.sweep.report import run_report
+
+    if args.out is None and len(args.folders) > 1:
+        raise FastlmError("several folders: say where the report goes with --out DIR")
+    out = Path(args.out or args.folders[0])
+    run_report([Path(folder) for folder in args.folders], out)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,
+            "sweep": cmd_sweep, "report": cmd_report}
 
 
 def main(argv=None) -> int:

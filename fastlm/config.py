@@ -3,12 +3,14 @@
 Precedence, lowest first: the dataclass defaults (the PyTorch word_language_model example's defaults),
 then ``--config FILE.toml`` (sections ``[model]``, ``[data]``, ``[train]`` with the field names below),
 then flags given on the command line. ``to_dict()`` is what a run folder's ``config.json`` holds and what a
-checkpoint carries, so a run can be rebuilt from it.
+checkpoint carries, so a run can be rebuilt from it; ``write_toml`` writes a configuration back as a
+``--config`` file (what `fastlm profile --py-spy` and `fastlm sweep` hand to the runs they start).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -169,3 +171,26 @@ def load_toml(path: str | Path) -> dict:
         raise FastlmError(f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise FastlmError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_toml(config: RunConfig, path: str | Path) -> None:
+    """``config`` as a --config file. TOML has no null: a None field is left out, which is right as long as
+    None fields default to None (all do)."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{name} = {_toml_value(value)}" for name, value in values.items() if value is not None]
+        lines.append("")
+    Path(path).write_text("\n".join(lines), encoding="utf-8")

@@ -12,11 +12,11 @@ import torch
 
 from fastlm import timing
 from fastlm.cli import build_parser, config_from_args
-from fastlm.config import RunConfig, load_toml
+from fastlm.config import RunConfig, load_toml, write_toml
 from fastlm.data import generated_corpus
 from fastlm.profile import breakdown, flowchart
 from fastlm.profile.command import ProfileOptions, StepRunner, full_chunks, measure
-from fastlm.profile.external_profilers import child_argv, write_config_toml
+from fastlm.profile.external_profilers import child_argv
 from fastlm.timing import (
     BACKWARD,
     CLIP,
@@ -304,7 +304,7 @@ def test_the_re_run_command_rebuilds_the_same_configuration(flags, tmp_path):
     """--py-spy and --nsys re-run `fastlm profile` from the resolved config; nothing may get lost on the way."""
     parser = build_parser()
     config = config_from_args(parser.parse_args(["profile", *flags]))
-    write_config_toml(config, tmp_path / "run.toml")
+    write_toml(config, tmp_path / "run.toml")
     rebuilt = parser.parse_args(child_argv(tmp_path / "run.toml", ProfileOptions(2, 3, 0), tmp_path / "out"))
     assert config_from_args(rebuilt).to_dict() == config.to_dict()
     assert (rebuilt.warmup, rebuilt.steps, rebuilt.trace_steps, rebuilt.out) == (2, 3, 0, str(tmp_path / "out"))
@@ -319,7 +319,7 @@ def test_every_kind_of_config_value_survives_the_toml_file(tmp_path):
                 setattr(getattr(config, section), name, not value)
     config.model.tied, config.model.emsize = False, 64
     config.train.device = "cpu"
-    write_config_toml(config, tmp_path / "run.toml")
+    write_toml(config, tmp_path / "run.toml")
     loaded = RunConfig()
     loaded.update(load_toml(tmp_path / "run.toml"), origin="test")
     assert loaded.to_dict() == config.to_dict()

@@ -16,7 +16,6 @@ child runs exactly what the user asked for, and the printed nsys command works a
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shlex
 import shutil
@@ -25,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastlm.config import write_toml
 from fastlm.device import resolve_device
 from fastlm.errors import FastlmError
 from fastlm.profile.breakdown import BREAKDOWN_JSON
@@ -51,31 +51,8 @@ def find_tool(name: str, places=()) -> str | None:
     return None
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config_toml(config, path: Path) -> None:
-    """``config`` as a --config file. TOML has no null: a None field is left out, which is right as long as
-    None fields default to None (all do)."""
-    lines = []
-    for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{name} = {_toml_value(value)}" for name, value in values.items() if value is not None]
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-
-
 def child_argv(config_path: Path, options, out: Path, trace_steps: int | None = None) -> list[str]:
-    """``fastlm profile`` arguments for the run configured in ``config_path`` (see write_config_toml)."""
+    """``fastlm profile`` arguments for the run configured in ``config_path`` (see fastlm.config.write_toml)."""
     steps = options.trace_steps if trace_steps is None else trace_steps
     return ["profile", "--config", str(config_path), "--warmup", str(options.warmup), "--steps", str(options.steps),
             "--trace-steps", str(steps), "--out", str(out)]
@@ -93,7 +70,7 @@ def rerun_under_py_spy(config, options, out: Path) -> int:
         raise FastlmError("--py-spy needs py-spy, which is not installed here (or not on PATH): "
                           "pip install py-spy, then run again")
     speedscope, flamegraph, config_path = out / PY_SPY_SPEEDSCOPE, out / PY_SPY_FLAMEGRAPH, out / CONFIG_TOML
-    write_config_toml(config, config_path)
+    write_toml(config, config_path)
     _record(py_spy, "speedscope", speedscope, child_argv(config_path, options, out), out)
     with tempfile.TemporaryDirectory(prefix="fastlm-py-spy-") as scratch:
         _record(py_spy, "flamegraph", flamegraph, child_argv(config_path, options, Path(scratch), trace_steps=0),
@@ -141,7 +118,7 @@ def nsys_command(nsys: str, options, out: Path) -> list[str]:
 
 
 def rerun_under_nsys(config, options, out: Path) -> int:
-    write_config_toml(config, out / CONFIG_TOML)  # also what the printed command reads
+    write_toml(config, out / CONFIG_TOML)  # also what the printed command reads
     nsys = find_tool("nsys", NSYS_PLACES)
     if nsys is None:
         command = shlex.join(nsys_command("nsys", options, out))

@@ -1,0 +1,206 @@
+"""The runs a report covers, read from the files training left, and each run's figures.
+
+A report is given sweep folders (``sweep.json`` and its points' run folders) and plain run folders (what
+``fastlm train`` writes: ``config.json`` and ``metrics.jsonl``). ``collect`` turns them into ``Source``s, the
+files of one run as they are; ``run_entry`` derives a run's figures from them. Every figure of a report comes
+from here, so that each can be recomputed from the run folder it names. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from fastlm.errors import FastlmError
+
+SWEEP_JSON = "sweep.json"
+FAILED = ("failed", "diverged")  # statuses whose figures are left out of the means
+# Config fields that differ between runs without making them different experiments: where a run lives and
+# saves, and what it ran on (the conditions say that). The cell is the report's other dimension.
+NOT_VARIED = {"cell", "run_dir", "save", "device", "threads"}
+SECTIONS = ("model", "data", "train")
+
+
+@dataclass
+class Source:
+    """One run's files: a sweep's point (``point`` from sweep.json) or a plain run folder (``point`` None)."""
+
+    name: str
+    run_dir: Path
+    config: Optional[dict]  # config.json; None when the folder or file is missing (a point that failed early)
+    records: list  # metrics.jsonl's records, in order
+    point: Optional[dict] = None
+    sweep: Optional[Path] = None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise FastlmError(f"cannot read {path}: {error}") from None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a missing file is no records, and a line a crash cut short is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def run_folder_source(folder: Path, point: Optional[dict] = None, sweep: Optional[Path] = None) -> Source:
+    config_path = folder / "config.json"
+    config = read_json(config_path) if config_path.is_file() else None
+    name = point["name"] if point else folder.name
+    return Source(name, folder, config, read_metrics(folder / "metrics.jsonl"), point, sweep)
+
+
+def sweep_sources(folder: Path) -> tuple[list[Source], dict]:
+    """(the sweep's points as sources, sweep.json)."""
+    sweep = read_json(folder / SWEEP_JSON)
+    points = sweep.get("points")
+    if (sweep.get("format") != "fastlm-sweep" or not isinstance(points, list)
+            or not all(isinstance(point, dict) and {"name", "run_dir"} <= point.keys() for point in points)):
+        raise FastlmError(f"{folder / SWEEP_JSON} is not a fastlm sweep file (format fastlm-sweep, points with a "
+                          f"name and a run_dir each)")
+    return [run_folder_source(folder / point["run_dir"], point, folder) for point in sweep["points"]], sweep
+
+
+def collect(folders: list[Path]) -> tuple[list[Source], list[dict]]:
+    """(every run of the folders, the sweeps' sweep.json with their "path"), in the order given."""
+    sources, sweeps = [], []
+    for folder in map(Path, folders):
+        if (folder / SWEEP_JSON).is_file():
+            found, sweep = sweep_sources(folder)
+            sources += found
+            sweeps.append({**sweep, "path": str(folder)})
+        elif (folder / "config.json").is_file() and (folder / "metrics.jsonl").is_file():
+            sources.append(run_folder_source(folder))
+        else:
+            raise FastlmError(f"{folder} is neither a sweep folder (with {SWEEP_JSON}) nor a run folder (with "
+                              f"config.json and metrics.jsonl)")
+    if not sources:
+        raise FastlmError(f"no runs to report in {', '.join(map(str, folders)) or 'no folders'}")
+    return sources, sweeps
+
+
+def flat_config(config: Optional[dict]) -> dict:
+    """The settings by field name without their section (fields are unique across sections, as sweeps name them)."""
+    if not config:
+        return {}
+    return {name: value for section in SECTIONS for name, value in config.get(section, {}).items()}
+
+
+def cell_of(source: Source) -> Optional[str]:
+    if source.point:
+        return source.point.get("cell")
+    return flat_config(source.config).get("cell")
+
+
+def value_key(value) -> str:
+    """A value as a comparable, hashable key (lists such as cutoffs included)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def varied_fields(sources: list[Source], sweeps: list[dict]) -> list[str]:
+    """The sweeps' axes; with plain run folders among the sources, also every config field whose values differ
+    between runs of one cell (a field that only differs from cell to cell is a per-cell setting instead)."""
+    fields = [axis for sweep in sweeps for axis in sweep.get("grid", {}).get("axes", {})]
+    if any(source.point is None for source in sources):
+        values: dict[tuple, set] = {}
+        for source in sources:
+            for name, value in flat_config(source.config).items():
+                values.setdefault((name, cell_of(source)), set()).add(value_key(value))
+        fields += [name for (name, _), seen in values.items() if len(seen) > 1 and name not in NOT_VARIED]
+    return list(dict.fromkeys(fields))
+
+
+def planned_epochs(config: dict) -> int:
+    """The epochs the run was to train: its --epochs, as the latest resume that raised it left it."""
+    train = config.get("train", {})
+    epochs = 1 if train.get("dry_run") else train.get("epochs")
+    for resume in config.get("resumes", []):
+        epochs = resume.get("changed", {}).get("epochs", [None, epochs])[1]
+    return epochs
+
+
+def plain_status(config: dict, records: list[dict]) -> str:
+    """done, budget, diverged or interrupted, from what a plain run folder's metrics say."""
+    kinds = [record.get("kind") for record in records]
+    epochs = [record for record in records if record.get("kind") == "epoch"]
+    last_epoch = max((i for i, kind in enumerate(kinds) if kind == "epoch"), default=-1)
+    if epochs and "test" in kinds[last_epoch:] and epochs[-1]["epoch"] >= planned_epochs(config):
+        return "done"
+    if kinds and kinds[-1] == "pause":
+        return "budget"
+    last_resume = max((i for i, kind in enumerate(kinds) if kind == "resume"), default=-1)
+    if "diverged" in kinds[last_resume + 1:]:  # a divergence that a later resume got past is history
+        return "diverged"
+    return "interrupted"
+
+
+def epoch_rows(records: list[dict]) -> list[dict]:
+    """The epoch records' figures in epoch order; an epoch recorded twice (trained again after a crash that came
+    before its checkpoint) counts once, as it was last recorded."""
+    rows = {}
+    for record in records:
+        if record.get("kind") == "epoch":
+            rows[record["epoch"]] = {name: record.get(name) for name in
+                                     ("epoch", "val_ppl", "train_seconds", "eval_seconds", "seconds", "lr_next",
+                                      "best")}
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def _last(records: list[dict], kind: str) -> Optional[dict]:
+    return next((record for record in reversed(records) if record.get("kind") == kind), None)
+
+
+def _sum(values: list) -> Optional[float]:
+    return sum(values) if values else None
+
+
+def settings_of(source: Source, varied: list[str]) -> dict:
+    """The varied fields' values: the point's own from sweep.json, else the run's config."""
+    config = flat_config(source.config)
+    point = (source.point or {}).get("settings", {})
+    return {name: point[name] if name in point else config.get(name) for name in varied}
+
+
+def run_entry(source: Source, varied: list[str]) -> dict:
+    """A run's figures, each from its config.json and metrics.jsonl (see the README's "What a run leaves")."""
+    records, config = source.records, source.config or {}
+    epochs = epoch_rows(records)
+    logs = [record for record in records if record.get("kind") == "log"]
+    rates = [record["tokens_per_s"] for record in logs if record.get("tokens_per_s") is not None]
+    test, pause, diverged = _last(records, "test"), _last(records, "pause"), _last(records, "diverged")
+    status = source.point.get("status") if source.point else plain_status(config, records)
+    reason = source.point.get("reason") if source.point else None
+    if reason is None and status in FAILED and diverged:
+        reason = diverged.get("message")
+    train_seconds = [epoch["train_seconds"] for epoch in epochs if epoch["train_seconds"] is not None]
+    val_ppls = [epoch["val_ppl"] for epoch in epochs if epoch["val_ppl"] is not None]
+    return {
+        "name": source.name, "run_dir": str(source.run_dir), "sweep": str(source.sweep) if source.sweep else None,
+        "cell": cell_of(source), "settings": settings_of(source, varied), "status": status, "reason": reason,
+        "parameters": config.get("parameters"), "epochs": epochs,
+        "best_val_ppl": min(val_ppls) if val_ppls else None,
+        "test_ppl": test.get("test_ppl") if test else None,
+        "pause": {"val_ppl": pause.get("val_ppl"), "test_ppl": pause.get("test_ppl"), "epoch": pause.get("epoch"),
+                  "batch": pause.get("batch"), "step": pause.get("step")} if pause else None,
+        "train_seconds": _sum(train_seconds),
+        "seconds": _sum([epoch["seconds"] for epoch in epochs if epoch["seconds"] is not None]),
+        "seconds_per_epoch": statistics.fmean(train_seconds) if train_seconds else None,
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "timing_unreliable": any(record.get("timing_unreliable") for record in logs),
+        "diverged": diverged.get("message") if diverged else None,
+    }

@@ -1,0 +1,159 @@
+"""The grid of a sweep: which cells, which fields take which values, and the points that makes.
+
+A grid comes from the command line (``--cells lstm,gru --set nlayers=1,2 --set nhid=100,200``, per-cell settings
+with ``--set-cell gru:lr=5``) or from a TOML file (``--grid FILE``)::
+
+    cells = ["lstm", "gru"]
+    [axes]
+    nlayers = [1, 2]
+    nhid = [100, 200]
+    [per_cell.gru]
+    lr = 5.0
+
+Any field of the run configuration (fastlm.config) may be an axis, named without its section. Each point is
+one cell with one value per axis, and becomes an ordinary training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from itertools import product
+
+from fastlm.config import CELLS, RunConfig, load_toml
+from fastlm.errors import FastlmError
+
+# Settings a sweep decides itself: which cell (--cells), where each run lives, on which device, its budget.
+NOT_AN_AXIS = {"cell", "run_dir", "device", "max_steps", "max_minutes", "save", "dry_run"}
+
+
+def config_field(name: str) -> tuple[str, type]:
+    """(section, type of its default) of a RunConfig field named without its section."""
+    config = RunConfig()
+    for section in ("model", "data", "train"):
+        for f in dataclasses.fields(getattr(config, section)):
+            if f.name == name:
+                return section, type(getattr(getattr(config, section), name))
+    raise FastlmError(f"--set {name}: no such setting; settings are the fields of [model], [data] and [train] "
+                      f"(e.g. nlayers, nhid, emsize, bptt, lr, dropout, epochs)")
+
+
+def parse_value(name: str, text: str):
+    """A command-line value in the type the field has (an int field takes 200, a float field 0.5 or 20)."""
+    _, kind = config_field(name)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return None if text.lower() == "none" else _number_or_text(text)
+    except ValueError:
+        raise FastlmError(f"--set {name}={text}: expected a value of type {kind.__name__}") from None
+
+
+def _number_or_text(text: str):
+    """For fields whose default is None (their type unknown here): a number when it reads as one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class Grid:
+    cells: list[str] = field(default_factory=lambda: ["lstm", "gru"])
+    axes: dict[str, list] = field(default_factory=dict)  # field -> values, in the order given
+    per_cell: dict[str, dict] = field(default_factory=dict)  # cell -> {field: value}
+
+    def to_dict(self) -> dict:
+        return {"cells": list(self.cells), "axes": {k: list(v) for k, v in self.axes.items()},
+                "per_cell": {k: dict(v) for k, v in self.per_cell.items()}}
+
+    def check(self) -> "Grid":
+        unknown = [cell for cell in self.cells if cell not in CELLS]
+        if not self.cells or unknown:
+            raise FastlmError(f"--cells takes some of {', '.join(CELLS)}; got {', '.join(self.cells) or 'none'}")
+        if len(set(self.cells)) != len(self.cells):
+            raise FastlmError(f"--cells names a cell twice: {', '.join(self.cells)}")
+        per_cell = [(name, [value]) for settings in self.per_cell.values() for name, value in settings.items()]
+        for name, values in [*self.axes.items(), *per_cell]:
+            config_field(name)
+            if name in NOT_AN_AXIS:
+                raise FastlmError(f"--set {name}: the sweep sets {name} itself (use --cells for cells, --devices "
+                                  f"for devices, --max-steps / --max-minutes-per-run for budgets)")
+            if not values or len({repr(v) for v in values}) != len(values):
+                raise FastlmError(f"--set {name}: give distinct values, e.g. --set {name}=1,2")
+        for cell in self.per_cell:
+            if cell not in self.cells:
+                raise FastlmError(f"--set-cell {cell}: {cell} is not one of the sweep's cells "
+                                  f"({', '.join(self.cells)})")
+        return self
+
+
+def grid_from_toml(path) -> Grid:
+    values = load_toml(path)
+    unknown = set(values) - {"cells", "axes", "per_cell"}
+    if unknown:
+        raise FastlmError(f"grid file {path}: unknown key(s) {', '.join(sorted(unknown))}; it takes cells, [axes] "
+                          f"and [per_cell.CELL]")
+    axes = {name: list(v) if isinstance(v, list) else [v] for name, v in values.get("axes", {}).items()}
+    return Grid(list(values.get("cells", ["lstm", "gru"])), axes, dict(values.get("per_cell", {})))
+
+
+def add_setting(grid: Grid, text: str) -> None:
+    """``--set FIELD=V1,V2``."""
+    name, _, values = text.partition("=")
+    if not name or not values:
+        raise FastlmError(f"--set takes FIELD=V1,V2,...; got {text!r}")
+    grid.axes[name.strip()] = [parse_value(name.strip(), v.strip()) for v in values.split(",")]
+
+
+def add_cell_setting(grid: Grid, text: str) -> None:
+    """``--set-cell CELL:FIELD=VALUE``."""
+    cell, _, rest = text.partition(":")
+    name, _, value = rest.partition("=")
+    if not cell or not name or not value:
+        raise FastlmError(f"--set-cell takes CELL:FIELD=VALUE, e.g. gru:lr=5; got {text!r}")
+    grid.per_cell.setdefault(cell.strip(), {})[name.strip()] = parse_value(name.strip(), value.strip())
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    cell: str
+    settings: dict  # axis -> value
+
+    def config(self, base: RunConfig, per_cell: dict) -> RunConfig:
+        """The point's run configuration: the base, its cell, its axis values, then its cell's own settings."""
+        config = RunConfig.from_dict(base.to_dict(), origin="sweep base")
+        overrides: dict = {"model": {"cell": self.cell}}
+        for name, value in {**self.settings, **per_cell.get(self.cell, {})}.items():
+            overrides.setdefault(config_field(name)[0], {})[name] = value
+        config.update(overrides, origin=f"sweep point {self.name}")
+        try:
+            return config.validate()
+        except FastlmError as error:
+            raise FastlmError(f"sweep point {self.name}: {error}") from None
+
+
+def points(grid: Grid) -> list[Point]:
+    """Every cell with every combination of axis values, cells varying slowest."""
+    names = list(grid.axes)
+    found = []
+    for cell in grid.cells:
+        for values in product(*(grid.axes[n] for n in names)):
+            settings = dict(zip(names, values, strict=True))
+            label = "-".join([cell] + [f"{n}{_slug(v)}" for n, v in settings.items()])
+            found.append(Point(label, cell, settings))
+    return found
+
+
+def _slug(value) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", str(value))

@@ -1,0 +1,155 @@
+"""report.md: the report dict (fastlm.sweep.report.build_report) as a page people read.
+
+The conditions come first (machine and software, then the settings and the notes), so that no number below is
+read without them; then the points table with the cells side by side, a table per varied field, the runs that
+did not finish and why, and the plots. Perplexities have 2 decimals, seconds 1, tokens/s and parameter counts
+are whole numbers with thousands separators; "—" marks a figure a run does not have.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastlm.sweep.conditions import MACHINE, SETTINGS
+from fastlm.sweep.tables import cell_label, cells_phrase
+
+MISSING = "—"
+LABELS = {"device": "device", "device_name": "device name", "threads": "CPU threads", "torch": "torch",
+          "cuda": "CUDA", "triton": "triton", "git_sha": "git commit", "host": "host", "backend": "backend",
+          "amp": "precision", "step": "training step", "seed": "seed", "data_source": "data",
+          "epochs": "epochs", "steps_per_epoch": "batches per epoch", "eval_batches": "evaluation batches",
+          "batch_size": "batch size", "eval_batch_size": "evaluation batch size", "lr": "initial lr"}
+PRECISION = {"off": "fp32 (--amp off)", "bf16": "bf16 autocast of the GEMMs (--amp bf16)"}
+WHEN_NONE = {"steps_per_epoch": "full passes over the training split", "eval_batches": "the whole splits"}
+COLUMNS = ("best val ppl", "val ppl after each epoch", "test ppl", "s/epoch", "tokens/s", "parameters")
+
+
+def _number(value, digits: int) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:,.{digits}f}"
+
+
+def ppl(value) -> str:
+    return _number(value, 2)
+
+
+def seconds(value) -> str:
+    """1 decimal; a time too short for that (a toy run's epoch) keeps 2 significant digits, not a false 0.0."""
+    if value is not None and 0 < abs(value) < 0.05:
+        return f"{value:.2g}"
+    return _number(value, 1)
+
+
+def whole(value) -> str:
+    return _number(value, 0)
+
+
+def ppl_list(values: list) -> str:
+    return ", ".join(map(ppl, values)) or MISSING
+
+
+def cell_text(text) -> str:
+    """Text that stays inside one table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def condition_value(name: str, value) -> str:
+    if name == "amp":
+        return PRECISION.get(value, str(value))
+    if value is None:
+        return WHEN_NONE.get(name, "none")
+    return str(value)
+
+
+def conditions_lines(conditions: dict) -> list[str]:
+    lines = ["## Conditions", "", "Machine and software:", ""]
+    lines += [f"- {LABELS[name]}: {', '.join(condition_value(name, v) for v in conditions[name]) or MISSING}"
+              for name in MACHINE]
+    lines += ["", "Settings:", ""]
+    lines += [f"- {LABELS[name]}: {', '.join(condition_value(name, v) for v in conditions[name]) or MISSING}"
+              for name in SETTINGS]
+    lr = conditions["lr"]
+    lr_text = (", ".join(f"{cell_label(cell)} {', '.join(map(str, values))}" for cell, values in lr.items())
+               if isinstance(lr, dict) else ", ".join(map(str, lr)))
+    lines += [f"- {LABELS['lr']}: {lr_text or MISSING}", "", "Notes:", ""]
+    lines += [f"- {note}" for note in conditions["notes"]] or ["- none"]
+    return lines + [""]
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell_text(cell) for cell in row) + " |" for row in rows] + [""]
+
+
+def point_cells(entry) -> list[str]:
+    """One cell's six columns of the points table."""
+    if entry is None:
+        return [MISSING] * len(COLUMNS)
+    if "best_val_ppl" not in entry:  # a failed run: its reason instead of figures
+        return [f"**{entry['status']}**: {entry['reason'] or 'no reason recorded'}"] + [""] * (len(COLUMNS) - 1)
+    best = ppl(entry["best_val_ppl"]) + ("" if entry["status"] == "done" else f" ({entry['status']})")
+    return [best, ppl_list(entry["val_ppl"]), ppl(entry["test_ppl"]), seconds(entry["seconds_per_epoch"]),
+            whole(entry["tokens_per_s"]), whole(entry["parameters"])]
+
+
+def points_lines(report: dict) -> list[str]:
+    header = [*report["varied"]] + [f"{cell_label(cell)} {column}" for cell in report["cells"] for column in COLUMNS]
+    rows = [[str(row["settings"][field]) for field in report["varied"]]
+            + [text for cell in report["cells"] for text in point_cells(row["cells"][cell])]
+            for row in report["tables"]["points"]]
+    return ["## Points", "", "Each run's own figures; s/epoch is the mean training time of an epoch.", "",
+            *table(header, rows)]
+
+
+def summary_cells(summary: dict) -> list[str]:
+    runs = str(summary["n"]) + (f" ({summary['failed']} failed)" if summary["failed"] else "")
+    return [ppl(summary["best_val_ppl"]), ppl_list(summary["val_ppl"]), ppl(summary["test_ppl"]),
+            seconds(summary["seconds_per_epoch"]), whole(summary["tokens_per_s"]), whole(summary["parameters"]), runs]
+
+
+def field_lines(report: dict, field: str) -> list[str]:
+    header = [field] + [f"{cell_label(cell)} {column}" for cell in report["cells"] for column in (*COLUMNS, "runs")]
+    rows = [[str(row["value"])] + [text for cell in report["cells"] for text in summary_cells(row["cells"][cell])]
+            for row in report["tables"]["fields"][field]]
+    return [f"## By {field}", "", f"Means over the runs with each {field}, failed runs left out (and counted).", "",
+            *table(header, rows)]
+
+
+def unfinished_lines(runs: list[dict]) -> list[str]:
+    lines = ["## Failures, divergences and unfinished runs", ""]
+    for run in runs:
+        if run["status"] != "done":
+            settings = ", ".join(f"{field} {value}" for field, value in run["settings"].items())
+            why = run["reason"] or run["diverged"] or {"budget": "paused by its budget"}.get(run["status"], "")
+            lines.append(f"- `{run['name']}` ({cell_label(run['cell'])}{', ' + settings if settings else ''}): "
+                         f"{run['status']}{': ' + why if why else ''}")
+    return (lines if len(lines) > 2 else lines + ["Every run finished its epochs."]) + [""]
+
+
+def plot_lines(plots: list[str]) -> list[str]:
+    lines = ["## Plots", ""]
+    for png in (path for path in plots if path.endswith(".png")):
+        svg = png[:-len(".png")] + ".svg"
+        lines.append(f"![{png}]({png}) ([SVG]({svg}))" if svg in plots else f"![{png}]({png})")
+    return lines + [""]
+
+
+def title(report: dict) -> str:
+    cells = cells_phrase(report["cells"]) or "runs"
+    over = f" by {', '.join(report['varied'])}" if report["varied"] else ""
+    return f"# fastlm report: {cells}{over}"
+
+
+def render(report: dict) -> str:
+    """report.md's text; ``report["plots"]`` (paths relative to the report) is linked when present."""
+    lines = [title(report), "", f"{len(report['runs'])} runs from {', '.join(report['sources'])}.", "",
+             *conditions_lines(report["conditions"]), *points_lines(report)]
+    for field in report["varied"]:
+        lines += field_lines(report, field)
+    lines += unfinished_lines(report["runs"])
+    if report.get("plots"):
+        lines += plot_lines(report["plots"])
+    return "\n".join(lines)

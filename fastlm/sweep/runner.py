@@ -1,0 +1,140 @@
+"""Running a sweep's points: each an ordinary `fastlm train` in a process of its own, up to ``jobs`` at once.
+
+Why processes: a point that crashes, runs out of memory or diverges ends its own process, not the sweep; each
+job gets its own device; and the train command's own resume continues an interrupted point exactly.
+
+A point's outcome comes from its process's exit status: 0 is done (or, when its metrics end with a pause, its
+budget ran out: "budget"), 130/143 an interruption, anything else a failure whose reason is the last
+``fastlm: error:`` line of its log (a divergence, a setting the data cannot take) or the last line written.
+Children run in their own session, so a Ctrl-C at the terminal reaches the sweep alone; the sweep passes one
+SIGINT on to each running point, which then finishes its step, saves ``last`` and exits. A second Ctrl-C
+stops them at once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from fastlm.config import write_toml
+
+INTERRUPTED = (130, 143)
+
+
+@dataclass
+class PointRun:
+    """A point's process while it runs."""
+
+    entry: dict  # the point's entry in sweep.json, updated in place
+    process: subprocess.Popen
+    device: str
+    log: object  # the open train.log
+
+
+def train_command(entry: dict, folder: Path, config, device: str, budget: dict) -> list[str]:
+    """The `fastlm train` invocation for a point: a fresh run, or a resume of its interrupted one."""
+    run_dir = folder / entry["run_dir"]
+    budgets = []
+    if budget.get("max_steps"):
+        budgets += ["--max-steps", str(budget["max_steps"])]
+    if budget.get("max_minutes_per_run"):
+        budgets += ["--max-minutes", str(budget["max_minutes_per_run"])]
+    if (run_dir / "last.pt").is_file():
+        return [sys.executable, "-m", "fastlm", "train", "--resume", str(run_dir), "--device", device, *budgets]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.train.device = device
+    write_toml(config, run_dir / "point.toml")
+    # --overwrite: a point cut short before its first checkpoint left a folder this sweep owns; start it afresh.
+    return [sys.executable, "-m", "fastlm", "train", "--config", str(run_dir / "point.toml"), "--run-dir",
+            str(run_dir), "--overwrite", *budgets]
+
+
+def outcome(exit_status: int, run_dir: Path) -> tuple[str, Optional[str]]:
+    """(status, reason) of a point whose process ended with ``exit_status``."""
+    if exit_status == 0:
+        return ("budget" if _last_record(run_dir).get("kind") == "pause" else "done"), None
+    if exit_status in INTERRUPTED:
+        return "interrupted", None
+    return "failed", _reason(run_dir / "train.log", exit_status)
+
+
+def _last_record(run_dir: Path) -> dict:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _reason(log: Path, exit_status: int) -> str:
+    lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+             if line.strip()] if log.is_file() else []
+    errors = [line.removeprefix("fastlm: error: ") for line in lines if line.startswith("fastlm: error: ")]
+    last = errors[-1] if errors else (lines[-1] if lines else "no output")
+    return f"exit status {exit_status}: {last}"
+
+
+class Runner:
+    """Starts pending points as job slots free up and collects their outcomes."""
+
+    def __init__(self, folder: Path, devices: list[str], jobs: int, budget: dict,
+                 on_change: Callable[[], None], on_tick: Callable[[], None] = lambda: None):
+        self.folder, self.devices, self.jobs, self.budget = folder, devices, jobs, budget
+        self.on_change = on_change  # called whenever a point starts or ends (to save sweep.json, show progress)
+        self.on_tick = on_tick  # called a few times a second while points run (to show their progress)
+        self.running: list[PointRun] = []
+        self.stopping = False
+
+    def run(self, todo: list[tuple[dict, object]]) -> None:
+        """Runs every (entry, config) of ``todo`` unless stopped; returns when none is left running."""
+        queue = list(todo)
+        while queue or self.running:
+            while queue and len(self.running) < self.jobs and not self.stopping:
+                entry, config = queue.pop(0)
+                self._start(entry, config)
+            self._collect()
+            if self.stopping and not self.running:
+                return
+            self.on_tick()
+            time.sleep(0.2)
+
+    def _start(self, entry: dict, config) -> None:
+        in_use = {run.device for run in self.running}
+        free = [d for d in self.devices if d not in in_use]
+        device = free[0] if free else self.devices[len(self.running) % len(self.devices)]
+        command = train_command(entry, self.folder, config, device, self.budget)
+        run_dir = self.folder / entry["run_dir"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(run_dir / "train.log", "a", encoding="utf-8")
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        entry.update(status="running", reason=None, exit_status=None, device=device)
+        self.running.append(PointRun(entry, process, device, log))
+        self.on_change()
+
+    def _collect(self) -> None:
+        for run in [r for r in self.running if r.process.poll() is not None]:
+            run.log.close()
+            self.running.remove(run)
+            status, reason = outcome(run.process.returncode, self.folder / run.entry["run_dir"])
+            run.entry.update(status=status, reason=reason, exit_status=run.process.returncode)
+            self.on_change()
+
+    def interrupt(self, signum: int, at_once: bool = False) -> None:
+        """Stop starting points and pass ``signum`` on to the running ones (a second time: they exit at once)."""
+        self.stopping = True
+        for run in self.running:
+            if run.process.poll() is None:
+                run.process.send_signal(signum)
+        if at_once:
+            for run in self.running:
+                run.process.wait()
+            self._collect()
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
