@@ -23,7 +23,7 @@ TRAIN_FLAGS = {
     "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
     "step": ("train", "step"), "amp": ("train", "amp"), "cuda_graphs": ("train", "cuda_graphs"),
     "skip_nonfinite": ("train", "skip_nonfinite"), "steps_per_epoch": ("train", "steps_per_epoch"),
-    "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"),
+    "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"), "state": ("train", "state"),
 }
 
 
@@ -79,6 +79,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--eval-batches", dest="eval_batches", type=int, default=S, metavar="N",
                    help="validate and test on the first N batches of valid and test only (quicker, said so in reports)")
     t.add_argument("--threads", type=int, default=S, metavar="N", help="torch's CPU threads (default: torch's)")
+    t.add_argument("--state", default=S, choices=("carry", "reset"),
+                   help="carry (default, the example's): the hidden state goes on from chunk to chunk, detached; "
+                        "reset: each chunk starts from zeros, in training and evaluation (what carrying is worth)")
     t.add_argument("--skip-nonfinite", dest="skip_nonfinite", type=int, default=S, metavar="N",
                    help="skip up to N batches whose loss or gradients are NaN/inf (no update), recorded in "
                         "metrics; the next one stops the run (0: stop at the first)")

@@ -65,6 +65,7 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # an epoch of this many batches, continuing through the corpus
     eval_batches: Optional[int] = None  # evaluate on the first this many batches of valid and test
     threads: Optional[int] = None  # torch's CPU threads (None: torch's default)
+    state: str = "carry"  # "reset": every chunk starts from a zero hidden state (the ablation of carrying it)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class RunConfig:
         if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
             raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
         _one_of("--step", t.step, ("fast", "example"))
+        _one_of("--state", t.state, ("carry", "reset"))
         _one_of("--amp", t.amp, ("off", "bf16"))
         if not isinstance(t.cuda_graphs, bool):
             raise FastlmError(f"cuda_graphs must be true or false, got {t.cuda_graphs!r}")

@@ -35,7 +35,8 @@ def device_name(device: torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 @functools.cache

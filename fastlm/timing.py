@@ -29,6 +29,11 @@ DATA, FORWARD, BACKWARD, CLIP, OPTIMIZER = "data", "forward", "backward", "clip"
 PHASES = (DATA, FORWARD, BACKWARD, CLIP, OPTIMIZER)
 EMBEDDING, RNN, DECODER, LOSS = "embedding", "rnn", "decoder", "loss"
 FORWARD_PARTS = (EMBEDDING, RNN, DECODER, LOSS)
+# Backward in the order autograd runs it: the decoder's and the loss's gradients, then back-propagation through
+# time in the recurrent layers, then the embedding's gradient. The model marks where the gradient reaches the
+# recurrent layers' output and input (split_when_gradient_reaches), which is where one part ends.
+DECODER_GRAD, RNN_GRAD, EMBEDDING_GRAD = "decoder_grad", "rnn_grad", "embedding_grad"
+BACKWARD_PARTS = (DECODER_GRAD, RNN_GRAD, EMBEDDING_GRAD)
 STEP = "step"
 NVTX_DOMAIN = "fastlm"
 
@@ -117,6 +122,7 @@ class _Phase:
         if self.label is not None:
             self.label.__enter__()
         self.start = timer.clock.mark()
+        timer._boundaries.append(self.start)
         return self
 
     def __exit__(self, *exc):
@@ -160,6 +166,7 @@ class PhaseTimer:
         self.clock = Clock(device)
         self._pending: list[tuple[str, object, object, Optional[int]]] = []  # (name, start, end, step) not yet read
         self._open: list[str] = []
+        self._boundaries: list = []  # per open phase: its start, or where its latest part ended
         self._step_number: Optional[int] = None  # the step in progress, or None between steps
         self._steps_started = 0
         self._push, self._pop = nvtx_range_functions()
@@ -179,12 +186,31 @@ class PhaseTimer:
     def _close_phase(self, name: str, start, end) -> None:
         self._pop()
         self._open.pop()
+        self._boundaries.pop()
         self._pending.append((name, start, end, self._step_number))
         if name == STEP:
             self._step_number = None
 
     def phase(self, name: str):
         return _Phase(self, name) if self.enabled else _UNLABELLED
+
+    def split(self, name: str) -> None:
+        """Here ends a part named ``name`` of the open phase, begun at the phase's start or where its previous
+        part ended. For work timed from inside (autograd's backward, through tensor hooks), where no context
+        manager can bracket it."""
+        if not self.enabled or not self._open:
+            return
+        end = self.clock.mark()
+        self.parents.setdefault(name, self._open[-1])
+        self._pending.append((name, self._boundaries[-1], end, self._step_number))
+        self._boundaries[-1] = end
+
+    def split_rest(self, name: str, first_part: str) -> None:
+        """The rest of the open phase is its part ``name``, provided it was split into parts at all (the part
+        ``first_part`` was recorded in this step): a phase nobody split stays whole."""
+        pending = self._pending
+        if any(entry[0] == first_part and entry[3] == self._step_number for entry in pending):
+            self.split(name)
 
     def step(self):
         return self.phase(STEP)
@@ -194,13 +220,15 @@ class PhaseTimer:
         if self._pending:
             self.clock.wait(self._pending[-1][2])  # the last phase closed is the last mark recorded
         steps: dict[int, dict[str, float]] = {}
+        read = {}  # the marks read, each once: a part's end is also the next part's start
         for name, start, end, step_number in self._pending:
             ms = self.clock.ms(start, end)
             self.samples[name].append(ms)
             if step_number is not None:
                 totals = steps.setdefault(step_number, {})
                 totals[name] = totals.get(name, 0.0) + ms
-            self.clock.reuse(start, end)
+            read[id(start)], read[id(end)] = start, end
+        self.clock.reuse(*read.values())
         # per_step holds finished steps only: collect() is called between steps.
         self.per_step.extend(totals for _, totals in sorted(steps.items()) if STEP in totals)
         self._pending.clear()
@@ -240,3 +268,11 @@ def phase(name: str):
     if _active is None or not _active.enabled:
         return _UNLABELLED
     return _active.phase(name)
+
+
+def split_when_gradient_reaches(tensor: torch.Tensor, name: str) -> None:
+    """In backward, end the active timer's part ``name`` of the open phase when ``tensor``'s gradient has been
+    computed (how the model marks where back-propagation reaches the recurrent layers, and leaves them)."""
+    timer = _active
+    if timer is not None and timer.enabled and tensor.requires_grad:
+        tensor.register_hook(lambda grad: timer.split(name))

@@ -91,21 +91,25 @@ def repackage_hidden(hidden):
     return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
 
 
-def evaluate(model: ExampleModel, source: torch.Tensor, bptt: int, batch_size: int) -> float:
+def evaluate(model: ExampleModel, source: torch.Tensor, bptt: int, batch_size: int, reset_state: bool = False) -> float:
     model.eval()
     total = 0.0
     hidden = model.init_hidden(batch_size)
     with torch.no_grad():
         for i in range(0, source.size(0) - 1, bptt):
             data, targets = get_batch(source, i, bptt)
+            if reset_state:
+                hidden = model.init_hidden(batch_size)
             output, hidden = model(data, hidden)
             hidden = repackage_hidden(hidden)
             total += len(data) * F.nll_loss(output, targets).item()
     return total / (len(source) - 1)
 
 
-def run_recipe(corpus, config, device="cpu", layerwise: bool = False) -> RecipeRun:
-    """Trains ``config.train.epochs`` full epochs of the example on ``corpus``; returns what it measured."""
+def run_recipe(corpus, config, device="cpu", layerwise: bool = False, reset_state: bool = False) -> RecipeRun:
+    """Trains ``config.train.epochs`` full epochs of the example on ``corpus``; returns what it measured.
+    ``reset_state``: every chunk starts from a zero hidden state instead of the previous chunk's (an ablation,
+    not the example)."""
     m, d, t = config.model, config.data, config.train
     torch.manual_seed(t.seed)
     model = ExampleModel(m.cell, len(corpus.vocab), m.emsize, m.nhid, m.nlayers, m.dropout, m.tied,
@@ -121,7 +125,7 @@ def run_recipe(corpus, config, device="cpu", layerwise: bool = False) -> RecipeR
         for i in range(0, train.size(0) - 1, d.bptt):
             data, targets = get_batch(train, i, d.bptt)
             model.zero_grad()
-            hidden = repackage_hidden(hidden)
+            hidden = model.init_hidden(d.batch_size) if reset_state else repackage_hidden(hidden)
             output, hidden = model(data, hidden)
             loss = F.nll_loss(output, targets)
             loss.backward()
@@ -129,7 +133,7 @@ def run_recipe(corpus, config, device="cpu", layerwise: bool = False) -> RecipeR
             for p in model.parameters():
                 p.data.add_(p.grad, alpha=-lr)
             run.step_losses.append(loss.item())
-        val_loss = evaluate(model, valid, d.bptt, d.eval_batch_size)
+        val_loss = evaluate(model, valid, d.bptt, d.eval_batch_size, reset_state)
         improved = best_val is None or val_loss < best_val
         if improved:
             best_val, best_state = val_loss, copy.deepcopy(model.state_dict())
@@ -139,5 +143,5 @@ def run_recipe(corpus, config, device="cpu", layerwise: bool = False) -> RecipeR
         run.improved.append(improved)
         run.lr_after_epoch.append(lr)
     model.load_state_dict(best_state)
-    run.test_loss = evaluate(model, test, d.bptt, d.eval_batch_size)
+    run.test_loss = evaluate(model, test, d.bptt, d.eval_batch_size, reset_state)
     return run

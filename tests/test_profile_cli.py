@@ -14,7 +14,7 @@ import torch
 from fastlm import cli
 from fastlm.device import describe
 from fastlm.profile import external_profilers
-from fastlm.timing import FORWARD_PARTS, PHASES, STEP
+from fastlm.timing import BACKWARD_PARTS, FORWARD_PARTS, PHASES, STEP
 from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,3 +194,31 @@ def test_profile_help_lists_its_options():
     assert result.returncode == 0
     for flag in ("--warmup", "--steps", "--out", "--py-spy", "--nsys", "--backend", "--bptt"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("step", ["fast", "example"])
+def test_the_breakdown_names_its_step_and_splits_backward_into_parts(step, tmp_path):
+    """Each breakdown says which step it measured, on what, in which precision; backward's parts (the decoder's
+    and loss's gradients, the recurrent layers' back-propagation through time, the embedding's gradient) add up
+    to backward; the flow chart shows evaluation, test and the detached hidden state."""
+    out = tmp_path / step
+    status, _, err = run_cli("profile", *TINY, "--step", step, "--warmup", 2, "--steps", 6, "--trace-steps", 0,
+                             "--out", out, "--threads", 1)
+    assert status == 0, err
+    data = json.loads((out / "breakdown.json").read_text())
+    assert (data["step"], data["precision"], data["threads"]) == (step, "fp32", 1)
+    assert data["backend_runs_as"] == "torch.nn on CPU (ATen/oneDNN kernels)" and "1 thread)" in data["title"]
+    assert data["title"].count(f"{step} step") == 1
+    parts = data["backward_parts"]
+    assert set(parts) == set(BACKWARD_PARTS) and all(parts[name]["mean_ms"] > 0 for name in BACKWARD_PARTS)
+    backward = data["phases"]["backward"]["mean_ms"]
+    assert sum(parts[name]["mean_ms"] for name in BACKWARD_PARTS) == pytest.approx(backward, rel=0.03)
+    if step == "example":  # the example's backward is mostly the decoder's gradient GEMMs
+        assert parts["decoder_grad"]["mean_ms"] > parts["embedding_grad"]["mean_ms"]
+    assert set(data["evaluation"]) == {"valid", "test"} and data["evaluation"]["valid"]["ms_per_batch"] > 0
+    assert data["parameters"]["total"] > 0
+    svg = (out / "flow.svg").read_text()
+    for words in ("validation", "test", "detached", "RNN gradients", "(BPTT)", "embedding"):
+        assert words in svg, words
+    table = (out / "breakdown.md").read_text()
+    assert "| &nbsp;&nbsp;rnn_grad |" in table and f"{step} step" in table

@@ -55,6 +55,21 @@ def registered() -> list[tuple[str, str]]:
     return [(cell, name) for name, entry in _REGISTRY.items() for cell in entry.factories]
 
 
+# What a backend really runs on each kind of device (the name "cudnn" is torch.nn's, which on a CPU is not cuDNN).
+_RUNS_AS = {
+    ("reference", "cpu"): "plain PyTorch loop", ("reference", "cuda"): "plain PyTorch loop",
+    ("cudnn", "cpu"): "torch.nn on CPU (ATen/oneDNN kernels)", ("cudnn", "cuda"): "torch.nn on cuDNN",
+    ("script", "cpu"): "TorchScript loop", ("script", "cuda"): "TorchScript loop (fused pointwise on GPU)",
+    ("triton", "cpu"): "Triton kernels, interpreted", ("triton", "cuda"): "Triton kernels, compiled",
+    ("compile", "cpu"): "torch.compile (Inductor, C++)", ("compile", "cuda"): "torch.compile (Inductor, Triton)",
+}
+
+
+def runs_as(backend: str, device_type: str) -> str:
+    """How ``backend`` computes on a device of ``device_type`` ("cpu", "cuda"), in words for reports."""
+    return _RUNS_AS.get((backend, device_type), backend)
+
+
 def available() -> list[tuple[str, str]]:
     """Every (cell, backend) pair that can be built on this machine."""
     return [(cell, name) for name, entry in _REGISTRY.items() for cell in entry.factories

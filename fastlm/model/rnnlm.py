@@ -20,7 +20,7 @@ from fastlm.config import ModelConfig
 from fastlm.errors import FastlmError
 from fastlm.model.adaptive import AdaptiveDecoder
 from fastlm.model.fused_loss import Chunking, linear_cross_entropy
-from fastlm.timing import DECODER, EMBEDDING, RNN, phase
+from fastlm.timing import DECODER, DECODER_GRAD, EMBEDDING, RNN, RNN_GRAD, phase, split_when_gradient_reaches
 
 
 class RNNLM(nn.Module):
@@ -73,6 +73,10 @@ class RNNLM(nn.Module):
             emb = self.drop(self.encoder(tokens))
         with phase(RNN):
             output, state = self.rnn(emb, state)
+        # Backward's parts: the gradient reaching the stack's output ends the decoder's and loss's part; reaching
+        # its input ends back-propagation through time (what is left is the embedding's).
+        split_when_gradient_reaches(output, DECODER_GRAD)
+        split_when_gradient_reaches(emb, RNN_GRAD)
         return self.drop(output), state
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Optional
 
 from rich.table import Table
 
-from fastlm.timing import FORWARD, FORWARD_PARTS, PHASES, STEP, stats
+from fastlm.timing import BACKWARD, BACKWARD_PARTS, FORWARD, FORWARD_PARTS, PHASES, STEP, stats
 
 BREAKDOWN_JSON = "breakdown.json"  # the file `fastlm profile` writes summarize()'s result to
 FORWARD_OTHER = "other"  # forward time outside its timed parts: dropout after the stack, state detach, glue
@@ -56,8 +56,10 @@ def summarize(per_step: list[dict], step_ms: list[float], parents: dict, tokens_
     mean = step["mean"]
     top = children(parents, STEP, PHASES)
     parts = children(parents, FORWARD, FORWARD_PARTS)
+    back = children(parents, BACKWARD, BACKWARD_PARTS)
     phases = {name: _phase_entry(per_step, name, mean) for name in top}
     forward_parts = {name: _phase_entry(per_step, name, mean) for name in parts}
+    backward_parts = {name: _phase_entry(per_step, name, mean) for name in back}
     notes = [f"'{name}' was timed in only {count} of the {len(per_step)} measured steps"
              for name in (*top, *parts) if 0 < (count := sum(name in record for record in per_step)) < len(per_step)]
     untimed = [name for name in top if not all(name in record for record in per_step)]
@@ -84,6 +86,7 @@ def summarize(per_step: list[dict], step_ms: list[float], parents: dict, tokens_
         "timer_step_ms": {"mean": statistics.fmean(timer_step), "median": statistics.median(timer_step)},
         "phases": phases,
         "forward_parts": forward_parts,
+        "backward_parts": backward_parts,
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_step / (mean / 1e3),
         "notes": notes,
@@ -101,14 +104,14 @@ def _share(value: Optional[float]) -> str:
 
 
 def table_rows(breakdown: dict) -> list[tuple[str, str, str, str]]:
-    """(phase, mean ms, median ms, share) rows: the step's phases with the forward's parts indented under
-    forward, then the sum of phases and the measured step."""
+    """(phase, mean ms, median ms, share) rows: the step's phases with the parts of forward and backward
+    indented under them, then the sum of phases and the measured step."""
     rows = []
+    parts = {FORWARD: breakdown["forward_parts"], BACKWARD: breakdown.get("backward_parts", {})}
     for name, entry in breakdown["phases"].items():
         rows.append((name, _ms(entry["mean_ms"]), _ms(entry["median_ms"]), _share(entry["share"])))
-        if name == FORWARD:
-            for part, sub in breakdown["forward_parts"].items():
-                rows.append((f"  {part}", _ms(sub["mean_ms"]), _ms(sub["median_ms"]), _share(sub["share"])))
+        for part, sub in parts.get(name, {}).items():
+            rows.append((f"  {part}", _ms(sub["mean_ms"]), _ms(sub["median_ms"]), _share(sub["share"])))
     total = breakdown["phase_sum_ms"]
     rows.append(("sum of phases", _ms(total["mean"]), _ms(total["median"]), _share(breakdown["coverage"])))
     step = breakdown["step_ms"]
@@ -126,7 +129,11 @@ def _title(breakdown: dict) -> str:
 
 
 def rich_tables(breakdown: dict) -> list[Table]:
-    steps = Table(title=_title(breakdown), title_justify="left")
+    """The terminal's tables. Their title is short (what was measured was printed in full before them), so
+    that the tables fit 80 columns."""
+    title = (f"{breakdown.get('step', 'training')} step: {breakdown['steps']} measured steps, "
+             f"{breakdown['tokens_per_s']:,.0f} tokens/s")
+    steps = Table(title=title, title_justify="left")
     for header in ("phase", "mean ms", "median ms", "share of step"):
         steps.add_column(header, justify="left" if header == "phase" else "right")
     rows = table_rows(breakdown)

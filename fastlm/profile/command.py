@@ -26,6 +26,7 @@ import gzip
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -36,6 +37,7 @@ from typing import Optional
 import torch
 from rich.console import Console
 
+from fastlm.cells import runs_as
 from fastlm.data import resolve_corpus
 from fastlm.data.batching import batchify
 from fastlm.device import describe, resolve_device, use_threads
@@ -130,6 +132,8 @@ class StepRunner:
         self.batches = itertools.chain([next(self.batches)], self.batches)
 
     def step(self, timer) -> None:
+        if self.trainer.config.train.state == "reset":
+            self.state = self.trainer.model.init_state(self.trainer.config.data.batch_size)
         _, self.state, _ = run_step(self.trainer.step_fn, self.batches, self.state, timer)
 
 
@@ -203,7 +207,7 @@ def write_trace(runner: StepRunner, steps: int, path: Path) -> None:
     # One profiler warm-up step (not recorded: it carries the profiler's start-up), then ``steps`` recorded
     # ones; a schedule is also what makes prof.step() mark ProfilerStep#k ranges, which HTA uses.
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+    with _without_profiler_chatter(), torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         for _ in range(steps + 1):
             runner.step(timer)
             prof.step()
@@ -218,6 +222,30 @@ def write_trace(runner: StepRunner, steps: int, path: Path) -> None:
     trace.setdefault("distributedInfo", {"rank": 0, "world_size": 1})
     with gzip.open(path, "wt", encoding="utf-8") as f:
         json.dump(trace, f)
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Kineto (torch.profiler's engine) writes "USDT: ... profiler_start" and similar lines straight to the
+    process's stderr, with no setting to stop it. Those lines are caught here and dropped; anything else
+    written to stderr meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode("utf-8", errors="replace").splitlines():
+                if not line.startswith(KINETO_CHATTER):
+                    print(line, file=sys.stderr)
+
+
+KINETO_CHATTER = ("USDT:", "STAGE:")
 
 
 # ------------------------------------------------------------------------------------------ the whole run
@@ -239,16 +267,28 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
         batchify(corpus.train, config.data.batch_size)
     m, d = config.model, config.data
     machine = describe(device)
-    title = f"{m.cell} {m.nlayers}x{m.nhid} {m.backend} | {machine['device_name']}"
+    what = {"step": config.train.step, "backend_runs_as": runs_as(m.backend, device.type),
+            "precision": "bf16 autocast" if config.train.amp == "bf16" else "fp32"}
+    title = (f"{m.cell} {m.nlayers}x{m.nhid}{' tied' if m.tied else ''} | {what['step']} step | "
+             f"{what['backend_runs_as']} | {what['precision']} | {machine['device_name']}")
     console.print(f"fastlm profile | {title} | {corpus.source} ({len(corpus.vocab):,} words) | "
-                  f"batch {d.batch_size} x bptt {d.bptt} | {options.warmup} warm-up + {options.steps} measured steps")
+                  f"batch {d.batch_size} x bptt {d.bptt} | {options.warmup} warm-up + {options.steps} measured steps",
+                  soft_wrap=True)
     runner = StepRunner(trainer)
     per_step, step_ms, window_ms = measure(runner, options.warmup, options.steps, one_off)
     breakdown = report.summarize(per_step, step_ms, trainer.timer.parents, d.batch_size * d.bptt)
     one_off["first_step_over_steady"] = max(0.0, one_off["first_step"] - breakdown["step_ms"]["median"])
     breakdown["step_ms"]["window_mean"] = window_ms
-    breakdown.update(title=title, steps=options.steps, warmup=options.warmup, one_off_ms=one_off, **machine,
-                     data_source=corpus.source, vocab_size=len(corpus.vocab), config=config.to_dict())
+    breakdown["evaluation"] = {split: _time_evaluation(trainer, stream, split, clock)
+                               for split, stream in (("valid", trainer.valid_stream), ("test", trainer.test_stream))}
+    one_off.update({f"{split}_sample": entry["ms"] for split, entry in breakdown["evaluation"].items()})
+    breakdown.update(title=title, steps=options.steps, warmup=options.warmup, one_off_ms=one_off, **what,
+                     **machine, parameters=trainer.model.parameter_counts(), data_source=corpus.source,
+                     vocab_size=len(corpus.vocab), config=config.to_dict())
+    if config.train.step == "fast" and m.decoder == "full":
+        breakdown["notes"].append("the fast step's fused loss computes the decoder's gradients in forward, while a "
+                                  "chunk's logits are in cache: they are in 'decoder' there, and backward's "
+                                  "'decoder_grad' only scales them (--step example shows the example's split)")
     graphed = any("+" in name for name in breakdown["phases"])
     if graphed and device.type == "cuda" and getattr(config.train, "cuda_graphs", False):
         breakdown["notes"].append("the step ran as a CUDA graph replay, as `fastlm train` runs it: the phases inside "
@@ -264,7 +304,24 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
     return breakdown
 
 
+EVALUATION_SAMPLE = 20  # batches of each split timed for the evaluation boxes (unless --eval-batches says fewer)
+
+
+def _time_evaluation(trainer, stream, split: str, clock: Clock) -> dict:
+    """An evaluation pass over the split's first batches, timed: what validation (each epoch) and the test (at
+    the end) cost, measured on a sample and scaled to the whole split."""
+    batches = min(len(stream), trainer.config.train.eval_batches or EVALUATION_SAMPLE)
+    timing: dict = {}
+    with _stopwatch(timing, "ms", clock):
+        trainer.evaluate(stream, split, interruptible=False, batches=batches)
+    per_batch = timing["ms"] / batches
+    return {"batches": batches, "ms": timing["ms"], "ms_per_batch": per_batch, "split_batches": len(stream),
+            "split_seconds_estimate": per_batch * len(stream) / 1e3}
+
+
 ONE_OFF_MEANING = {
+    "valid_sample": "evaluating the first batches of the validation split (see evaluation)",
+    "test_sample": "evaluating the first batches of the test split (see evaluation)",
     "cuda_init": "CUDA context start-up",
     "corpus_load": "reading and tokenising the corpus (or reading the token cache)",
     "trainer_setup": "batchify, pinning and the model build",

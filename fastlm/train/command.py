@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastlm.cells import runs_as
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
 from fastlm.device import describe, resolve_device, use_threads
@@ -102,7 +103,8 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
     counts = trainer.model.parameter_counts()
-    display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} on {m.backend} | {device} | "
+    display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
+                    f"{device} | "
                     f"{corpus.source} ({len(corpus.vocab):,} words) | {where}")
     display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"

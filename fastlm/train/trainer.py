@@ -151,14 +151,15 @@ class Trainer:
         return (self.epoch - 1) * self.config.train.steps_per_epoch % len(self.train_stream)
 
     # ------------------------------------------------------------------ loops
-    def evaluate(self, stream: BatchStreamer, split: str, interruptible: bool = True) -> Optional[float]:
-        """Mean loss per target token over a split (the example's evaluate()), or over its first
-        ``--eval-batches`` batches.
+    def evaluate(self, stream: BatchStreamer, split: str, interruptible: bool = True,
+                 batches: Optional[int] = None) -> Optional[float]:
+        """Mean loss per target token over a split (the example's evaluate()), or over its first ``batches``
+        (default ``--eval-batches``) batches.
 
         Returns None when ``interruptible`` and a stop request cut it short.
         """
         self.model.eval()
-        limit = min(len(stream), self.config.train.eval_batches or len(stream))
+        limit = min(len(stream), batches or self.config.train.eval_batches or len(stream))
         limit = min(limit, DRY_RUN_STEPS) if self.config.train.dry_run else limit
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
@@ -168,6 +169,8 @@ class Trainer:
                 if interruptible and self.stop.requested:
                     self.model.train()
                     return None
+                if self.config.train.state == "reset":
+                    state = self.model.init_state(self.config.data.eval_batch_size)
                 hidden, state = self.model(inputs, state)
                 total += self.model.loss(hidden, targets).double() * targets.numel()
                 count += targets.numel()
@@ -191,9 +194,10 @@ class Trainer:
         batches = self.train_stream.iterate(start, limit - self.batches_done)
         self._good = self._payload(copy=True)  # validated or restored: good, and newer than any older snapshot
         while self.batches_done < limit:
-            if (self._epoch_start() + self.batches_done) % len(self.train_stream) == 0:
+            if t.state == "reset" or (self._epoch_start() + self.batches_done) % len(self.train_stream) == 0:
                 # The start of the corpus: a fresh hidden state, as at every epoch's start in the example (with
                 # --steps-per-epoch, epochs in the middle of the corpus carry the state on, as the text does).
+                # With --state reset, every chunk starts afresh.
                 self.state = self.model.init_state(self.config.data.batch_size)
             loss, self.state, tokens = run_step(self.step_fn, batches, self.state, self.timer)
             self.batches_done += 1
