@@ -341,7 +341,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from fastlm.sweep.report import run_report
+    from fastlm.report.command import run_report
 
     if args.out is None and len(args.folders) > 1:
         raise FastlmError("several folders: say where the report goes with --out DIR")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastlm.errors import FastlmError
-from fastlm.sweep.report import build_report, run_report
+from fastlm.report.command import build_report, run_report
 from tests.helpers import run_cli, toy_corpus, write_corpus_folder
 
 FAILED_REASON = "the loss or gradients became non-finite at step 3; training stopped"

@@ -1,2 +1,2 @@
-"""`fastlm sweep` and `fastlm report`: a grid of ordinary training runs (LSTM against GRU, over layers, sizes,
-bptt, ...), resumable, and the report that compares them with the conditions they were measured under."""
+"""`fastlm sweep`: a grid of ordinary training runs (LSTM against GRU, over layers, sizes, bptt, ...) in
+processes of their own, resumable, ending with `fastlm report` (fastlm.report) on them."""

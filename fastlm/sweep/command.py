@@ -3,7 +3,7 @@
     <out>/sweep.json          the grid, the base configuration, and each point's status (and why it failed)
     <out>/points/<name>/      each point: an ordinary run folder (config.json, metrics.jsonl, checkpoints,
                               train.log with the command it ran and all it printed)
-    <out>/report.md, report.json, plots/    the comparison (fastlm.sweep.report), rewritten at every end
+    <out>/report.md, report.json, plots/    the comparison (fastlm.report.command), rewritten at every end
 
 Running the same command again skips the points that are done (or that failed: their reason stands in the
 report), resumes the interrupted ones through the train command's own --resume, and starts the rest. A folder
@@ -145,7 +145,7 @@ def _write(out: Path, state: dict) -> None:
 
 
 def _write_report(out: Path, progress: SweepProgress) -> None:
-    from fastlm.sweep.report import run_report
+    from fastlm.report.command import run_report
 
     started = time.perf_counter()
     run_report([out], out)

@@ -1,4 +1,4 @@
-"""The report's tables, computed from the runs' entries (fastlm.sweep.collect.run_entry).
+"""The report's tables, computed from the runs' entries (fastlm.report.collect.run_entry).
 
 ``field_tables``: for each varied field, a row per value and in it an entry per cell: the means over that
 cell's runs with that value, failed and diverged runs left out (and counted), so LSTM and GRU sit side by side
@@ -13,7 +13,7 @@ from numbers import Number
 from typing import Optional
 
 from fastlm.config import CELLS
-from fastlm.sweep.collect import FAILED, value_key
+from fastlm.report.collect import FAILED, value_key
 
 CELL_LABELS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN (tanh)", "rnn_relu": "RNN (ReLU)"}
 

@@ -10,11 +10,11 @@ The report dict::
     sources              the folders given
     sweeps               each sweep's path, grid, budget and quick flag
     conditions           the distinct values of the machine, software and settings, and "notes"
-                         (fastlm.sweep.conditions)
+                         (fastlm.report.conditions)
     varied, cells        the fields the runs vary (the sweeps' axes, else found from the configs) and the cells
-    runs                 a run's figures each (fastlm.sweep.collect.run_entry)
+    runs                 a run's figures each (fastlm.report.collect.run_entry)
     tables               "fields": {field: a row per value, the cells' means side by side},
-                         "points": a row per combination of the varied fields (fastlm.sweep.tables)
+                         "points": a row per combination of the varied fields (fastlm.report.tables)
     plots                (run_report) the figure files, relative to the report's folder
 """
 
@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastlm.sweep.collect import collect, run_entry, varied_fields
-from fastlm.sweep.conditions import conditions
-from fastlm.sweep.markdown import render
-from fastlm.sweep.tables import field_tables, point_rows, present_cells
+from fastlm.report.collect import collect, run_entry, varied_fields
+from fastlm.report.conditions import conditions
+from fastlm.report.markdown import render
+from fastlm.report.tables import field_tables, point_rows, present_cells
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -47,7 +47,7 @@ def build_report(folders: list[Path]) -> dict:
 
 def run_report(folders: list[Path], out: Path) -> dict:
     """Builds the report, writes report.json, report.md and the plots into ``out``; returns the report."""
-    from fastlm.sweep.plots import write_plots  # matplotlib only when figures are drawn
+    from fastlm.report.plots import write_plots  # matplotlib only when figures are drawn
 
     report = build_report(folders)
     out = Path(out)

@@ -9,7 +9,7 @@ on the runs that diverged, failed or did not finish.
 
 from __future__ import annotations
 
-from fastlm.sweep.collect import FAILED, NOT_VARIED, Source, flat_config, planned_epochs, value_key
+from fastlm.report.collect import FAILED, NOT_VARIED, Source, flat_config, planned_epochs, value_key
 
 MACHINE = ("device", "device_name", "threads", "torch", "cuda", "triton", "git_sha", "host")
 SETTINGS = ("backend", "amp", "step", "seed", "data_source", "epochs", "steps_per_epoch", "eval_batches",

@@ -1,4 +1,4 @@
-"""report.md: the report dict (fastlm.sweep.report.build_report) as a page people read.
+"""report.md: the report dict (fastlm.report.command.build_report) as a page people read.
 
 The conditions come first (machine and software, then the settings and the notes), so that no number below is
 read without them; then the points table with the cells side by side, a table per varied field, the runs that
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from fastlm.sweep.conditions import MACHINE, SETTINGS
-from fastlm.sweep.tables import cell_label, cells_phrase
+from fastlm.report.conditions import MACHINE, SETTINGS
+from fastlm.report.tables import cell_label, cells_phrase
 
 MISSING = "—"
 LABELS = {"device": "device", "device_name": "device name", "threads": "CPU threads", "torch": "torch",

@@ -14,8 +14,8 @@ import math
 from itertools import accumulate
 from pathlib import Path
 
-from fastlm.sweep.collect import value_key
-from fastlm.sweep.tables import cell_label, cells_phrase, field_values, present_cells
+from fastlm.report.collect import value_key
+from fastlm.report.tables import cell_label, cells_phrase, field_values, present_cells
 
 CELL_COLOURS = {"lstm": "#1f77b4", "gru": "#ff7f0e", "rnn_tanh": "#2ca02c", "rnn_relu": "#d62728"}
 OTHER_COLOUR = "#7f7f7f"
