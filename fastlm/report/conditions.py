@@ -61,19 +61,19 @@ def _by_value(configured: list[Source], name: str) -> dict:
 def length_notes(configured: list[Source]) -> list[str]:
     """Short epochs, partial evaluation and per-run budgets of the runs' own configs."""
     notes, total = [], len(configured)
-    epochs, evals = _by_value(configured, "steps_per_epoch"), _by_value(configured, "eval_batches")
-    for value, names in epochs.values():
-        if value is not None:
-            notes.append(f"epochs of {value} batches (--steps-per-epoch {value}), not full passes over the training "
-                         f"split{_which(names, total)}")
-        elif len(epochs) > 1:
-            notes.append(f"epochs are full passes over the training split{_which(names, total)}")
-    for value, names in evals.values():
-        if value is not None:
-            notes.append(f"validation and test on the first {value} batches of each split (--eval-batches {value})"
-                         f"{_which(names, total)}")
-        elif len(evals) > 1:
-            notes.append(f"validation and test on the whole splits{_which(names, total)}")
+    shortened = (  # (setting, what a value means, what no value means where other runs have one)
+        ("steps_per_epoch", "epochs of {v} batches (--steps-per-epoch {v}), not full passes over the training split",
+         "epochs are full passes over the training split"),
+        ("eval_batches", "validation and test on the first {v} batches of each split (--eval-batches {v})",
+         "validation and test on the whole splits"),
+    )
+    for name, shortened_text, whole_text in shortened:
+        groups = _by_value(configured, name)
+        for value, names in groups.values():
+            if value is not None:
+                notes.append(shortened_text.format(v=value) + _which(names, total))
+            elif len(groups) > 1:
+                notes.append(whole_text + _which(names, total))
     plain = [source for source in configured if source.point is None]  # a sweep's budget is in sweep.json
     for value, names in _by_value(plain, "max_steps").values():
         if value is not None:

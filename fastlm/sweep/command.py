@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ from fastlm.config import RunConfig
 from fastlm.errors import FastlmError
 from fastlm.sweep.grid import Grid, points
 from fastlm.sweep.progress import SweepProgress
-from fastlm.sweep.runner import SIGNALS, Runner
+from fastlm.sweep.runner import Runner
+from fastlm.train.signals import StopRequest
 
 FORMAT, VERSION = "fastlm-sweep", 1
 FINISHED = ("done", "budget", "failed")
@@ -77,10 +77,10 @@ def run_sweep(options: SweepOptions, console=None) -> int:
     _write(options.out, state)
     progress.finish()
     _write_report(options.out, progress)
-    if signals.received:
+    if signals.requested:
         progress.message(f"sweep interrupted: run the same command (fastlm sweep --out {options.out} ...) to "
                          f"continue; finished points are kept and interrupted ones resume where they stopped")
-        return 130 if signals.received == signal.SIGINT else 143
+        return signals.exit_status
     return 1 if any(entry["status"] == "failed" for entry in state["points"]) else 0
 
 
@@ -152,26 +152,15 @@ def _write_report(out: Path, progress: SweepProgress) -> None:
     progress.message(f"report: {out / 'report.md'} ({time.perf_counter() - started:.1f} s)")
 
 
-class _Interrupts:
+class _Interrupts(StopRequest):
     """SIGINT/SIGTERM while the sweep runs: the first passes the signal on to the running points and lets them
-    save; a second makes them exit at once."""
+    save (the train command's own stop); a second makes them exit at once."""
 
     def __init__(self, runner: Runner):
+        super().__init__()
         self.runner = runner
-        self.received: Optional[int] = None
-        self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        at_once = self.received is not None
-        self.received = self.received or signum
+        at_once = self.signum is not None
+        self.signum = self.signum or signum
         self.runner.interrupt(signum, at_once=at_once)
-
-    def __enter__(self):
-        for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False

@@ -14,7 +14,6 @@ stops them at once.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -136,5 +135,3 @@ class Runner:
                 run.process.wait()
             self._collect()
 
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
