@@ -122,7 +122,7 @@ class _Phase:
         if self.label is not None:
             self.label.__enter__()
         self.start = timer.clock.mark()
-        timer._boundaries.append(self.start)
+        timer._boundaries.append([self.start, self.start])
         return self
 
     def __exit__(self, *exc):
@@ -166,7 +166,7 @@ class PhaseTimer:
         self.clock = Clock(device)
         self._pending: list[tuple[str, object, object, Optional[int]]] = []  # (name, start, end, step) not yet read
         self._open: list[str] = []
-        self._boundaries: list = []  # per open phase: its start, or where its latest part ended
+        self._boundaries: list = []  # per open phase: [its start, where its latest part ended (or its start)]
         self._step_number: Optional[int] = None  # the step in progress, or None between steps
         self._steps_started = 0
         self._push, self._pop = nvtx_range_functions()
@@ -202,14 +202,13 @@ class PhaseTimer:
             return
         end = self.clock.mark()
         self.parents.setdefault(name, self._open[-1])
-        self._pending.append((name, self._boundaries[-1], end, self._step_number))
-        self._boundaries[-1] = end
+        self._pending.append((name, self._boundaries[-1][1], end, self._step_number))
+        self._boundaries[-1][1] = end
 
-    def split_rest(self, name: str, first_part: str) -> None:
-        """The rest of the open phase is its part ``name``, provided it was split into parts at all (the part
-        ``first_part`` was recorded in this step): a phase nobody split stays whole."""
-        pending = self._pending
-        if any(entry[0] == first_part and entry[3] == self._step_number for entry in pending):
+    def split_rest(self, name: str) -> None:
+        """The rest of the open phase is its part ``name``, provided it was split into parts at all: a phase
+        nobody split stays whole."""
+        if self.enabled and self._open and self._boundaries[-1][1] is not self._boundaries[-1][0]:
             self.split(name)
 
     def step(self):

@@ -323,3 +323,19 @@ def test_every_kind_of_config_value_survives_the_toml_file(tmp_path):
     loaded = RunConfig()
     loaded.update(load_toml(tmp_path / "run.toml"), origin="test")
     assert loaded.to_dict() == config.to_dict()
+
+
+def test_split_parts_tile_the_phase_and_an_unsplit_phase_stays_whole():
+    timer = PhaseTimer("cpu")
+    with timer.step():
+        with timer.phase(BACKWARD):
+            time.sleep(0.002)
+            timer.split("first")
+            time.sleep(0.002)
+            timer.split_rest("rest")
+        with timer.phase(CLIP):
+            timer.split_rest("never")  # nothing split this phase: no part
+    timer.collect()
+    record = timer.per_step[0]
+    assert record["first"] + record["rest"] == pytest.approx(record[BACKWARD], rel=0.05)
+    assert "never" not in record and timer.parents["first"] == timer.parents["rest"] == BACKWARD

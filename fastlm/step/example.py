@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, detach_state
 from fastlm.step.base import StepBase
-from fastlm.timing import BACKWARD, CLIP, DECODER_GRAD, EMBEDDING_GRAD, FORWARD, LOSS, OPTIMIZER, PhaseTimer, phase
+from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, LOSS, OPTIMIZER, PhaseTimer, phase
 
 
 class ExampleStep(StepBase):
@@ -36,7 +36,7 @@ class ExampleStep(StepBase):
                 loss = F.nll_loss(F.log_softmax(logits, dim=1), targets)
         with timer.phase(BACKWARD):
             loss.backward()
-            timer.split_rest(EMBEDDING_GRAD, first_part=DECODER_GRAD)
+            timer.split_rest(EMBEDDING_GRAD)
         with timer.phase(CLIP):
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
         with timer.phase(OPTIMIZER):

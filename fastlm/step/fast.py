@@ -24,7 +24,7 @@ import torch
 from fastlm.model import RNNLM, detach_state, map_state
 from fastlm.step.base import StepBase
 from fastlm.step.cuda_graphs import GraphedStep
-from fastlm.timing import BACKWARD, CLIP, DECODER_GRAD, EMBEDDING_GRAD, FORWARD, OPTIMIZER, PhaseTimer
+from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, OPTIMIZER, PhaseTimer
 
 
 class TrainStep(StepBase):
@@ -66,7 +66,7 @@ class TrainStep(StepBase):
                 loss = self.model.loss(hidden, targets)
         with timer.phase(BACKWARD):
             loss.backward()
-            timer.split_rest(EMBEDDING_GRAD, first_part=DECODER_GRAD)
+            timer.split_rest(EMBEDDING_GRAD)
         loss = loss.detach()
         with timer.phase(CLIP):
             grad_norm = self.clip_gradients()
