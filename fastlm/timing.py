@@ -163,6 +163,9 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.enabled = enabled
+        # Backward's parts (BACKWARD_PARTS) cost two autograd hooks and three marks a step: only `fastlm
+        # profile`, which reports them, turns them on; training logs the step's phases alone.
+        self.backward_parts = False
         self.clock = Clock(device)
         self._pending: list[tuple[str, object, object, Optional[int]]] = []  # (name, start, end, step) not yet read
         self._open: list[str] = []
@@ -273,5 +276,5 @@ def split_when_gradient_reaches(tensor: torch.Tensor, name: str) -> None:
     """In backward, end the active timer's part ``name`` of the open phase when ``tensor``'s gradient has been
     computed (how the model marks where back-propagation reaches the recurrent layers, and leaves them)."""
     timer = _active
-    if timer is not None and timer.enabled and tensor.requires_grad:
+    if timer is not None and timer.enabled and timer.backward_parts and tensor.requires_grad:
         tensor.register_hook(lambda grad: timer.split(name))

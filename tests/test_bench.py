@@ -135,6 +135,7 @@ def test_example_step_call_runs_the_examples_step():
                               torch.device("cpu"))
     example()
     assert isinstance(example.step, ExampleStep) and example.step.total_loss > 0
+    assert torch.count_nonzero(example.state) > 0
 
 
 def test_zipf_tokens_follow_frequency_order():

@@ -181,3 +181,14 @@ def test_the_divergence_advice_is_a_resume_that_works(data, tmp_path):
     status, _, err = run_cli("train", "--resume", run_dir, "--lr", 1, "--clip", 0.25, "--max-steps", 8)
     assert status == 0, err
     assert records(run_dir, "pause")[-1]["step"] == 8
+
+
+def test_a_pause_at_an_epoch_end_reuses_that_epochs_validation(tmp_path):
+    """--max-steps at exactly an epoch's end: the epoch validated and saved these weights already."""
+    trainer = Trainer(config_with(max_steps=15), CORPUS, torch.device("cpu"), quiet_display())
+    evaluated, evaluate = [], trainer.evaluate
+    trainer.evaluate = lambda stream, split, *args, **kwargs: (evaluated.append(split),
+                                                                evaluate(stream, split, *args, **kwargs))[1]
+    result = trainer.fit(RunFolder(tmp_path))
+    assert evaluated == ["valid", "test"]
+    assert result.pause["val_loss"] == records(tmp_path, "epoch")[0]["val_loss"] and result.pause["batch"] == 0

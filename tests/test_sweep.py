@@ -163,3 +163,15 @@ def test_jobs_share_the_cores_and_run_points_side_by_side(data, tmp_path):
     for entry in sweep_state(out)["points"]:
         config = json.loads((out / entry["run_dir"] / "config.json").read_text())
         assert config["train"]["threads"] == max(1, cores // 2) and entry["status"] == "done"
+
+
+def test_points_paused_by_their_budget_go_on_when_the_budget_grows(data, tmp_path):
+    out = tmp_path / "sweep"
+    common = ("sweep", "--out", out, "--data", data, *SMALL, "--epochs", 1, "--eval-batches", 1, "--cells", "lstm")
+    assert run_cli(*common, "--max-steps", 2)[0] == 0
+    point = out / sweep_state(out)["points"][0]["run_dir"]
+    assert sweep_state(out)["points"][0]["status"] == "budget" and records(point, "pause")[-1]["step"] == 2
+    status, text, _ = run_cli(*common, "--max-steps", 2)
+    assert status == 0 and "1 finished, 0 to run" in text  # the same budget: nothing left to do
+    assert run_cli(*common, "--max-steps", 4)[0] == 0
+    assert records(point, "pause")[-1]["step"] == 4 and sweep_state(out)["points"][0]["budget"]["max_steps"] == 4

@@ -117,10 +117,8 @@ class StepCall:
 
     def __init__(self, step, batches, state, timer):
         self.step, self.batches, self.state, self.timer = step, itertools.cycle(batches), state, timer
-        self.calls = 0
 
     def __call__(self) -> None:
-        self.calls += 1
         _, self.state, _ = run_step(self.step, self.batches, self.state, self.timer)
 
 

@@ -125,16 +125,20 @@ class StepRunner:
         self.trainer = trainer
         self.batches = batches_forever(trainer.train_stream)
         self.state = trainer.model.init_state(trainer.config.data.batch_size)
+        self.steps_taken = 0
         trainer.model.train()
+        trainer.timer.backward_parts = True  # a profile splits backward into its parts (see fastlm.timing)
 
     def fetch_ahead(self) -> None:
         """Fetches the next batch now, so that its copy can be timed on its own."""
         self.batches = itertools.chain([next(self.batches)], self.batches)
 
     def step(self, timer) -> None:
-        if self.trainer.config.train.state == "reset":
+        # The batches go round the split's full chunks, so the next one's position is the steps taken so far.
+        if self.trainer.fresh_state_before(self.steps_taken % full_chunks(self.trainer.train_stream)):
             self.state = self.trainer.model.init_state(self.trainer.config.data.batch_size)
         _, self.state, _ = run_step(self.trainer.step_fn, self.batches, self.state, timer)
+        self.steps_taken += 1
 
 
 @contextlib.contextmanager
@@ -289,8 +293,8 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
         breakdown["notes"].append("the fast step's fused loss computes the decoder's gradients in forward, while a "
                                   "chunk's logits are in cache: they are in 'decoder' there, and backward's "
                                   "'decoder_grad' only scales them (--step example shows the example's split)")
-    graphed = any("+" in name for name in breakdown["phases"])
-    if graphed and device.type == "cuda" and getattr(config.train, "cuda_graphs", False):
+    graphs = getattr(trainer.step_fn, "graphs", None)  # the example's step has none
+    if graphs is not None and graphs.graph is not None:
         breakdown["notes"].append("the step ran as a CUDA graph replay, as `fastlm train` runs it: the phases inside "
                                   "it cannot be timed apart; --no-cuda-graphs times each one (eagerly, slower)")
     breakdown["notes"] += _one_off_notes(one_off)
@@ -310,7 +314,7 @@ EVALUATION_SAMPLE = 20  # batches of each split timed for the evaluation boxes (
 def _time_evaluation(trainer, stream, split: str, clock: Clock) -> dict:
     """An evaluation pass over the split's first batches, timed: what validation (each epoch) and the test (at
     the end) cost, measured on a sample and scaled to the whole split."""
-    batches = min(len(stream), trainer.config.train.eval_batches or EVALUATION_SAMPLE)
+    batches = trainer.evaluation_batches(stream, trainer.config.train.eval_batches or EVALUATION_SAMPLE)
     timing: dict = {}
     with _stopwatch(timing, "ms", clock):
         trainer.evaluate(stream, split, interruptible=False, batches=batches)

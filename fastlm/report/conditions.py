@@ -87,7 +87,9 @@ def length_notes(configured: list[Source]) -> list[str]:
 def sweep_notes(sweeps: list[dict]) -> list[str]:
     notes = []
     for sweep in sweeps:
-        budget, where = sweep.get("budget") or {}, sweep["path"]
+        # The budget the points ran under (each point keeps its own; older sweep files only the sweep's).
+        ran_under = [point.get("budget") for point in sweep.get("points", []) if point.get("budget")]
+        budget, where = (ran_under[-1] if ran_under else sweep.get("budget")) or {}, sweep["path"]
         if budget.get("max_minutes_per_run"):
             notes.append(f"budget: at most {budget['max_minutes_per_run']:g} minutes of training per run "
                          f"(sweep {where})")

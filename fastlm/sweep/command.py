@@ -27,7 +27,7 @@ from fastlm.sweep.runner import Runner
 from fastlm.train.signals import StopRequest
 
 FORMAT, VERSION = "fastlm-sweep", 1
-FINISHED = ("done", "budget", "failed")
+FINISHED = ("done", "failed")
 BUDGET_FIELDS = ("max_steps", "max_minutes")
 
 # --quick: an LSTM-vs-GRU grid over three fields that a 2-core CPU finishes on Wikitext-2 in minutes. Its epochs
@@ -62,7 +62,7 @@ def run_sweep(options: SweepOptions, console=None) -> int:
     configs = {point.name: point.config(base, grid.per_cell) for point in planned}  # refuses bad settings now
     state = _open(options.out, grid, base, planned, options)
     entries = {entry["name"]: entry for entry in state["points"]}
-    todo = [(entries[p.name], configs[p.name]) for p in planned if entries[p.name]["status"] not in FINISHED]
+    todo = [(entries[p.name], configs[p.name]) for p in planned if not _finished(entries[p.name], state["budget"])]
     progress = SweepProgress(options.out, state["points"], console)
     progress.start(len(todo), options.jobs, devices)
 
@@ -82,6 +82,12 @@ def run_sweep(options: SweepOptions, console=None) -> int:
                          f"continue; finished points are kept and interrupted ones resume where they stopped")
         return signals.exit_status
     return 1 if any(entry["status"] == "failed" for entry in state["points"]) else 0
+
+
+def _finished(entry: dict, budget: dict) -> bool:
+    """Nothing left to do for a point: it is done, it failed, or its budget ran out and the sweep's budget is the
+    one it ran under (a larger --max-steps or --max-minutes-per-run resumes it)."""
+    return entry["status"] in FINISHED or (entry["status"] == "budget" and entry.get("budget") == budget)
 
 
 def _share_cores(base: RunConfig, devices: list[str], jobs: int) -> None:
@@ -161,6 +167,5 @@ class _Interrupts(StopRequest):
         self.runner = runner
 
     def _handle(self, signum, frame) -> None:
-        at_once = self.signum is not None
         self.signum = self.signum or signum
-        self.runner.interrupt(signum, at_once=at_once)
+        self.runner.request_stop(signum)

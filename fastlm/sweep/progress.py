@@ -8,21 +8,18 @@ points' figures are read from their metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fastlm.report.collect import read_metrics
 
-def latest_epoch(run_dir: Path):
-    """(epoch, its validation ppl) of the newest epoch or pause record in a run folder, or None."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    for line in reversed(metrics.read_text(encoding="utf-8").splitlines()):
-        record = json.loads(line)
+
+def latest_epoch(records: list[dict]):
+    """(epoch, its validation ppl) of the newest epoch or pause record, or None."""
+    for record in reversed(records):
         if record.get("kind") in ("epoch", "pause"):
             return record["epoch"], record["val_ppl"]
     return None
@@ -37,6 +34,7 @@ class SweepProgress:
                                  console=self.console, disable=not self.console.is_terminal)
         self._task = None
         self._shown: dict[str, tuple] = {}  # name -> (status, latest epoch) last printed
+        self._read: dict[Path, tuple] = {}  # metrics.jsonl -> ((size, mtime) when read, its latest epoch)
         self._started = time.monotonic()
 
     def start(self, todo: int, jobs: int, devices: list[str]) -> None:
@@ -49,11 +47,24 @@ class SweepProgress:
     def update(self) -> None:
         running = []
         for entry in self.entries:
-            epoch = latest_epoch(self.out / entry["run_dir"]) if entry["status"] == "running" else None
+            epoch = self._latest_epoch(self.out / entry["run_dir"]) if entry["status"] == "running" else None
             if entry["status"] == "running":
                 running.append(entry["name"] + (f" epoch {epoch[0]} ppl {epoch[1]:.1f}" if epoch else ""))
             self._print_change(entry, epoch)
         self.progress.update(self._task, completed=self._completed(), running=" | ".join(running))
+
+    def _latest_epoch(self, run_dir: Path):
+        """latest_epoch of a running point, re-read only when its metrics.jsonl changed (this runs 5 times a
+        second; a line the child is still writing is skipped by read_metrics)."""
+        path = run_dir / "metrics.jsonl"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        seen = (stat.st_size, stat.st_mtime_ns)
+        if self._read.get(path, (None,))[0] != seen:
+            self._read[path] = (seen, latest_epoch(read_metrics(path)))
+        return self._read[path][1]
 
     def _completed(self) -> int:
         """Points this invocation ran to an end (the bar counts those; earlier ones are not in its total)."""

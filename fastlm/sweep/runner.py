@@ -8,12 +8,12 @@ budget ran out: "budget"), 130/143 an interruption, anything else a failure whos
 ``fastlm: error:`` line of its log (a divergence, a setting the data cannot take) or the last line written.
 Children run in their own session, so a Ctrl-C at the terminal reaches the sweep alone; the sweep passes one
 SIGINT on to each running point, which then finishes its step, saves ``last`` and exits. A second Ctrl-C
-stops them at once.
+stops them at once. The signal handler only records the request (``request_stop``); the runner's loop passes
+it on, between its own steps, so that no process is started or collected half-way through a signal.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fastlm.config import write_toml
+from fastlm.report.collect import plain_status, read_json, read_metrics
 
 INTERRUPTED = (130, 143)
 
@@ -64,9 +65,15 @@ def outcome(exit_status: int, run_dir: Path) -> tuple[str, Optional[str]]:
 
 
 def _last_record(run_dir: Path) -> dict:
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return records[-1] if records else {}
+
+
+def finished_run(run_dir: Path) -> bool:
+    """The run in ``run_dir`` trained all its epochs and tested its best model (a signal's stop also tests the
+    best model, so the test record alone does not say it)."""
+    config = run_dir / "config.json"
+    return config.is_file() and plain_status(read_json(config), read_metrics(run_dir / "metrics.jsonl")) == "done"
 
 
 def _reason(log: Path, exit_status: int) -> str:
@@ -87,6 +94,7 @@ class Runner:
         self.on_tick = on_tick  # called a few times a second while points run (to show their progress)
         self.running: list[PointRun] = []
         self.stopping = False
+        self._signals: list[int] = []  # stop requests not passed on yet (set by the signal handler)
 
     def run(self, todo: list[tuple[dict, object]]) -> None:
         """Runs every (entry, config) of ``todo`` unless stopped; returns when none is left running."""
@@ -94,7 +102,13 @@ class Runner:
         while queue or self.running:
             while queue and len(self.running) < self.jobs and not self.stopping:
                 entry, config = queue.pop(0)
+                if finished_run(self.folder / entry["run_dir"]):
+                    # It ended before the sweep could note it (the sweep itself was stopped): nothing to resume.
+                    entry.update(status="done", reason=None, exit_status=0)
+                    self.on_change()
+                    continue
                 self._start(entry, config)
+            self._pass_on_signals()
             self._collect()
             if self.stopping and not self.running:
                 return
@@ -111,8 +125,12 @@ class Runner:
         log = open(run_dir / "train.log", "a", encoding="utf-8")
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        entry.update(status="running", reason=None, exit_status=None, device=device)
+        try:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError:
+            log.close()
+            raise
+        entry.update(status="running", reason=None, exit_status=None, device=device, budget=dict(self.budget))
         self.running.append(PointRun(entry, process, device, log))
         self.on_change()
 
@@ -124,14 +142,16 @@ class Runner:
             run.entry.update(status=status, reason=reason, exit_status=run.process.returncode)
             self.on_change()
 
-    def interrupt(self, signum: int, at_once: bool = False) -> None:
-        """Stop starting points and pass ``signum`` on to the running ones (a second time: they exit at once)."""
+    def request_stop(self, signum: int) -> None:
+        """From a signal handler: start no more points, and have the loop pass ``signum`` on to the running ones
+        (a second request: they exit at once)."""
         self.stopping = True
-        for run in self.running:
-            if run.process.poll() is None:
-                run.process.send_signal(signum)
-        if at_once:
+        self._signals.append(signum)
+
+    def _pass_on_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
             for run in self.running:
-                run.process.wait()
-            self._collect()
+                if run.process.poll() is None:
+                    run.process.send_signal(signum)
 

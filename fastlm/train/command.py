@@ -57,8 +57,9 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
     _check_budgets_leave_work(config, payload, run_dir)
     changed = {name: [saved["train"][name], value] for name, value in overrides.get("train", {}).items()
                if name not in ("run_dir", *BUDGETS) and saved["train"][name] != value}
-    changed.update({f"{section}.{name}": [saved[section][name], value] for section in ("model", "data")
-                    for name, value in overrides.get(section, {}).items() if saved[section][name] != value})
+    # Model flags that differ were refused above; the data's place may move.
+    changed.update({f"data.{name}": [saved["data"][name], value] for name, value in overrides.get("data", {}).items()
+                    if saved["data"][name] != value})
     return config, payload, changed
 
 
@@ -88,10 +89,11 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
     display = TrainDisplay()
     corpus = resolve_corpus(config.data.data, console=display.console)
     trainer = Trainer(config, corpus, device, display)
+    counts = trainer.model.parameter_counts()
     if payload is None:
         run = RunFolder.new(run_dir, overwrite)
         run.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                          "parameters": trainer.model.parameter_counts(), **describe(device)})
+                          "parameters": counts, **describe(device)})
         where = f"run folder {run.path}"
     else:
         trainer.restore(payload, Path(resume_dir) / "last.pt")
@@ -102,10 +104,8 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
                            "step": trainer.global_step, "changed": changed})
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
-    counts = trainer.model.parameter_counts()
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
-                    f"{device} | "
-                    f"{corpus.source} ({len(corpus.vocab):,} words) | {where}")
+                    f"{device} | {corpus.source} ({len(corpus.vocab):,} words) | {where}")
     display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
                     f"{', its weight tied to the embedding' if m.tied else ''})")

@@ -87,6 +87,7 @@ class Trainer:
         self.skipped_batches = 0  # non-finite batches skipped so far (--skip-nonfinite)
         self.epoch_train_seconds = 0.0  # spent training the current epoch, across pauses and resumes
         self._warned_load = False
+        self.last_val_loss: Optional[float] = None  # of the latest epoch end in this process
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, copy: bool = False) -> dict:
@@ -159,8 +160,7 @@ class Trainer:
         Returns None when ``interruptible`` and a stop request cut it short.
         """
         self.model.eval()
-        limit = min(len(stream), batches or self.config.train.eval_batches or len(stream))
-        limit = min(limit, DRY_RUN_STEPS) if self.config.train.dry_run else limit
+        limit = self.evaluation_batches(stream, batches)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
         state = self.model.init_state(self.config.data.eval_batch_size)
@@ -178,6 +178,17 @@ class Trainer:
         self.model.train()
         return total.item() / count
 
+    def evaluation_batches(self, stream: BatchStreamer, batches: Optional[int] = None) -> int:
+        """How many of a split's batches an evaluation takes: ``batches`` or --eval-batches, at most the split
+        (and DRY_RUN_STEPS in a dry run)."""
+        limit = min(len(stream), batches or self.config.train.eval_batches or len(stream))
+        return min(limit, DRY_RUN_STEPS) if self.config.train.dry_run else limit
+
+    def fresh_state_before(self, position: int) -> bool:
+        """Whether the step on the train split's batch ``position`` starts from a zero hidden state: at the
+        corpus start (as every epoch of the example does), or before every chunk with --state reset."""
+        return self.config.train.state == "reset" or position % len(self.train_stream) == 0
+
     def train_epoch(self) -> None:
         """Trains the current epoch from ``batches_done`` until its end, the budget, or a stop request."""
         t = self.config.train
@@ -194,10 +205,8 @@ class Trainer:
         batches = self.train_stream.iterate(start, limit - self.batches_done)
         self._good = self._payload(copy=True)  # validated or restored: good, and newer than any older snapshot
         while self.batches_done < limit:
-            if t.state == "reset" or (self._epoch_start() + self.batches_done) % len(self.train_stream) == 0:
-                # The start of the corpus: a fresh hidden state, as at every epoch's start in the example (with
-                # --steps-per-epoch, epochs in the middle of the corpus carry the state on, as the text does).
-                # With --state reset, every chunk starts afresh.
+            # With --steps-per-epoch, epochs in the middle of the corpus carry the state on, as the text does.
+            if self.fresh_state_before(self._epoch_start() + self.batches_done):
                 self.state = self.model.init_state(self.config.data.batch_size)
             loss, self.state, tokens = run_step(self.step_fn, batches, self.state, self.timer)
             self.batches_done += 1
@@ -283,6 +292,7 @@ class Trainer:
         val_loss = self.evaluate(self.valid_stream, "valid")
         if val_loss is None:
             return False
+        self.last_val_loss = val_loss
         train_seconds, eval_seconds = self.epoch_train_seconds, time.perf_counter() - started
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "val_loss": val_loss,
@@ -327,9 +337,14 @@ class Trainer:
         """The budget ran out before training ended: save ``last`` where the run stands, then report the
         validation and test loss of the current weights as a "pause" record. Evaluation draws no random
         numbers and touches neither the lr nor the best model, so a resumed run goes on as if never paused.
-        Returns the record (None when a signal cut the report short; ``last`` is saved by then)."""
-        self._save_last()
-        val_loss = self.evaluate(self.valid_stream, "valid")
+        Returns the record (None when a signal cut the report short; ``last`` is saved by then).
+
+        A budget that ran out with an epoch has nothing more to save or validate: the epoch's end saved ``last``
+        and validated these very weights."""
+        at_epoch_end = self.batches_done == 0 and self.last_val_loss is not None
+        if not at_epoch_end:
+            self._save_last()
+        val_loss = self.last_val_loss if at_epoch_end else self.evaluate(self.valid_stream, "valid")
         test_loss = self.evaluate(self.test_stream, "test") if val_loss is not None else None
         if test_loss is None:
             return None
