@@ -21,7 +21,7 @@ TRAIN_FLAGS = {
     "log_interval": ("train", "log_interval"), "device": ("train", "device"), "max_steps": ("train", "max_steps"),
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
     "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
-    "step": ("train", "step"), "amp": ("train", "amp"), "cuda_graphs": ("train", "cuda_graphs"),
+    "step": ("train", "step"), "precision": ("train", "precision"), "cuda_graphs": ("train", "cuda_graphs"),
     "skip_nonfinite": ("train", "skip_nonfinite"), "steps_per_epoch": ("train", "steps_per_epoch"),
     "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"), "state": ("train", "state"),
 }
@@ -88,8 +88,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("speed")
     f.add_argument("--step", default=S, choices=("fast", "example"),
                    help="fast (default), or example: the PyTorch example's loop as it is (the baseline)")
-    f.add_argument("--amp", default=S, choices=("off", "bf16"),
-                   help="bf16: autocast the fast step to bfloat16 (changes the numbers; off by default)")
+    f.add_argument("--precision", default=S, choices=("fp32", "tf32", "bf16"),
+                   help="fp32 (default): exact, TF32 off everywhere; tf32: GEMMs and the recurrence may use TF32; "
+                        "bf16: bf16 compute with fp32 master weights (tf32 and bf16 change the numbers)")
     f.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=S,
                    help="on CUDA, capture fixed-shape steps once as a CUDA graph and replay them (on)")
 
@@ -148,8 +149,12 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--shape", type=_shape, action="append", default=None, metavar="T,B,E,H",
                        help="repeatable (default the example's: 35,20,200,200 35,20,650,650 35,20,1500,1500; "
                             "on CPU the first two)")
-    bench.add_argument("--dtype", type=_names, default=["fp32"], metavar="fp32[,bf16]",
-                       help="fp32 (default), bf16 (step: bf16 autocast)")
+    bench.add_argument("--precision", type=_names, default=["fp32"], metavar="fp32[,tf32,bf16]",
+                       help="fp32 (default, exact: TF32 off), tf32 (TF32 GEMMs and recurrence), bf16 (bf16 compute; "
+                            "step: fp32 master weights); the example's step stays exact fp32")
+    bench.add_argument("--launch", type=_names, default=["eager"], metavar="eager[,graph]",
+                       help="fwd/fwdbwd: eager (default) launches from Python every call; graph captures the call "
+                            "once as a CUDA graph and replays it (kernel time without launch cost; CUDA only)")
     bench.add_argument("--repeat", type=int, default=None, help="timed calls per case (30 on CUDA, 5 on CPU)")
     bench.add_argument("--warmup", type=int, default=None, help="untimed calls first (5 on CUDA, 1 on CPU)")
     bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
@@ -308,7 +313,7 @@ def cmd_bench(args) -> int:
     step = StepSettings(base=base.validate(), vocab=args.vocab,
                         loss_chunk=tuple(args.loss_chunk) if args.loss_chunk else None)
     options = BenchOptions(cells=args.cell, backends=args.backend, modes=args.mode,
-                           shapes=args.shape, dtypes=args.dtype, repeat=args.repeat,
+                           shapes=args.shape, precisions=args.precision, launches=args.launch, repeat=args.repeat,
                            warmup=args.warmup, device=args.device, threads=args.threads, step=step, out=args.out)
     return run_bench(options)
 

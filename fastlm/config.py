@@ -19,6 +19,10 @@ import tomllib
 
 from fastlm.errors import FastlmError
 
+# The precision settings (fastlm.precision says what each does; kept here too so that reading a config
+# does not import torch).
+PRECISIONS = ("fp32", "tf32", "bf16")
+
 # The recurrent cells fastlm knows, in one place (fastlm.cells.math holds their math, in this order).
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
@@ -59,7 +63,7 @@ class TrainConfig:
     save: Optional[str] = None
     save_minutes: float = 10.0  # also save 'last' at a log line once this long has passed since the last save
     step: str = "fast"  # "example": the PyTorch example's loop as it is, the baseline of every speed-up
-    amp: str = "off"  # "bf16": autocast the fast step's GEMMs to bfloat16 (CUDA; changes the numbers)
+    precision: str = "fp32"  # fp32 (exact), tf32 or bf16: fastlm.precision (tf32 and bf16 change the numbers)
     cuda_graphs: bool = True  # on CUDA, capture the fast step's fixed-shape steps once and replay them
     skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss or gradients, then stop
     steps_per_epoch: Optional[int] = None  # an epoch of this many batches, continuing through the corpus
@@ -134,7 +138,7 @@ class RunConfig:
             raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
         _one_of("--step", t.step, ("fast", "example"))
         _one_of("--state", t.state, ("carry", "reset"))
-        _one_of("--amp", t.amp, ("off", "bf16"))
+        _one_of("--precision", t.precision, PRECISIONS)
         if not isinstance(t.cuda_graphs, bool):
             raise FastlmError(f"cuda_graphs must be true or false, got {t.cuda_graphs!r}")
         _at_least("--skip-nonfinite", t.skip_nonfinite, 0)
@@ -142,10 +146,10 @@ class RunConfig:
                             ("--threads", t.threads)):
             if value is not None:
                 _at_least(flag, value, 1)
-        if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.amp != "off"
+        if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.precision == "bf16"
                                     or t.skip_nonfinite):
             raise FastlmError("--step example is the PyTorch example's loop as it is: it needs --backend cudnn, "
-                              "--decoder full, --amp off and no --skip-nonfinite")
+                              "--decoder full, --precision fp32 or tf32 and no --skip-nonfinite")
         return self
 
 

@@ -1,5 +1,6 @@
 """The fast training step computes the example's step: same losses and weights, no host sync, same schedule."""
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -12,10 +13,10 @@ import fastlm.model.fused_loss
 from fastlm.config import ModelConfig, RunConfig
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, map_state
-from fastlm.step import make_train_step
+from fastlm.step import how_it_ran, make_train_step
 from fastlm.step.cuda_graphs import WARMUP_STEPS, GraphedStep
 from fastlm.step.example import ExampleStep
-from fastlm.step.fast import TrainStep
+from fastlm.step.fast import TrainStep, graph_blocker
 from fastlm.timing import PhaseTimer
 
 VOCAB, T, B = 60, 7, 4
@@ -104,13 +105,17 @@ def test_learning_rate_lives_in_the_optimizer_that_checkpoints_save():
 
 def test_make_train_step_follows_the_configuration():
     config = RunConfig()
-    config.update({"model": {"emsize": 8, "nhid": 8}, "train": {"amp": "bf16", "cuda_graphs": True}}, "test")
+    config.update({"model": {"emsize": 8, "nhid": 8}, "train": {"precision": "bf16", "cuda_graphs": True}}, "test")
     model = RNNLM(VOCAB, config.validate().model)
     fast = make_train_step(model, config.train)
-    assert isinstance(fast, TrainStep) and fast.amp == "bf16"
+    assert isinstance(fast, TrainStep) and fast.precision == "bf16" and fast.low_precision is not None
     assert fast.graphs is None  # CUDA graphs only ever apply on a CUDA device
-    config.update({"train": {"step": "example", "amp": "off"}}, "test")
-    assert isinstance(make_train_step(model, config.validate().train), ExampleStep)
+    config.update({"train": {"step": "example", "precision": "tf32"}}, "test")
+    example = make_train_step(model, config.validate().train)
+    assert isinstance(example, ExampleStep) and example.precision == "tf32"
+    config.update({"train": {"precision": "bf16"}}, "test")
+    with pytest.raises(FastlmError, match="--precision fp32 or tf32"):
+        config.validate()
 
 
 def test_example_step_needs_torch_nn_layers_and_the_full_softmax():
@@ -170,14 +175,15 @@ class EmulatedGraphedStep(GraphedStep):
         return replay, (loss, None)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_graphed_step_bookkeeping_reproduces_the_eager_step(cell):
+@pytest.mark.parametrize("cell, precision", [("lstm", "fp32"), ("gru", "fp32"), ("lstm", "bf16")])
+def test_graphed_step_bookkeeping_reproduces_the_eager_step(cell, precision):
     """Static inputs, the state carried through the graph's own buffer, the eager short last chunk and the
-    capture again after an lr change, on CPU with the graph emulated: the eager step's losses exactly."""
+    capture again after an lr change, on CPU with the graph emulated: the eager step's losses exactly
+    (in bf16 too: the weight copy and the state's cast happen inside the captured step)."""
     def run(graphed):
         torch.manual_seed(3)
         model = RNNLM(VOCAB, ModelConfig(cell=cell, emsize=16, nhid=16, dropout=0.2))
-        step = TrainStep(model, 0.25, 20.0)
+        step = TrainStep(model, 0.25, 20.0, precision=precision)
         if graphed:
             step.graphs = EmulatedGraphedStep(step)
         data = torch.randint(VOCAB, (8 * T + 1 - 3, B), generator=torch.Generator().manual_seed(5))
@@ -197,6 +203,59 @@ def test_graphed_step_bookkeeping_reproduces_the_eager_step(cell):
     graphed, step = run(True)
     assert graphed == eager
     assert step.graphs.graph is not None and step.graphs._captured_lr == 20.0 / 4
+
+
+class FakeStreams:
+    """torch.cuda's current stream on a machine without CUDA, and a torch.cuda.graph that fails the way a real
+    one does when ending the capture raises: its capture stream left current."""
+
+    def __init__(self, monkeypatch):
+        self.current = "default"
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: setattr(self, "current", stream))
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+        monkeypatch.setattr(torch.cuda, "graph", self.failing_graph)
+
+    @contextlib.contextmanager
+    def failing_graph(self, graph):
+        self.current = "capture"
+        yield
+        raise RuntimeError("operation not permitted when stream is capturing\nmore lines")
+
+
+def test_a_failed_capture_leaves_the_process_on_its_own_stream(monkeypatch):
+    streams = FakeStreams(monkeypatch)
+    model = RNNLM(VOCAB, ModelConfig(emsize=8, nhid=8))
+    step = TrainStep(model, 0.25, 20.0)
+    step.graphs = graphs = GraphedStep(step)
+    inputs, targets = torch.randint(VOCAB, (T, B)), torch.randint(VOCAB, (T * B,))
+    with pytest.warns(UserWarning, match="capture of the training step failed"):
+        assert graphs._capture(inputs, targets, model.init_state(B)) is False
+    assert streams.current == "default"
+    assert graphs.disabled and graphs.failure == "operation not permitted when stream is capturing"
+    assert (graphs.captures, graphs.replays) == (0, 0)
+    assert how_it_ran(step)["cuda_graph_note"] == graphs.failure
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_adaptive_decoder_is_never_captured():
+    """Its clusters are picked with nonzero(), a host sync: capture would fail, so the step does not try."""
+    model = RNNLM(VOCAB, ModelConfig(emsize=8, nhid=8, decoder="adaptive", cutoffs=[10]))
+    assert "adaptive" in graph_blocker(model)
+    assert graph_blocker(RNNLM(VOCAB, ModelConfig(emsize=8, nhid=8))) is None
+
+
+@pytest.mark.gpu
+def test_adaptive_step_on_cuda_runs_eagerly_and_says_why():
+    model = RNNLM(VOCAB, ModelConfig(emsize=8, nhid=8, decoder="adaptive", cutoffs=[10])).cuda()
+    step = TrainStep(model, 0.25, 20.0, cuda_graphs=True)
+    state = model.init_state(B)
+    for _ in range(WARMUP_STEPS + 2):
+        _, state = step(torch.randint(VOCAB, (T, B), device="cuda"), torch.randint(VOCAB, (T * B,), device="cuda"),
+                        state, PhaseTimer("cuda", enabled=False))
+    ran = how_it_ran(step)
+    assert step.graphs is None and ran["cuda_graphs_requested"] and ran["cuda_graph_replays"] == 0
+    assert "adaptive" in ran["cuda_graph_note"]
 
 
 def test_a_step_and_its_graph_are_freed_without_the_cycle_collector():
@@ -295,9 +354,10 @@ def test_fast_step_never_synchronises_with_the_host(cuda_graphs):
 
 
 @pytest.mark.gpu
-def test_bf16_autocast_step_stays_close_to_fp32():
-    fp32, _ = run_steps(TrainStep, "lstm", False, steps=3, device="cuda")
-    bf16, _ = run_steps(TrainStep, "lstm", False, steps=3, device="cuda", amp="bf16")
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bf16_step_stays_close_to_fp32_on_cuda(cell):
+    fp32, _ = run_steps(TrainStep, cell, False, steps=3, device="cuda")
+    bf16, _ = run_steps(TrainStep, cell, False, steps=3, device="cuda", precision="bf16")
     assert torch.isfinite(bf16).all() and max_rel(bf16, fp32) <= 3e-2
 
 
@@ -350,7 +410,7 @@ def test_validation_perplexity_matches_the_example_loop_on_wikitext2(wikitext2_d
     ("model", {"cutoffs": [0]}, "--cutoffs"),
     ("model", {"decoder": "adaptive", "tied": True}, "--tied"),
     ("train", {"step": "slow"}, "--step"),
-    ("train", {"amp": "fp16"}, "--amp"),
+    ("train", {"precision": "fp16"}, "--precision"),
     ("train", {"cuda_graphs": "yes"}, "cuda_graphs"),
 ])
 def test_speed_settings_are_validated(section, values, words):

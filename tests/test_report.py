@@ -138,13 +138,13 @@ def test_both_cells_at_every_value_and_the_failed_point(runs, report):
 def test_conditions_name_the_machine_and_settings(runs, report):
     conditions = report["conditions"]
     assert conditions["device"] == ["cpu"] and conditions["torch"] == [torch.__version__]
-    assert conditions["backend"] == ["cudnn"] and conditions["amp"] == ["off"] and conditions["seed"] == [1111]
+    assert conditions["backend"] == ["cudnn"] and conditions["precision"] == ["fp32"] and conditions["seed"] == [1111]
     assert conditions["steps_per_epoch"] == [4] and conditions["eval_batches"] == [3] and conditions["epochs"] == [2]
     assert conditions["lr"] == {"lstm": [20.0], "gru": [10.0], "rnn_tanh": [20.0]}
     notes = " ".join(conditions["notes"])
     assert "--steps-per-epoch 4" in notes and "--eval-batches 3" in notes
     markdown = (runs["root"] / "out" / "report.md").read_text()
-    for text in ("cpu", torch.__version__, "cudnn", "fp32 (--amp off)", "1111", "--steps-per-epoch 4",
+    for text in ("cpu", torch.__version__, "cudnn", "fp32, exact (TF32 off)", "1111", "--steps-per-epoch 4",
                  "--eval-batches 3", "GRU 10.0"):
         assert text in markdown, text
 

@@ -3,6 +3,6 @@ decoders' losses (the fused, chunked linear + cross-entropy; the opt-in adaptive
 
 from fastlm.model.adaptive import AdaptiveDecoder
 from fastlm.model.fused_loss import Chunking, linear_cross_entropy
-from fastlm.model.rnnlm import RNNLM, detach_state, map_state
+from fastlm.model.rnnlm import RNNLM, detach_state, dtype_name, map_state
 
-__all__ = ["RNNLM", "AdaptiveDecoder", "Chunking", "detach_state", "linear_cross_entropy", "map_state"]
+__all__ = ["RNNLM", "AdaptiveDecoder", "Chunking", "detach_state", "dtype_name", "linear_cross_entropy", "map_state"]

@@ -20,8 +20,8 @@ tokens as a memory budget allows (all of them at the example's sizes) and the GE
 Numbers: per chunk the softmax and its gradient are the example's own ATen kernels (log_softmax, and its
 backward given NLL's gradient), so they round as the example's do: with one chunk the gradients are the
 example's bit for bit wherever the GEMMs are; with several, dW is summed over chunks in another order
-(float noise). Under autocast (bf16) the GEMMs run in the autocast dtype, as torch.nn.Linear's would, and
-log_softmax, its gradient and the accumulation of dW over chunks stay in fp32.
+(float noise). In bf16 (hidden and weight both bf16: fastlm.step.low_precision) the GEMMs run in bf16 with
+fp32 accumulation, and log_softmax, its gradient and the accumulation of dW over chunks stay in fp32.
 
 Profiler phases: the GEMMs (forward and gradient) are timed as ``decoder``; log_softmax, the targets'
 log-probabilities and the logits' gradient as ``loss``, chunk by chunk (the timer sums a phase's pieces per
@@ -69,22 +69,20 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          f"{tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets [N] expected for hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
-    chunking = chunking or default_chunking(hidden.device, hidden.shape[0], weight.shape[0])
-    compute_dtype = (torch.get_autocast_dtype(hidden.device.type)
-                     if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
     tensors = (hidden, weight) + ((bias,) if bias is not None else ())
+    if any(t.dtype != hidden.dtype for t in tensors):
+        raise ValueError(f"hidden, weight and bias must share one dtype, got {[str(t.dtype) for t in tensors]}")
+    chunking = chunking or default_chunking(hidden.device, hidden.shape[0], weight.shape[0])
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunking, compute_dtype)
-    with torch.autocast(hidden.device.type, enabled=False):
-        loss, _ = _chunked_pass(hidden, weight, bias, targets, chunking, compute_dtype, want_grad=False)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunking)
+    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunking, want_grad=False)
     return loss
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunking, compute_dtype):
-        with torch.autocast(hidden.device.type, enabled=False):
-            loss, grads = _chunked_pass(hidden, weight, bias, targets, chunking, compute_dtype, want_grad=True)
+    def forward(ctx, hidden, weight, bias, targets, chunking):
+        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunking, want_grad=True)
         ctx.grads = grads
         return loss
 
@@ -98,10 +96,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
             grads = tuple(g.mul_(grad_loss) if g is not None else None for g in grads)
         d_hidden, d_weight, d_bias = (g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
-        return d_hidden, d_weight, d_bias, None, None, None
+        return d_hidden, d_weight, d_bias, None, None
 
 
-def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, compute_dtype, want_grad: bool):
+def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, want_grad: bool):
     """(mean loss, (d_hidden, d_weight, d_bias) for a loss gradient of 1, or None); see the module doc.
 
     Per chunk the softmax and its gradient are the very ATen kernels the example runs (log_softmax, its
@@ -110,8 +108,8 @@ def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, compute_dty
     """
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-    b = bias.to(compute_dtype) if bias is not None else None
+    h, w, b = hidden, weight, bias
+    compute_dtype = hidden.dtype
     rows = min(chunking.tokens, num_tokens)
     losses = torch.empty(num_tokens, device=device, dtype=torch.float32)
     # On CPU one buffer holds a chunk's logits, then (in place) their log-probabilities, then their gradient,

@@ -36,6 +36,9 @@ class RNNLM(nn.Module):
         self.rnn = cells.build(cell=config.cell, backend=config.backend, input_size=config.emsize,
                                hidden_size=config.nhid, num_layers=config.nlayers, dropout=config.dropout)
         self.loss_chunking: Chunking | None = None  # overrides the device's default chunking (benchmarks, tests)
+        # The dtypes the last forward's recurrence and the last loss's decoder GEMMs really ran in, for reports
+        # (what a precision setting asked for is not proof of what ran).
+        self.ran_in: dict[str, str] = {}
         self.adaptive = config.decoder == "adaptive"
         if self.adaptive:
             if config.tied:
@@ -73,6 +76,7 @@ class RNNLM(nn.Module):
             emb = self.drop(self.encoder(tokens))
         with phase(RNN):
             output, state = self.rnn(emb, state)
+        self.ran_in["recurrence"] = dtype_name(output.dtype)
         # Backward's parts: the gradient reaching the stack's output ends the decoder's and loss's part; reaching
         # its input ends back-propagation through time (what is left is the embedding's).
         split_when_gradient_reaches(output, DECODER_GRAD)
@@ -81,6 +85,7 @@ class RNNLM(nn.Module):
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, B, H] -> logits [T * B, V] (log-probabilities for the adaptive decoder: as good for sampling)."""
+        self.ran_in["decoder"] = dtype_name(hidden.dtype)
         with phase(DECODER):
             if self.adaptive:
                 return self.decoder.log_probs(hidden.reshape(-1, hidden.shape[-1]))
@@ -89,10 +94,16 @@ class RNNLM(nn.Module):
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of ``targets`` [T * B]: log_softmax + NLL as the example, fused."""
         flat = hidden.reshape(-1, hidden.shape[-1])
+        self.ran_in["decoder"] = dtype_name(flat.dtype)  # the GEMMs take the hidden state's dtype
         if self.adaptive:
             with phase(DECODER):  # the adaptive softmax's clusters and its loss are one module
                 return self.decoder.loss(flat, targets)
         return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets, self.loss_chunking)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def map_state(fn, *states):

@@ -147,12 +147,26 @@ def rich_tables(breakdown: dict) -> list[Table]:
     return [steps, once]
 
 
+def how_it_ran_line(ran: dict) -> str:
+    """fastlm.step.how_it_ran's record in one sentence."""
+    on_off = {True: "on", False: "off"}
+    graphs = (f"CUDA graph: {ran['cuda_graph_captures']} captured, {ran['cuda_graph_replays']} steps replayed"
+              if ran["cuda_graphs_requested"] else "no CUDA graph (turned off, or not on CUDA)")
+    if ran.get("cuda_graph_note"):
+        graphs += f" ({ran['cuda_graph_note']})"
+    return (f"precision {ran['precision']}: recurrence in {ran['recurrence_dtype']}, "
+            f"decoder in {ran['decoder_dtype']}; TF32 matmul {on_off[ran['matmul_tf32']]}, "
+            f"TF32 cuDNN {on_off[ran['cudnn_tf32']]}; {graphs}")
+
+
 def markdown(breakdown: dict) -> str:
     lines = [f"# {_title(breakdown)}", "", "| phase | mean ms | median ms | share of step |", "|---|---:|---:|---:|"]
     lines += [f"| {name.replace('  ', '&nbsp;&nbsp;')} | {mean} | {median} | {share} |"
               for name, mean, median, share in table_rows(breakdown)]
     lines += ["", "## One-off costs (not in the step time)", "", "| what | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms} |" for name, ms in one_off_rows(breakdown)]
+    if breakdown.get("ran"):
+        lines += ["", "## How it ran", "", how_it_ran_line(breakdown["ran"])]
     if breakdown.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in breakdown["notes"]]
     return "\n".join(lines) + "\n"

@@ -45,7 +45,7 @@ from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
 from fastlm.profile.breakdown import BREAKDOWN_JSON
-from fastlm.step import run_step
+from fastlm.step import how_it_ran, run_step
 from fastlm.timing import Clock, nvtx_range_functions
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import unique_run_dir
@@ -272,7 +272,7 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
     m, d = config.model, config.data
     machine = describe(device)
     what = {"step": config.train.step, "backend_runs_as": runs_as(m.backend, device.type),
-            "precision": "bf16 autocast" if config.train.amp == "bf16" else "fp32"}
+            "precision": config.train.precision}
     title = (f"{m.cell} {m.nlayers}x{m.nhid}{' tied' if m.tied else ''} | {what['step']} step | "
              f"{what['backend_runs_as']} | {what['precision']} | {machine['device_name']}")
     console.print(f"fastlm profile | {title} | {corpus.source} ({len(corpus.vocab):,} words) | "
@@ -293,10 +293,13 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
         breakdown["notes"].append("the fast step's fused loss computes the decoder's gradients in forward, while a "
                                   "chunk's logits are in cache: they are in 'decoder' there, and backward's "
                                   "'decoder_grad' only scales them (--step example shows the example's split)")
-    graphs = getattr(trainer.step_fn, "graphs", None)  # the example's step has none
-    if graphs is not None and graphs.graph is not None:
+    ran = how_it_ran(trainer.step_fn)
+    breakdown["ran"] = ran
+    if ran["cuda_graph_replays"]:
         breakdown["notes"].append("the step ran as a CUDA graph replay, as `fastlm train` runs it: the phases inside "
                                   "it cannot be timed apart; --no-cuda-graphs times each one (eagerly, slower)")
+    elif ran["cuda_graph_note"]:
+        breakdown["notes"].append(f"CUDA graphs were asked for and not used: {ran['cuda_graph_note']}")
     breakdown["notes"] += _one_off_notes(one_off)
     artifacts = {"breakdown_json": BREAKDOWN_JSON, "breakdown_md": BREAKDOWN_MD, "flow_svg": FLOW_SVG,
                  "flow_png": FLOW_PNG}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastlm.report.collect import FAILED, NOT_VARIED, Source, flat_config, planned_epochs, value_key
 
 MACHINE = ("device", "device_name", "threads", "torch", "cuda", "triton", "git_sha", "host")
-SETTINGS = ("backend", "amp", "step", "seed", "data_source", "epochs", "steps_per_epoch", "eval_batches",
+SETTINGS = ("backend", "precision", "step", "seed", "data_source", "epochs", "steps_per_epoch", "eval_batches",
             "batch_size", "eval_batch_size")
 INCOMPLETE = ("pending", "running", "interrupted")
 

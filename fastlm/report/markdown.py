@@ -16,10 +16,11 @@ from fastlm.report.tables import cell_label, cells_phrase
 MISSING = "—"
 LABELS = {"device": "device", "device_name": "device name", "threads": "CPU threads", "torch": "torch",
           "cuda": "CUDA", "triton": "triton", "git_sha": "git commit", "host": "host", "backend": "backend",
-          "amp": "precision", "step": "training step", "seed": "seed", "data_source": "data",
+          "precision": "precision", "step": "training step", "seed": "seed", "data_source": "data",
           "epochs": "epochs", "steps_per_epoch": "batches per epoch", "eval_batches": "evaluation batches",
           "batch_size": "batch size", "eval_batch_size": "evaluation batch size", "lr": "initial lr"}
-PRECISION = {"off": "fp32 (--amp off)", "bf16": "bf16 autocast of the GEMMs (--amp bf16)"}
+PRECISION = {"fp32": "fp32, exact (TF32 off)", "tf32": "tf32 (fp32 with TF32 GEMMs and recurrence)",
+             "bf16": "bf16 with fp32 master weights"}
 WHEN_NONE = {"steps_per_epoch": "full passes over the training split", "eval_batches": "the whole splits"}
 COLUMNS = ("best val ppl", "val ppl after each epoch", "test ppl", "s/epoch", "tokens/s", "parameters")
 
@@ -57,7 +58,7 @@ def cell_text(text) -> str:
 
 
 def condition_value(name: str, value) -> str:
-    if name == "amp":
+    if name == "precision":
         return PRECISION.get(value, str(value))
     if value is None:
         return WHEN_NONE.get(name, "none")

@@ -10,19 +10,21 @@ step replays fixed-shape steps as a CUDA graph (fastlm.step.cuda_graphs).
 from __future__ import annotations
 
 from fastlm.model import RNNLM
+from fastlm.precision import tf32_flags
 from fastlm.step.example import ExampleStep
 from fastlm.step.fast import TrainStep
 from fastlm.timing import DATA, PhaseTimer, active_timer
 
-__all__ = ["ExampleStep", "TrainStep", "make_train_step", "run_step"]
+__all__ = ["ExampleStep", "TrainStep", "make_train_step", "run_step", "how_it_ran"]
 
 
 def make_train_step(model: RNNLM, train_config) -> TrainStep | ExampleStep:
-    """The step ``train_config.step`` names: "fast" (TrainStep, with its amp, cuda_graphs and
-    skip_nonfinite) or "example"."""
+    """The step ``train_config.step`` names: "fast" (TrainStep, with its precision, cuda_graphs and
+    skip_nonfinite) or "example". The TF32 switches of the precision are the caller's to set
+    (fastlm.precision.use_precision), being process-wide."""
     if train_config.step == "example":
-        return ExampleStep(model, train_config.clip, train_config.lr)
-    return TrainStep(model, train_config.clip, train_config.lr, amp=train_config.amp,
+        return ExampleStep(model, train_config.clip, train_config.lr, precision=train_config.precision)
+    return TrainStep(model, train_config.clip, train_config.lr, precision=train_config.precision,
                      cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0)
 
 
@@ -39,3 +41,17 @@ def run_step(step_fn, batches, state, timer: PhaseTimer):
         with active_timer(timer):
             loss, state = step_fn(inputs, targets, state, timer)
     return loss, state, targets.numel()
+
+
+def how_it_ran(step_fn) -> dict:
+    """What a step really did, for bench rows and profiles: the precision asked for, the dtypes its recurrence
+    and decoder last ran in, both TF32 switches as they stand, and whether a CUDA graph was captured and how
+    many steps were replays (with the reason when graphs were asked for and not used)."""
+    graphs = getattr(step_fn, "graphs", None)
+    requested = graphs is not None or getattr(step_fn, "graphs_skipped", None) is not None
+    note = getattr(step_fn, "graphs_skipped", None) or (graphs.failure if graphs is not None else None)
+    ran_in = step_fn.compute_model.ran_in if isinstance(step_fn, TrainStep) else step_fn.model.ran_in
+    return {"precision": step_fn.precision, "recurrence_dtype": ran_in.get("recurrence"),
+            "decoder_dtype": ran_in.get("decoder"), **tf32_flags(), "cuda_graphs_requested": requested,
+            "cuda_graph_captures": graphs.captures if graphs is not None else 0,
+            "cuda_graph_replays": graphs.replays if graphs is not None else 0, "cuda_graph_note": note}

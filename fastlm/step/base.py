@@ -17,8 +17,9 @@ class StepBase:
     plain SGD has no per-parameter state, and the update itself is done by the step.
     """
 
-    def __init__(self, model: RNNLM, clip: float, lr: float):
+    def __init__(self, model: RNNLM, clip: float, lr: float, precision: str = "fp32"):
         self.model = model
+        self.precision = precision  # as asked (fastlm.precision); fastlm.step.how_it_ran says what ran
         self.params = list(model.parameters())  # tied weights appear once
         self.clip = clip
         self.optimizer = torch.optim.SGD(self.params, lr=lr)

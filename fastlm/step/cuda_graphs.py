@@ -17,11 +17,14 @@ How it keeps the step's meaning:
   gradients live and die inside the graph's memory pool and eager steps start with ``.grad`` None.
 - The timer's phases cannot be marked inside a replay: a replayed step reports the whole step only.
 
-If capture fails (an operation that cannot be captured), the step says so once and stays eager.
+If capture fails (an operation that cannot be captured), the step says so once and stays eager, on the
+stream it was on before (torch leaves the capture stream current when ending a capture raises).
+``captures``, ``replays`` and ``failure`` say what happened, for bench rows and profiles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 
@@ -33,6 +36,22 @@ from fastlm.timing import PhaseTimer, active_timer
 
 WARMUP_STEPS = 3
 _UNTIMED = PhaseTimer("cpu", enabled=False)
+
+
+@contextlib.contextmanager
+def on_current_stream_afterwards():
+    """Whatever happens inside, the stream current on entry is current again on exit.
+
+    torch.cuda.graph makes its capture stream current and restores the previous one after ending the
+    capture; when ending it raises (an operation that cannot be captured), the restore is skipped and the
+    process would go on issuing all its work to the capture stream.
+    """
+    stream = torch.cuda.current_stream()
+    try:
+        yield
+    finally:
+        if torch.cuda.current_stream() != stream:
+            torch.cuda.set_stream(stream)
 
 
 class GraphedStep:
@@ -48,6 +67,9 @@ class GraphedStep:
         self._captured_lr = None
         self._static = None  # the captured graph's inputs, targets, state and loss tensors
         self._side_stream = None
+        self.captures = 0  # graphs captured (one per shape and lr)
+        self.replays = 0  # steps run as a replay
+        self.failure: str | None = None  # why capture failed, once it has
 
     def __call__(self, inputs, targets, state, timer: PhaseTimer):
         action = self.next_action((tuple(inputs.shape), tuple(targets.shape)), self.step.lr)
@@ -88,13 +110,14 @@ class GraphedStep:
     def _capture_graph(self, body):
         """(replay, outputs of body): body captured as a CUDA graph; each replay rewrites those outputs."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = body()
+        with on_current_stream_afterwards():
+            with torch.cuda.graph(graph):
+                outputs = body()
         return graph.replay, outputs
 
     def _capture(self, inputs, targets, state) -> bool:
         static_state = (map_state(lambda s: s.detach().clone(), state) if state is not None
-                        else self.step.model.init_state(inputs.shape[1]))
+                        else self.step.compute_model.init_state(inputs.shape[1]))
         static_inputs, static_targets = inputs.clone(), targets.clone()
         for p in self.step.params:
             p.grad = None
@@ -106,9 +129,11 @@ class GraphedStep:
             for p in self.step.params:
                 p.grad = None
             self.disabled = True
-            warnings.warn(f"CUDA graph capture of the training step failed ({first_line(error)}); training goes on "
+            self.failure = first_line(error)
+            warnings.warn(f"CUDA graph capture of the training step failed ({self.failure}); training goes on "
                           f"eagerly. Pass --no-cuda-graphs to skip the attempt.", stacklevel=3)
             return False
+        self.captures += 1
         self.graph, self._captured_lr = replay, self.step.lr
         self._static = {"inputs": static_inputs, "targets": static_targets, "state": static_state, "loss": loss,
                         "finite": self.step.finite}
@@ -128,6 +153,7 @@ class GraphedStep:
         if state is not None and state is not static["state"]:
             map_state(torch.Tensor.copy_, static["state"], state)
         self.graph()
+        self.replays += 1
         self.step.finite = static["finite"].clone()
         return static["loss"].clone(), static["state"]
 

@@ -19,11 +19,13 @@ from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, LOSS, OPTIMIZ
 
 
 class ExampleStep(StepBase):
-    def __init__(self, model: RNNLM, clip: float, lr: float):
+    def __init__(self, model: RNNLM, clip: float, lr: float, precision: str = "fp32"):
         if model.rnn.backend != "cudnn" or model.adaptive:
             raise FastlmError("the example's step runs torch.nn's recurrent layers and the full softmax: "
                               "it needs --backend cudnn and --decoder full")
-        super().__init__(model, clip, lr)
+        if precision not in ("fp32", "tf32"):
+            raise FastlmError("the example's step runs in fp32 (TF32 allowed): it needs --precision fp32 or tf32")
+        super().__init__(model, clip, lr, precision)
         self.total_loss = 0.0  # what the example prints at its log interval
 
     def __call__(self, inputs, targets, state, timer: PhaseTimer):

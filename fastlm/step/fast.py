@@ -6,8 +6,12 @@ What makes ``TrainStep`` fast, with the example's numbers up to float noise:
 - clipping with foreach kernels where the device has them, the SGD update as one foreach call over all
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
   and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
-- on CUDA: bf16 autocast as an option (``amp="bf16"``), and fixed-shape steps captured once as a CUDA
-  graph and replayed (fastlm.step.cuda_graphs), the short last chunk of an epoch running eagerly.
+- ``precision="bf16"``: the forward and backward run in a bf16 copy of the model, clipping and the update
+  on the fp32 masters (fastlm.step.low_precision); fp32 and tf32 differ only in torch's TF32 switches,
+  which the caller sets (fastlm.precision);
+- on CUDA: fixed-shape steps captured once as a CUDA graph and replayed (fastlm.step.cuda_graphs), the
+  short last chunk of an epoch running eagerly. The adaptive decoder is never captured: it picks the tokens
+  of each cluster with ``nonzero()``, a host synchronisation that capture forbids.
 
 Non-finite steps: every step leaves ``finite``, a device flag saying its loss and gradient norm were finite,
 for the trainer to read at its log interval. With ``skip_nonfinite`` a step whose flag is false changes
@@ -17,41 +21,41 @@ nothing: its update is masked to zero and the hidden state it was given is carri
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from fastlm.model import RNNLM, detach_state, map_state
+from fastlm.precision import PRECISIONS, compute_dtype
 from fastlm.step.base import StepBase
 from fastlm.step.cuda_graphs import GraphedStep
+from fastlm.step.low_precision import LowPrecisionCopy
 from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, OPTIMIZER, PhaseTimer
 
 
 class TrainStep(StepBase):
     """The fast step. ``step(inputs, targets, state, timer) -> (loss as a detached device tensor, state)``.
 
-    ``amp="bf16"`` runs forward under bf16 autocast (a change of the numbers, opt-in); ``cuda_graphs``
-    captures and replays full-size steps on a CUDA device (ignored elsewhere); ``skip_nonfinite`` makes a
-    step with a non-finite loss or gradient a no-op (see the module doc).
+    ``precision="bf16"`` computes in a bf16 copy of the model (a change of the numbers, opt-in; see the
+    module doc); ``cuda_graphs`` captures and replays full-size steps on a CUDA device (ignored elsewhere,
+    and for the adaptive decoder: ``graphs_skipped`` says why); ``skip_nonfinite`` makes a step with a
+    non-finite loss or gradient a no-op (see the module doc).
     """
 
-    def __init__(self, model: RNNLM, clip: float, lr: float, *, amp: str = "off", cuda_graphs: bool = False,
-                 skip_nonfinite: bool = False):
-        super().__init__(model, clip, lr)
+    def __init__(self, model: RNNLM, clip: float, lr: float, *, precision: str = "fp32",
+                 cuda_graphs: bool = False, skip_nonfinite: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        super().__init__(model, clip, lr, precision)
         self.skip_nonfinite = skip_nonfinite
-        if amp not in ("off", "bf16"):
-            raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
         self.device = self.params[0].device
-        self.amp = amp
+        dtype = compute_dtype(precision)
+        self.low_precision = LowPrecisionCopy(model, dtype) if dtype != torch.float32 else None
+        self.compute_model = self.low_precision.compute if self.low_precision else model
         self.graphs = None
+        self.graphs_skipped = None  # why CUDA graphs were asked for and not used, else None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = GraphedStep(self)
-
-    def autocast(self):
-        if self.amp == "bf16":
-            # No weight-cast cache: a cached cast would be stale inside a replayed CUDA graph.
-            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-        return contextlib.nullcontext()
+            self.graphs_skipped = graph_blocker(model)
+            if self.graphs_skipped is None:
+                self.graphs = GraphedStep(self)
 
     def __call__(self, inputs, targets, state, timer: PhaseTimer):
         if self.graphs is not None:
@@ -60,13 +64,18 @@ class TrainStep(StepBase):
 
     def eager(self, inputs, targets, state, timer: PhaseTimer):
         given_state = detach_state(state)
+        model = self.compute_model
         with timer.phase(FORWARD):
-            with self.autocast():
-                hidden, state = self.model(inputs, given_state)
-                loss = self.model.loss(hidden, targets)
+            if self.low_precision is not None:
+                self.low_precision.sync_weights()
+                given_state = self.low_precision.state(given_state)
+            hidden, state = model(inputs, given_state)
+            loss = model.loss(hidden, targets)
         with timer.phase(BACKWARD):
             loss.backward()
             timer.split_rest(EMBEDDING_GRAD)
+            if self.low_precision is not None:
+                self.low_precision.gradients_to_masters()
         loss = loss.detach()
         with timer.phase(CLIP):
             grad_norm = self.clip_gradients()
@@ -100,3 +109,10 @@ class TrainStep(StepBase):
         torch._foreach_add_(params, grads, alpha=-self.lr)
         for p in self.params:
             p.grad = None
+
+
+def graph_blocker(model: RNNLM) -> str | None:
+    """Why the model's step cannot be captured as a CUDA graph, or None when it can."""
+    if model.adaptive:
+        return "the adaptive decoder picks each cluster's tokens with nonzero(), a host sync capture forbids"
+    return None

@@ -30,6 +30,7 @@ from fastlm.data.batching import BatchStreamer, batchify, check_bptt
 from fastlm.device import machine_load
 from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM
+from fastlm.precision import use_precision
 from fastlm.step import make_train_step, run_step
 from fastlm.timing import PHASES, STEP, PhaseTimer
 from fastlm.train import checkpoint
@@ -72,6 +73,7 @@ class Trainer:
         self.valid_stream = BatchStreamer(valid, d.bptt, device)
         self.test_stream = BatchStreamer(test, d.bptt, device)
         check_run_fits(config, len(corpus.vocab), device)
+        use_precision(t.precision)  # the TF32 switches (process-wide); the step does the rest of the precision
         torch.manual_seed(t.seed)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
         self.step_fn = make_train_step(self.model, t)
