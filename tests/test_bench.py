@@ -20,8 +20,10 @@ from tests.helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a result says about the machine is fastlm.device.describe's fields, the same as in breakdown.json.
-REQUIRED = ("suite", "cell", "backend", "mode", "T", "B", "E", "H", "V", "dtype", *describe("cpu"),
-            "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mb")
+REQUIRED = ("suite", "cell", "backend", "mode", "T", "B", "E", "H", "V", "precision", *describe("cpu"),
+            "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mb", "recurrence_dtype")
+# A step row also says what its decoder ran in, both TF32 switches and what became of CUDA graphs.
+STEP_REQUIRED = ("decoder_dtype", "matmul_tf32", "cudnn_tf32", "cuda_graphs_requested", "cuda_graph_replays")
 
 
 def fastlm(*args, timeout=600):
@@ -40,6 +42,10 @@ def test_a_small_bench_writes_one_json_line_per_case_with_speedups(tmp_path):
         ("step", EXAMPLE), ("step", "reference"), ("step", "cudnn")]
     for r in records:
         assert all(key in r for key in REQUIRED), set(REQUIRED) - set(r)
+        assert r["recurrence_dtype"] == "float32"
+        if r["suite"] == "step":
+            assert all(key in r for key in STEP_REQUIRED), set(STEP_REQUIRED) - set(r)
+            assert r["decoder_dtype"] == "float32" and not r["matmul_tf32"] and not r["cudnn_tf32"]
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["tokens_per_s"] > 0
         assert r["baseline"] == ("cudnn" if r["suite"] == "cells" else EXAMPLE)
         assert abs(r["speedup"] - r_baseline_ms(records, r) / r["median_ms"]) < 1e-9
@@ -52,13 +58,16 @@ def r_baseline_ms(records, r):
 
 
 def test_plan_puts_the_baseline_first_and_leaves_interpreted_triton_out_on_cpu():
-    options = BenchOptions(cells=["lstm"], modes=["fwdbwd", "step"], shapes=[(5, 2, 4, 4)], dtypes=["fp32", "bf16"])
+    options = BenchOptions(cells=["lstm"], modes=["fwdbwd", "step"], shapes=[(5, 2, 4, 4)],
+                           precisions=["fp32", "tf32", "bf16"], launches=["eager", "graph"])
     groups, notes = plan(options, torch.device("cpu"))
     cells_groups = [g for g in groups if g[0].mode == "fwdbwd"]
-    assert [g[0].backend for g in cells_groups] == ["cudnn", "cudnn"]  # one group per dtype
+    # one group per precision and launch, the baseline in the same precision and launch as the others
+    assert [g[0].backend for g in cells_groups] == ["cudnn"] * 6
+    assert all(len({(c.precision, c.launch) for c in g}) == 1 for g in cells_groups)
     step = next(g for g in groups if g[0].mode == "step")
     assert step[0] == Case("step", "lstm", EXAMPLE, 5, 2, 4, 4, "fp32")  # the example as it is: fp32
-    assert {c.dtype for c in step[1:]} == {"fp32", "bf16"}
+    assert {c.precision for c in step[1:]} == {"fp32", "tf32", "bf16"}
     assert all(c.backend not in ("triton", "compile") for g in groups for c in g)
     assert any("triton" in n for n in notes) and any("compile" in n for n in notes)
 
@@ -72,7 +81,9 @@ def test_default_shapes_are_the_examples_on_cuda_and_leave_1500_out_on_cpu():
 
 @pytest.mark.parametrize("args, words", [
     (("--mode", "fast"), "--mode"),
-    (("--dtype", "fp8"), "--dtype"),
+    (("--precision", "fp8"), "--precision"),
+    (("--launch", "graph", "--device", "cpu"), "--launch graph"),
+    (("--launch", "lazy"), "--launch"),
     (("--backend", "example", "--mode", "fwd"), "example"),
     (("--shape", "1,2,3"), "T,B,E,H"),
     (("--tied", "--shape", "5,2,4,8", "--mode", "step"), "--tied"),
@@ -107,7 +118,8 @@ def test_a_step_case_is_built_from_a_validated_run_configuration():
     config = step_config(Case("step", "gru", "script", 5, 4, 8, 8, "bf16"), settings, torch.device("cpu"))
     assert (config.model.cell, config.model.backend, config.model.nlayers, config.model.dropout) == ("gru", "script",
                                                                                                      3, 0.1)
-    assert (config.data.bptt, config.data.batch_size, config.model.emsize, config.train.amp) == (5, 4, 8, "bf16")
+    assert (config.data.bptt, config.data.batch_size, config.model.emsize, config.train.precision) == (5, 4, 8,
+                                                                                                      "bf16")
     call = build_step_call(Case("step", "gru", "script", 5, 4, 8, 8, "fp32"), settings, torch.device("cpu"))
     assert isinstance(call.step, TrainStep) and (call.step.lr, call.step.clip) == (RunConfig().train.lr, 0.25)
     example = step_config(Case("step", "lstm", EXAMPLE, 5, 4, 8, 8, "fp32"), step_settings(decoder="adaptive"),
@@ -128,6 +140,34 @@ def test_step_call_carries_the_hidden_state_from_step_to_step():
     # then each step gets the state the one before it returned
     assert all(g is r for g, r in zip(given[1:], returned[:2], strict=True))
     assert all(torch.count_nonzero(h) > 0 for h in returned[-1])
+
+
+def test_bf16_step_and_cells_rows_say_they_ran_in_bf16(tmp_path):
+    out = tmp_path / "bf16.jsonl"
+    result = fastlm("bench", "--cell", "lstm", "--backend", "reference", "--mode", "fwdbwd,step", "--shape", "4,3,8,8",
+                    "--vocab", 40, "--repeat", 1, "--warmup", 0, "--device", "cpu", "--precision", "bf16,tf32",
+                    "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["mode"], r["backend"], r["precision"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["fwdbwd", "reference", "bf16"]["recurrence_dtype"] == "bfloat16"
+    assert rows["fwdbwd", "reference", "tf32"]["recurrence_dtype"] == "float32"
+    step = rows["step", "reference", "bf16"]
+    assert (step["recurrence_dtype"], step["decoder_dtype"]) == ("bfloat16", "bfloat16")
+    example = rows["step", EXAMPLE, "fp32"]  # the baseline stays exact fp32
+    assert (example["recurrence_dtype"], example["matmul_tf32"], example["cudnn_tf32"]) == ("float32", False, False)
+    tf32 = rows["step", "reference", "tf32"]
+    assert tf32["matmul_tf32"] and tf32["cudnn_tf32"]  # the switches as they stood while the case ran
+
+
+def test_a_case_puts_the_tf32_switches_back():
+    from fastlm.benchmark.command import run_case
+    from fastlm.precision import tf32_flags
+
+    before = tf32_flags()
+    case = Case("fwd", "gru", "reference", 3, 2, 4, 4, "tf32")
+    row = run_case(case, BenchOptions(), torch.device("cpu"), repeat=1, warmup=0)
+    assert row["recurrence_dtype"] == "float32" and row["matmul_tf32"] and row["cudnn_tf32"]
+    assert tf32_flags() == before
 
 
 def test_example_step_call_runs_the_examples_step():

@@ -6,11 +6,17 @@ from seed 0, so every backend of a comparison starts from the same weights and d
 - fwd: the stack's forward under no_grad, x [T, B, E] and zero state, dropout 0.
 - fwdbwd: forward, then backward of a fixed random cotangent on the output; parameter gradients are
   dropped between calls as a training step does.
+  Both in the case's precision (bf16: the stack and its inputs in bf16; tf32: fp32 with the TF32 switches
+  on, which the caller sets), launched eagerly or, with ``launch="graph"`` (CUDA), captured once as a CUDA
+  graph and replayed: the graph's time is the kernels' alone, the eager one adds the host's launch work.
 - step: a full training step of the RNNLM (vocabulary V), built from a RunConfig as `fastlm train` builds
   it (so lr 20 and clip 0.25 are the example's defaults) and run by the trainer's loop body, on batches of
   Zipf-distributed token ids (a word-frequency law, so the adaptive decoder sees realistic clusters),
   the hidden state carried from step to step. Backend ``example`` is the PyTorch example's step
-  (fastlm.step.example, always fp32); any other is the fast step on that recurrent backend.
+  (fastlm.step.example, always exact fp32); any other is the fast step on that recurrent backend, in the
+  case's precision.
+Every call object says how it ran (``facts()``): the dtypes the recurrence (and decoder) really ran in and,
+for the step, whether a CUDA graph was captured and replayed.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ import torch
 
 from fastlm import cells
 from fastlm.config import RunConfig
-from fastlm.model import RNNLM, Chunking
-from fastlm.step import make_train_step, run_step
+from fastlm.model import RNNLM, Chunking, dtype_name
+from fastlm.precision import compute_dtype
+from fastlm.step import how_it_ran, make_train_step, run_step
+from fastlm.step.cuda_graphs import on_current_stream_afterwards
 from fastlm.timing import PhaseTimer
 
 EXAMPLE = "example"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAUNCHES = ("eager", "graph")
 BATCHES = 8  # distinct batches a step benchmark cycles through
+GRAPH_WARMUP = 3  # eager calls on a side stream before a capture, as CUDA graph capture asks
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,8 @@ class Case:
     B: int
     E: int
     H: int
-    dtype: str  # fp32 | bf16
+    precision: str  # fp32 | tf32 | bf16 (fastlm.precision)
+    launch: str = "eager"  # cells: eager | graph (captured once, replayed)
 
     @property
     def suite(self) -> str:
@@ -67,31 +77,60 @@ def step_config(case: Case, settings: StepSettings, device: torch.device) -> Run
                              "nhid": case.H, **({"decoder": "full"} if example else {})},
                    "data": {"batch_size": case.B, "bptt": case.T},
                    "train": {"device": str(device), "step": "example" if example else "fast",
-                             "amp": "bf16" if case.dtype == "bf16" and not example else "off"}}, origin="bench")
+                             "precision": "fp32" if example else case.precision}}, origin="bench")
     return config.validate()
 
 
-def build_cells_call(case: Case, layers: int, device: torch.device) -> Callable[[], None]:
-    dtype = DTYPES[case.dtype]
-    torch.manual_seed(0)
-    layer = cells.build(case.cell, case.backend, case.E, case.H, layers, dropout=0.0).to(device, dtype)
-    x = torch.randn(case.T, case.B, case.E, device=device, dtype=dtype, requires_grad=case.mode == "fwdbwd")
-    state = layer.zero_state(case.B, x.detach())
-    if case.mode == "fwd":
-        def forward():
-            with torch.no_grad():
-                layer(x, state)
-        return forward
-    cotangent = torch.randn(case.T, case.B, case.H, device=device, dtype=dtype)
-    params = list(layer.parameters())
+class CellsCall:
+    """One fwd or fwdbwd call of a recurrent stack per call; ``facts()`` says what ran."""
 
-    def forward_backward():
-        for p in params:
-            p.grad = None
-        x.grad = None
-        y, _ = layer(x, state)
-        y.backward(cotangent)
-    return forward_backward
+    def __init__(self, case: Case, layers: int, device: torch.device):
+        dtype = compute_dtype(case.precision)
+        torch.manual_seed(0)
+        self.layer = cells.build(case.cell, case.backend, case.E, case.H, layers, dropout=0.0).to(device, dtype)
+        self.x = torch.randn(case.T, case.B, case.E, device=device, dtype=dtype,
+                             requires_grad=case.mode == "fwdbwd")
+        self.state = self.layer.zero_state(case.B, self.x.detach())
+        self.cotangent = torch.randn(case.T, case.B, case.H, device=device, dtype=dtype)
+        self.params = list(self.layer.parameters())
+        self.backward = case.mode == "fwdbwd"
+        self.output_dtype = None
+        self.call = self.once if case.launch == "eager" else graphed(self.once)
+
+    def once(self) -> None:
+        if not self.backward:
+            with torch.no_grad():
+                y, _ = self.layer(self.x, self.state)
+        else:
+            for p in self.params:
+                p.grad = None
+            self.x.grad = None
+            y, _ = self.layer(self.x, self.state)
+            y.backward(self.cotangent)
+        self.output_dtype = y.dtype
+
+    def __call__(self) -> None:
+        self.call()
+
+    def facts(self) -> dict:
+        launch_configs = getattr(self.layer, "launch_configs", None)  # the triton backend's chosen tiles
+        return {"recurrence_dtype": dtype_name(self.output_dtype),
+                **({"launch_configs": launch_configs()} if launch_configs else {})}
+
+
+def graphed(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` captured once as a CUDA graph (after warm-up calls on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with on_current_stream_afterwards():
+        with torch.cuda.graph(graph):
+            fn()
+    return graph.replay
 
 
 def build_step_call(case: Case, settings: StepSettings, device: torch.device) -> "StepCall":
@@ -120,6 +159,9 @@ class StepCall:
 
     def __call__(self) -> None:
         _, self.state, _ = run_step(self.step, self.batches, self.state, self.timer)
+
+    def facts(self) -> dict:
+        return how_it_ran(self.step)
 
 
 def zipf_tokens(vocab: int, count: int, device: torch.device) -> torch.Tensor:

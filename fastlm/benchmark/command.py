@@ -1,15 +1,17 @@
 """`fastlm bench`: recurrent cells and the training step, timed against their baselines in the same run.
 
-Suites: ``cells`` (modes fwd and fwdbwd: the recurrent stack alone, baseline cudnn = torch.nn) and ``step``
-(a whole training step, baseline ``example`` = the PyTorch example's loop as it is, in fp32 whatever the
-dtype of the others). Every result is a row of the table and a JSON line appended to ``--out``; the
-speedup column is the baseline's median over the row's, both measured in this run.
+Suites: ``cells`` (modes fwd and fwdbwd: the recurrent stack alone, baseline cudnn = torch.nn in the same
+precision and launch, eager or CUDA graph) and ``step`` (a whole training step, baseline ``example`` = the
+PyTorch example's loop as it is, in exact fp32 whatever the precision of the others). Every result is a row
+of the table and a JSON line appended to ``--out``, with what really ran (dtypes, TF32 switches, CUDA
+graphs); the speedup column is the baseline's median over the row's, both measured in this run.
 What each mode times is in fastlm.benchmark.cases; how, in fastlm.benchmark.measure.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,10 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fastlm import cells
-from fastlm.benchmark.cases import DTYPES, EXAMPLE, Case, StepSettings, build_cells_call, build_step_call
+from fastlm.benchmark.cases import EXAMPLE, LAUNCHES, Case, CellsCall, StepSettings, build_step_call
 from fastlm.benchmark.measure import PeakMemory, time_calls
 from fastlm.device import describe, device_name, resolve_device
 from fastlm.errors import FastlmError, first_line
+from fastlm.precision import PRECISIONS, set_tf32_flags, tf32_flags, use_precision
 
 MODES = ("fwd", "fwdbwd", "step")
 DEFAULT_SHAPES = ((35, 20, 200, 200), (35, 20, 650, 650), (35, 20, 1500, 1500))  # the example's sizes
@@ -37,7 +40,8 @@ class BenchOptions:
     backends: Optional[list[str]] = None  # None: every backend available for the cell (see default_backends)
     modes: list[str] = field(default_factory=lambda: list(MODES))
     shapes: Optional[list[tuple]] = None  # None: DEFAULT_SHAPES (on CPU without the 1500 one, see plan)
-    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    launches: list[str] = field(default_factory=lambda: ["eager"])  # cells: eager and/or graph (CUDA)
     repeat: Optional[int] = None  # None: 30 on CUDA, 5 on CPU
     warmup: Optional[int] = None  # None: 5 on CUDA, 1 on CPU
     device: str = "auto"
@@ -89,37 +93,53 @@ def plan(options: BenchOptions, device: torch.device) -> tuple[list[list[Case]],
                 if mode == "step":
                     fast = [b for b in backends if b != EXAMPLE]
                     cases = [Case(mode, cell, EXAMPLE, T, B, E, H, "fp32")]
-                    cases += [Case(mode, cell, b, T, B, E, H, d) for d in options.dtypes for b in fast]
+                    cases += [Case(mode, cell, b, T, B, E, H, p) for p in options.precisions for b in fast]
                     groups.append(cases)
                     continue
-                for dtype in options.dtypes:
-                    others = [b for b in backends if b not in (CELLS_BASELINE, EXAMPLE)]
-                    groups.append([Case(mode, cell, b, T, B, E, H, dtype) for b in [CELLS_BASELINE] + others])
+                others = [b for b in backends if b not in (CELLS_BASELINE, EXAMPLE)]
+                for precision in options.precisions:
+                    for launch in options.launches:
+                        groups.append([Case(mode, cell, b, T, B, E, H, precision, launch)
+                                       for b in [CELLS_BASELINE] + others])
     return groups, notes
 
 
 def run_case(case: Case, options: BenchOptions, device: torch.device, repeat: int, warmup: int) -> dict:
-    if case.suite == "step":
-        call = build_step_call(case, options.step, device)
-    else:
-        call = build_cells_call(case, options.step.base.model.nlayers, device)
-    tokens = case.T * case.B
-    with PeakMemory(device) as peak:
-        timing = time_calls(call, repeat, warmup, device)
+    """Times one case in its precision (the TF32 switches set for it, then put back) and says how it ran."""
+    previous = use_precision(case.precision)
+    try:
+        if case.suite == "step":
+            call = build_step_call(case, options.step, device)
+        else:
+            call = CellsCall(case, options.step.base.model.nlayers, device)
+        with PeakMemory(device) as peak:
+            timing = time_calls(call, repeat, warmup, device)
+        facts = {**tf32_flags(), **call.facts()}  # read while the case's switches stand: part of what ran
+    finally:
+        set_tf32_flags(previous)
     median = timing.median_ms
     return {"median_ms": median, "p20_ms": timing.percentile_ms(20), "p80_ms": timing.percentile_ms(80),
-            "tokens_per_s": tokens / (median / 1e3), "peak_mem_mb": peak.mb}
+            "tokens_per_s": case.T * case.B / (median / 1e3), "peak_mem_mb": peak.mb, **facts}
+
+
+def release_memory(device: torch.device) -> None:
+    """Frees what the last case held before the next one measures its peak. The collector runs first: a
+    step's objects can form reference cycles, which only it frees, and empty_cache returns only free blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def case_fields(case: Case, options: BenchOptions, env: dict) -> dict:
     s, model, fast = options.step, options.step.base.model, case.backend != EXAMPLE
     step_fields = {"V": s.vocab, "decoder": model.decoder if fast else "full", "tied": model.tied,
-                   "dropout": model.dropout, "cuda_graphs": s.base.train.cuda_graphs and fast,
+                   "dropout": model.dropout,
                    "loss_chunk": list(s.loss_chunk) if s.loss_chunk and fast else None,
                    "step": "fast" if fast else "example"}
+    cells_fields = {"V": None, "launch": case.launch}
     return {"suite": case.suite, "cell": case.cell, "backend": case.backend, "mode": case.mode, "T": case.T,
             "B": case.B, "E": case.E, "H": case.H, "layers": model.nlayers,
-            **(step_fields if case.suite == "step" else {"V": None}), "dtype": case.dtype, **env}
+            **(step_fields if case.suite == "step" else cells_fields), "precision": case.precision, **env}
 
 
 def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
@@ -133,6 +153,8 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
     on_cuda = device.type == "cuda"
+    if "graph" in options.launches and not on_cuda:
+        raise FastlmError("--launch graph captures CUDA graphs: it needs a CUDA device (use --launch eager here)")
     repeat = options.repeat or (30 if on_cuda else 5)
     warmup = options.warmup if options.warmup is not None else (5 if on_cuda else 1)
     out = Path(options.out) if options.out else default_out_path(device)
@@ -165,8 +187,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
                 sink.flush()
                 console.print(_progress_line(record), highlight=False)
                 _add_row(table, record)
-                if on_cuda:
-                    torch.cuda.empty_cache()
+                release_memory(device)
     console.print(table)
     if failures:
         console.print(f"[bold red]{failures} case(s) failed[/]: see the error column and {out}")
@@ -177,9 +198,12 @@ def _check(options: BenchOptions) -> None:
     for mode in options.modes:
         if mode not in MODES:
             raise FastlmError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
-    for dtype in options.dtypes:
-        if dtype not in DTYPES:
-            raise FastlmError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    for precision in options.precisions:
+        if precision not in PRECISIONS:
+            raise FastlmError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    for launch in options.launches:
+        if launch not in LAUNCHES:
+            raise FastlmError(f"--launch {launch!r} is not one of {', '.join(LAUNCHES)}")
     for cell in options.cells:
         if cell not in cells.CELLS:
             raise FastlmError(f"--cell {cell!r} is not one of {', '.join(cells.CELLS)}")
@@ -209,7 +233,8 @@ def default_out_path(device: torch.device) -> Path:
 
 
 def _progress_line(r: dict) -> str:
-    what = f"{r['mode']} {r['cell']} {r['backend']} {r['T']},{r['B']},{r['E']},{r['H']} {r['dtype']}"
+    launch = f" {r['launch']}" if r.get("launch", "eager") != "eager" else ""
+    what = f"{r['mode']} {r['cell']} {r['backend']} {r['T']},{r['B']},{r['E']},{r['H']} {r['precision']}{launch}"
     if "error" in r:
         return f"  {what}: [red]{r['error']}[/]"
     speed = f", {r['speedup']:.2f}x {r['baseline']}" if r["backend"] != r["baseline"] and r["speedup"] else ""
@@ -218,7 +243,7 @@ def _progress_line(r: dict) -> str:
 
 def _new_table() -> Table:
     table = Table(title="fastlm bench", show_lines=False)
-    for column in ("mode", "cell", "backend", "T,B,E,H", "V", "dtype", "median ms", "p20-p80 ms", "tokens/s",
+    for column in ("mode", "cell", "backend", "T,B,E,H", "V", "precision", "median ms", "p20-p80 ms", "tokens/s",
                    "peak MB", "speedup"):
         table.add_column(column, justify="right" if column not in ("mode", "cell", "backend") else "left")
     return table
@@ -229,10 +254,19 @@ def _add_row(table: Table, r: dict) -> None:
     extra = " tied" if r.get("tied") else ""
     extra += " adaptive" if r.get("decoder") == "adaptive" else ""
     if "error" in r:
-        table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), r["dtype"],
+        table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), _precision_cell(r),
                       f"[red]{r['error'][:60]}[/]", "", "", "", "")
         return
     speed = "baseline" if r["backend"] == r["baseline"] else (f"{r['speedup']:.2f}x" if r["speedup"] else "-")
-    table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), r["dtype"],
+    table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), _precision_cell(r),
                   f"{r['median_ms']:.2f}", f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}", f"{r['tokens_per_s']:,.0f}",
                   f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-", speed)
+
+
+def _precision_cell(r: dict) -> str:
+    """The precision asked for, the launch when it is a graph, and a warning when what ran differs."""
+    text = r["precision"] + (" graph" if r.get("launch") == "graph" else "")
+    want = "bfloat16" if r["precision"] == "bf16" else "float32"
+    if r.get("recurrence_dtype") not in (None, want):
+        text += f" [red](ran {r['recurrence_dtype']})[/]"
+    return text
