@@ -76,7 +76,8 @@ def describe(device: torch.device) -> dict:
     """Where a result was measured, the same fields in every report."""
     device = torch.device(device)
     return {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "triton": _triton_version(),
             "git_sha": git_sha(), "host": platform.node()}
 
 

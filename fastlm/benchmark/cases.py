@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from fastlm import cells
+from fastlm.cells.cudnn import runs_on_cudnn
 from fastlm.config import RunConfig
 from fastlm.model import RNNLM, Chunking, dtype_name
 from fastlm.precision import compute_dtype
@@ -95,6 +96,7 @@ class CellsCall:
         self.params = list(self.layer.parameters())
         self.backward = case.mode == "fwdbwd"
         self.output_dtype = None
+        self.on_cudnn = None
         self.call = self.once if case.launch == "eager" else graphed(self.once)
 
     def once(self) -> None:
@@ -108,13 +110,14 @@ class CellsCall:
             y, _ = self.layer(self.x, self.state)
             y.backward(self.cotangent)
         self.output_dtype = y.dtype
+        self.on_cudnn = runs_on_cudnn(self.x) if self.layer.backend == "cudnn" else None
 
     def __call__(self) -> None:
         self.call()
 
     def facts(self) -> dict:
         launch_configs = getattr(self.layer, "launch_configs", None)  # the triton backend's chosen tiles
-        return {"recurrence_dtype": dtype_name(self.output_dtype),
+        return {"recurrence_dtype": dtype_name(self.output_dtype), "recurrence_on_cudnn": self.on_cudnn,
                 **({"launch_configs": launch_configs()} if launch_configs else {})}
 
 

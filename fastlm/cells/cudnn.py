@@ -4,9 +4,17 @@ torch.nn modules already own their parameters under the canonical names and retu
 shape the interface asks for, so this backend is torch.nn plus the shared bookkeeping attributes.
 """
 
+import torch
 from torch import nn
 
 from fastlm.cells.base import RecurrentStack
+
+
+def runs_on_cudnn(x: torch.Tensor) -> bool | None:
+    """Whether torch.nn runs a recurrent layer on input ``x`` through cuDNN; None off CUDA. torch falls back to
+    its own CUDA loop for inputs cuDNN does not take (bf16 before cuDNN 9.13): a bf16 "cudnn" row may not be
+    cuDNN's, and reports say which it was."""
+    return torch.cudnn_is_acceptable(x) if x.is_cuda else None
 
 
 class _CudnnMixin:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fastlm import cells
+from fastlm.cells.cudnn import runs_on_cudnn
 from fastlm.config import ModelConfig
 from fastlm.errors import FastlmError
 from fastlm.model.adaptive import AdaptiveDecoder
@@ -77,6 +78,8 @@ class RNNLM(nn.Module):
         with phase(RNN):
             output, state = self.rnn(emb, state)
         self.ran_in["recurrence"] = dtype_name(output.dtype)
+        if self.rnn.backend == "cudnn":
+            self.ran_in["recurrence_on_cudnn"] = runs_on_cudnn(emb)
         # Backward's parts: the gradient reaching the stack's output ends the decoder's and loss's part; reaching
         # its input ends back-propagation through time (what is left is the embedding's).
         split_when_gradient_reaches(output, DECODER_GRAD)

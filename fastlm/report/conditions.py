@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastlm.report.collect import FAILED, NOT_VARIED, Source, flat_config, planned_epochs, value_key
 
-MACHINE = ("device", "device_name", "threads", "torch", "cuda", "triton", "git_sha", "host")
+MACHINE = ("device", "device_name", "threads", "torch", "cuda", "cudnn", "triton", "git_sha", "host")
 SETTINGS = ("backend", "precision", "step", "seed", "data_source", "epochs", "steps_per_epoch", "eval_batches",
             "batch_size", "eval_batch_size")
 INCOMPLETE = ("pending", "running", "interrupted")

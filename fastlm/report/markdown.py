@@ -15,7 +15,8 @@ from fastlm.report.tables import cell_label, cells_phrase
 
 MISSING = "—"
 LABELS = {"device": "device", "device_name": "device name", "threads": "CPU threads", "torch": "torch",
-          "cuda": "CUDA", "triton": "triton", "git_sha": "git commit", "host": "host", "backend": "backend",
+          "cuda": "CUDA", "cudnn": "cuDNN", "triton": "triton", "git_sha": "git commit", "host": "host",
+          "backend": "backend",
           "precision": "precision", "step": "training step", "seed": "seed", "data_source": "data",
           "epochs": "epochs", "steps_per_epoch": "batches per epoch", "eval_batches": "evaluation batches",
           "batch_size": "batch size", "eval_batch_size": "evaluation batch size", "lr": "initial lr"}
