@@ -1,13 +1,44 @@
-"""Triton helpers shared by the LSTM and GRU step kernels, and their launch configuration.
+"""Triton helpers shared by the LSTM and GRU step kernels: the GEMM tile, offsets, and the pointwise math.
 
 Importing this module imports triton: only fastlm.cells.triton does so, after deciding whether the
-kernels run compiled (CUDA) or through the interpreter (TRITON_INTERPRET=1, CPU tensors).
+kernels run compiled (CUDA) or through the interpreter (TRITON_INTERPRET=1, CPU tensors). The tile sizes
+the kernels take (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) are chosen by fastlm.cells.triton_tiles.
+
+Sequence buffers and offsets. The step kernels take whole-sequence buffers ([T, B, X], row-major) and the
+step index t, so every launch of a sequence passes the same tensors and only t changes (slicing per step
+costs more host time than the launch). The row of step t starts at t * B * X elements, computed in int64:
+at T = 35, B = 64, H = 1500 the largest such offset is 35 * 64 * 6000 = 13.4e6, far below 2**31, but
+T * B * 4H passes 2**31 at sizes a user can ask for (T = 2048, B = 256, H = 1024), and one int64 multiply
+per program and launch costs nothing. Offsets inside a step (< B * 4H) and inside W_hh (< 4H * H) stay
+int32; ``check_offsets`` refuses shapes where those would not fit.
+
+Pointwise precision. Compiled, tl.sigmoid is ex2.approx.f32(x * log2(e)) and div.full.f32 (checked in the
+PTX): the rounding of x * log2(e) alone gives a relative error of about |x| * 6e-8, plus 2 ulp each for
+ex2.approx and div.full, and tanh as 2 * sigmoid(2x) - 1 doubles all of it. That is ~1e-6 per activation
+at |x| ~ 5-10, fixed by the input and not known to average out over the T * B rows of a weight-gradient
+sum. So compiled kernels use libdevice's expf and tanhf (at most 2 ulp each over the whole range, like
+torch's CUDA sigmoid and tanh) and IEEE division (div_rn: the PTX has div.rn.f32 and no div.full) in
+sigmoid = 1 / (1 + e^-x), written with e = exp(-|x|) so that nothing overflows:
+    sigmoid: exp's 2 ulp (times 1 / (1 + e) <= 1) + 0.5 ulp (1 + e) + 0.5 ulp (division) <= 3 ulp,
+             3.6e-7 relative;  tanh: <= 2 ulp, 2.4e-7 relative.
+torch's reference differs by at most the sum of both sides' errors, about 6e-7 per activation (absolute,
+activations lie in [-1, 1]). That is 16x below the parity bound of 1e-5 (relative to the largest
+magnitude of each compared tensor), so what remains is what every backend shares: the summation order of
+fp32 dot products (K = H forward, 4H or 3H backward, and the T * B-row weight-gradient GEMMs), whose
+errors have random signs and grow like sqrt(K) * 6e-8 (~1.5e-6 at K = 650) and, through a contracting
+recurrence, roughly like sqrt(T) over time. Expected at H = 650, 3 layers, T = 35: a few 1e-6, within
+1e-5 (tests/test_triton_kernels.py checks it on a GPU). Triton links libdevice in flush-to-zero mode by
+default: results below 1.2e-38 become 0, an absolute error that small.
+Triton's interpreter cannot call libdevice (extern calls raise), and there numpy's float32 exp (about an
+ulp) and division (IEEE) are accurate already, so interpreted kernels get tl.exp and a tanh built from it;
+which pair is used is decided once, at import, from how triton wrapped this module's functions.
 """
 
-from dataclasses import dataclass
-
+import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
@@ -15,8 +46,8 @@ def mma(a, b, acc, ALLOW_TF32: tl.constexpr):
     """acc += a @ b with fp32 accumulation; a [M, K], b [K, N] of one dtype, M, N, K >= 16.
 
     fp32 operands use exact IEEE products unless the caller allows TF32 (the wrapper passes torch's
-    ``torch.backends.cuda.matmul.allow_tf32``, so the kernels follow the user's matmul precision choice);
-    bf16/fp16 operands use tensor cores and accumulate in fp32.
+    ``torch.backends.cuda.matmul.allow_tf32``, read at each call, so the kernels follow the user's matmul
+    precision choice); bf16/fp16 operands use tensor cores and accumulate in fp32.
     """
     if a.dtype == tl.float32:
         if ALLOW_TF32:
@@ -29,9 +60,60 @@ def mma(a, b, acc, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
-def tanh(x):
-    """tanh through the sigmoid: tl has no portable tanh across the compiler and the interpreter."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+def _exp_libdevice(x):
+    """e^x for fp32 x through libdevice's expf (<= 2 ulp): compiled kernels."""
+    return libdevice.exp(x)
+
+
+@triton.jit
+def _tanh_libdevice(x):
+    """tanh of fp32 x through libdevice's tanhf (<= 2 ulp): compiled kernels."""
+    return libdevice.tanh(x)
+
+
+@triton.jit
+def _exp_interpreted(x):
+    """e^x for fp32 x: numpy's exp under the interpreter."""
+    return tl.exp(x)
+
+
+@triton.jit
+def _tanh_interpreted(x):
+    """tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: no overflow; near 0 its error is
+    ~1e-7 absolute, which is what the parity rule measures (relative to the largest magnitude)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = tl.math.div_rn(1.0 - e, 1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+# The interpreter cannot run libdevice; compiled kernels need it for accuracy (see the module docstring).
+INTERPRETED = isinstance(mma, InterpretedFunction)
+exp = _exp_interpreted if INTERPRETED else _exp_libdevice
+tanh = _tanh_interpreted if INTERPRETED else _tanh_libdevice
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + e^-x) for fp32 x, as e^0 / (1 + e) or e / (1 + e) with e = exp(-|x|), so exp never
+    overflows; IEEE division (div_rn), not the approximate one Triton emits for ``/``."""
+    e = exp(-tl.abs(x))
+    return tl.math.div_rn(tl.where(x >= 0, 1.0, e), 1.0 + e)
+
+
+@triton.jit
+def sequence_row(seq_ptr, t, row_elems):
+    """Pointer to row t of a row-major [T, ...] buffer whose rows hold row_elems elements (int64 offset)."""
+    return seq_ptr + t.to(tl.int64) * row_elems
+
+
+@triton.jit
+def previous_row(init_ptr, seq_ptr, t, row_elems):
+    """Pointer to row t-1 of the [T, ...] buffer at seq_ptr, or to init_ptr (one row) when t == 0: how a
+    step reads h_{t-1} or c_{t-1} from the initial state or from the outputs of the step before."""
+    ptr = init_ptr
+    if t > 0:
+        ptr = sequence_row(seq_ptr, t - 1, row_elems)
+    return ptr
 
 
 @triton.jit
@@ -60,23 +142,19 @@ def row_times_matrix(a_ptr, a_row_stride, w_ptr, w_row_stride, rows, cols, B, K,
     return acc
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tile sizes and launch options of the step kernels (chosen by fastlm.cells.triton).
+def check_offsets(B: int, H: int, gates: int) -> None:
+    """Raises ValueError when offsets inside one step ([B, gates*H]) or inside W_hh ([gates*H, H]) would
+    not fit the int32 arithmetic the kernels use for them (see the module docstring)."""
+    if max(B, H) * gates * H >= 2**31:
+        raise ValueError(f"the Triton step kernels index one step's [{B}, {gates * H}] rows and W_hh "
+                         f"[{gates * H}, {H}] with int32 offsets; this shape needs more than 2**31")
 
-    block_b, block_h: the (batch, hidden) output tile of one program; block_k: the reduction chunk.
-    All are powers of two and at least 16 (tl.dot's minimum); masks handle any B and H.
-    """
 
-    block_b: int
-    block_h: int
-    block_k: int
-    num_warps: int = 4
-    allow_tf32: bool = False
+def scratch(dtype, device):
+    """rand(*shape, fp32=False): uniform [0, 1) tensors of ``dtype`` (fp32 if asked) on ``device``, the scratch
+    buffers a launch is timed on. Values in [0, 1) are like activated gates: the in-place state updates of
+    a backward step (dc *= f, dhz = dh * z) stay bounded however often the launch repeats."""
+    def rand(*shape, fp32=False):
+        return torch.rand(*shape, dtype=torch.float32 if fp32 else dtype, device=device)
 
-    def grid(self, B: int, H: int):
-        return (triton.cdiv(B, self.block_b), triton.cdiv(H, self.block_h))
-
-    def meta(self) -> dict:
-        return dict(ALLOW_TF32=self.allow_tf32, BLOCK_B=self.block_b, BLOCK_H=self.block_h,
-                    BLOCK_K=self.block_k, num_warps=self.num_warps)
+    return rand

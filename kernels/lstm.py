@@ -8,40 +8,55 @@ W_hh [4H, H] are the gates [i, f, g, o];
 
 Host side (``lstm_layer_forward`` / ``lstm_layer_backward``): the input projection of all T steps is one
 GEMM before the loop, the weight gradients are single GEMMs over all T*B rows after it. Every tensor the
-kernels touch is contiguous row-major; [B, X] arguments are slices ``buf[t]`` of [T, B, X] buffers.
+kernels touch is contiguous row-major. The step kernels take the whole-sequence buffers and the step index
+t (see kernels/common.py): every launch of a sequence passes the same tensors, only t (and, backward,
+HAS_NEXT at the last step) changes. ``config`` is a fastlm.cells.triton_tiles.LaunchConfig (tile sizes
+and warps); ``allow_tf32`` lets fp32 GEMM tiles use TF32.
 """
 
 import torch
 import triton
 import triton.language as tl
-from fastlm.kernels.common import mma, row_times_matrix, tanh, tile_offsets
+from fastlm.kernels.common import (
+    check_offsets,
+    mma,
+    previous_row,
+    row_times_matrix,
+    scratch,
+    sequence_row,
+    sigmoid,
+    tanh,
+    tile_offsets,
+)
 
 
-@triton.jit
-def lstm_forward_step(gi_ptr, wt_ptr, h_ptr, c_ptr, h_out_ptr, c_out_ptr, gates_ptr, B, H,
+@triton.jit(do_not_specialize=["t"])
+def lstm_forward_step(gi_ptr, wt_ptr, h0_ptr, y_ptr, c0_ptr, cs_ptr, gates_ptr, t, B, H,
                       SAVE_GATES: tl.constexpr, ALLOW_TF32: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One time step: recurrent GEMM + all gate math, for a [BLOCK_B, BLOCK_H] tile of (batch, hidden).
+    """Step t: recurrent GEMM + all gate math, for a [BLOCK_B, BLOCK_H] tile of (batch, hidden).
 
-    gi_ptr     [B, 4H] x_t @ W_ih^T + b_ih + b_hh (both biases folded in), input dtype
-    wt_ptr     [H, 4H] W_hh transposed, input dtype (columns q*H + j hold gate q of unit j)
-    h_ptr      [B, H]  h_{t-1}, input dtype (h0 or the previous output row y[t-1])
-    c_ptr      [B, H]  c_{t-1}, fp32
-    h_out_ptr  [B, H]  h_t, written straight into the output y[t], input dtype
-    c_out_ptr  [B, H]  c_t, fp32 (kept for every t: the next step and backward read it)
-    gates_ptr  [B, 4H] saved for backward when SAVE_GATES: activated i, f, g, o, input dtype
+    gi_ptr     [T, B, 4H] x @ W_ih^T + b_ih + b_hh (both biases folded in), input dtype; reads row t
+    wt_ptr     [H, 4H]    W_hh transposed, input dtype (columns q*H + j hold gate q of unit j)
+    h0_ptr     [B, H]     the initial h, input dtype; read at t == 0
+    y_ptr      [T, B, H]  the outputs, input dtype: reads h_{t-1} = row t-1 (t > 0), writes h_t to row t
+    c0_ptr     [B, H]     the initial c, fp32; read at t == 0
+    cs_ptr     [T, B, H]  every c_t, fp32: reads c_{t-1} = row t-1 (t > 0), writes c_t to row t
+    gates_ptr  [T, B, 4H] when SAVE_GATES, row t gets the activated i, f, g, o for backward, input dtype
+    t          the step, a runtime int (not specialized: one compiled kernel serves every step)
     Grid: (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H)). Each program computes the four gates of its hidden units,
     so the whole cell update is local to the program and needs no second pass.
     """
     rows, cols, mask = tile_offsets(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     G = 4 * H
+    h_prev_ptr = previous_row(h0_ptr, y_ptr, t, B * H)
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
     acc_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        h = tl.load(h_ptr + rows[:, None] * H + ks[None, :],
+        h = tl.load(h_prev_ptr + rows[:, None] * H + ks[None, :],
                     mask=(rows[:, None] < B) & (ks[None, :] < H), other=0.0)
         w = wt_ptr + ks[:, None] * G + cols[None, :]
         w_mask = (ks[:, None] < H) & (cols[None, :] < H)
@@ -50,72 +65,110 @@ def lstm_forward_step(gi_ptr, wt_ptr, h_ptr, c_ptr, h_out_ptr, c_out_ptr, gates_
         acc_g = mma(h, tl.load(w + 2 * H, mask=w_mask, other=0.0), acc_g, ALLOW_TF32)
         acc_o = mma(h, tl.load(w + 3 * H, mask=w_mask, other=0.0), acc_o, ALLOW_TF32)
 
+    gi = sequence_row(gi_ptr, t, B * G)
     gate = rows[:, None] * G + cols[None, :]
-    i = tl.sigmoid(acc_i + tl.load(gi_ptr + gate, mask=mask, other=0.0).to(tl.float32))
-    f = tl.sigmoid(acc_f + tl.load(gi_ptr + gate + H, mask=mask, other=0.0).to(tl.float32))
-    g = tanh(acc_g + tl.load(gi_ptr + gate + 2 * H, mask=mask, other=0.0).to(tl.float32))
-    o = tl.sigmoid(acc_o + tl.load(gi_ptr + gate + 3 * H, mask=mask, other=0.0).to(tl.float32))
+    i = sigmoid(acc_i + tl.load(gi + gate, mask=mask, other=0.0).to(tl.float32))
+    f = sigmoid(acc_f + tl.load(gi + gate + H, mask=mask, other=0.0).to(tl.float32))
+    g = tanh(acc_g + tl.load(gi + gate + 2 * H, mask=mask, other=0.0).to(tl.float32))
+    o = sigmoid(acc_o + tl.load(gi + gate + 3 * H, mask=mask, other=0.0).to(tl.float32))
     unit = rows[:, None] * H + cols[None, :]
-    c = f * tl.load(c_ptr + unit, mask=mask, other=0.0) + i * g
-    tl.store(c_out_ptr + unit, c, mask=mask)
-    tl.store(h_out_ptr + unit, (o * tanh(c)).to(h_out_ptr.dtype.element_ty), mask=mask)
+    c = f * tl.load(previous_row(c0_ptr, cs_ptr, t, B * H) + unit, mask=mask, other=0.0) + i * g
+    tl.store(sequence_row(cs_ptr, t, B * H) + unit, c, mask=mask)
+    tl.store(sequence_row(y_ptr, t, B * H) + unit, (o * tanh(c)).to(y_ptr.dtype.element_ty), mask=mask)
     if SAVE_GATES:
+        gates = sequence_row(gates_ptr, t, B * G)
         dtype = gates_ptr.dtype.element_ty
-        tl.store(gates_ptr + gate, i.to(dtype), mask=mask)
-        tl.store(gates_ptr + gate + H, f.to(dtype), mask=mask)
-        tl.store(gates_ptr + gate + 2 * H, g.to(dtype), mask=mask)
-        tl.store(gates_ptr + gate + 3 * H, o.to(dtype), mask=mask)
+        tl.store(gates + gate, i.to(dtype), mask=mask)
+        tl.store(gates + gate + H, f.to(dtype), mask=mask)
+        tl.store(gates + gate + 2 * H, g.to(dtype), mask=mask)
+        tl.store(gates + gate + 3 * H, o.to(dtype), mask=mask)
 
 
-@triton.jit
-def lstm_backward_step(dgates_next_ptr, w_ptr, dy_ptr, gates_ptr, c_ptr, c_prev_ptr, dc_ptr, dgates_ptr,
-                       B, H, HAS_NEXT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+@triton.jit(do_not_specialize=["t"])
+def lstm_backward_step(dgates_ptr, w_ptr, dy_ptr, dh_n_ptr, gates_ptr, c0_ptr, cs_ptr, dc_ptr, t, B, H,
+                       HAS_NEXT: tl.constexpr, ALLOW_TF32: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One step of backward through time: the recurrent dh GEMM fused with the gate-gradient math.
+    """Step t of backward through time: the recurrent dh GEMM fused with the gate-gradient math.
 
-    dgates_next_ptr [B, 4H] dL/dpre at step t+1 (read only when HAS_NEXT), input dtype
-    w_ptr           [4H, H] W_hh as stored (row-major), input dtype
-    dy_ptr          [B, H]  dL/dy_t from above (the wrapper adds dL/dh_n into the last step's)
-    gates_ptr       [B, 4H] the activated gates i, f, g, o saved by the forward step t
-    c_ptr, c_prev_ptr [B, H] c_t and c_{t-1}, fp32
-    dc_ptr          [B, H]  fp32, updated in place: holds dL/dc_t on entry, dL/dc_{t-1} on exit
-    dgates_ptr      [B, 4H] out: dL/dpre at step t, input dtype (feeds step t-1 and the weight GEMMs)
-    dh_t = dy_t + dpre_{t+1} @ W_hh is computed here for this tile's hidden units (K runs over all 4H),
-    so a step is one launch. Each program reads and writes only its own tile of dc, so the in-place
+    dgates_ptr [T, B, 4H] dL/dpre, input dtype: reads row t+1 (when HAS_NEXT), writes row t (it feeds
+                          step t-1 and the weight GEMMs)
+    w_ptr      [4H, H]    W_hh as stored (row-major), input dtype
+    dy_ptr     [T, B, H]  dL/dy from above, input dtype; reads row t
+    dh_n_ptr   [B, H]     dL/dh_n, the final state's cotangent, input dtype; read at the last step only
+    gates_ptr  [T, B, 4H] the activated gates i, f, g, o saved by the forward; reads row t
+    c0_ptr     [B, H]     the initial c, fp32; read at t == 0
+    cs_ptr     [T, B, H]  every c_t, fp32; reads rows t and t-1
+    dc_ptr     [B, H]     fp32, updated in place: holds dL/dc_t on entry, dL/dc_{t-1} on exit
+    t          the step, a runtime int; HAS_NEXT is False only at the last step, t = T-1
+    dh_t = dy_t + dpre_{t+1} @ W_hh (K runs over all 4H) is computed here for this tile's hidden units; at
+    the last step there is no step t+1 and dL/dh_n stands in for that term, so no buffer is copied to fold
+    it in. A step is one launch. Each program reads and writes only its own tile of dc, so the in-place
     update is race-free; dpre_{t+1} was completed by the previous launch.
     """
     rows, cols, mask = tile_offsets(tl.program_id(0), tl.program_id(1), B, H, BLOCK_B, BLOCK_H)
     G = 4 * H
     unit = rows[:, None] * H + cols[None, :]
-    dh = tl.load(dy_ptr + unit, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(sequence_row(dy_ptr, t, B * H) + unit, mask=mask, other=0.0).to(tl.float32)
     if HAS_NEXT:
         acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-        dh += row_times_matrix(dgates_next_ptr, G, w_ptr, H, rows, cols, B, G, H, acc,
+        dh += row_times_matrix(sequence_row(dgates_ptr, t + 1, B * G), G, w_ptr, H, rows, cols, B, G, H, acc,
                                ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+    else:
+        dh += tl.load(dh_n_ptr + unit, mask=mask, other=0.0).to(tl.float32)
 
+    saved = sequence_row(gates_ptr, t, B * G)
     gate = rows[:, None] * G + cols[None, :]
-    i = tl.load(gates_ptr + gate, mask=mask, other=0.0).to(tl.float32)
-    f = tl.load(gates_ptr + gate + H, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gates_ptr + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(gates_ptr + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
-    tanh_c = tanh(tl.load(c_ptr + unit, mask=mask, other=0.0))
+    i = tl.load(saved + gate, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(saved + gate + H, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(saved + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(saved + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    tanh_c = tanh(tl.load(sequence_row(cs_ptr, t, B * H) + unit, mask=mask, other=0.0))
     dc = tl.load(dc_ptr + unit, mask=mask, other=0.0) + dh * o * (1.0 - tanh_c * tanh_c)
-    c_prev = tl.load(c_prev_ptr + unit, mask=mask, other=0.0)
+    c_prev = tl.load(previous_row(c0_ptr, cs_ptr, t, B * H) + unit, mask=mask, other=0.0)
+    dgates = sequence_row(dgates_ptr, t, B * G)
     dtype = dgates_ptr.dtype.element_ty
-    tl.store(dgates_ptr + gate, (dc * g * i * (1.0 - i)).to(dtype), mask=mask)
-    tl.store(dgates_ptr + gate + H, (dc * c_prev * f * (1.0 - f)).to(dtype), mask=mask)
-    tl.store(dgates_ptr + gate + 2 * H, (dc * i * (1.0 - g * g)).to(dtype), mask=mask)
-    tl.store(dgates_ptr + gate + 3 * H, (dh * tanh_c * o * (1.0 - o)).to(dtype), mask=mask)
+    tl.store(dgates + gate, (dc * g * i * (1.0 - i)).to(dtype), mask=mask)
+    tl.store(dgates + gate + H, (dc * c_prev * f * (1.0 - f)).to(dtype), mask=mask)
+    tl.store(dgates + gate + 2 * H, (dc * i * (1.0 - g * g)).to(dtype), mask=mask)
+    tl.store(dgates + gate + 3 * H, (dh * tanh_c * o * (1.0 - o)).to(dtype), mask=mask)
     tl.store(dc_ptr + unit, dc * f, mask=mask)
 
 
-def lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, config, save):
+def lstm_forward_launcher(gi, wt, h0, y, c0, cs, gates, config, allow_tf32):
+    """launch(t): runs the forward step kernel for step t on these buffers (shapes as lstm_forward_step's;
+    gates None: nothing saved). Everything but t is bound here, once per sequence."""
+    B, H = h0.shape
+    check_offsets(B, H, 4)
+    kernel = lstm_forward_step[config.grid(B, H)]
+    meta = dict(SAVE_GATES=gates is not None, ALLOW_TF32=allow_tf32, **config.meta())
+    gates = gi if gates is None else gates  # without SAVE_GATES only fills the argument slot
+
+    def launch(t: int) -> None:
+        kernel(gi, wt, h0, y, c0, cs, gates, t, B, H, **meta)
+
+    return launch
+
+
+def lstm_backward_launcher(dgates, w_hh, dy, dh_n, gates, c0, cs, dc, config, allow_tf32):
+    """launch(t): runs the backward step kernel for step t on these buffers (shapes as lstm_backward_step's).
+    HAS_NEXT follows from t: False at the last step only."""
+    T, B, H = dy.shape
+    check_offsets(B, H, 4)
+    kernel = lstm_backward_step[config.grid(B, H)]
+    meta = dict(ALLOW_TF32=allow_tf32, **config.meta())
+
+    def launch(t: int) -> None:
+        kernel(dgates, w_hh, dy, dh_n, gates, c0, cs, dc, t, B, H, HAS_NEXT=t < T - 1, **meta)
+
+    return launch
+
+
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, config, allow_tf32, save):
     """One LSTM layer over a whole sequence.
 
-    x [T, B, E], h0 and c0 [B, H], weights in torch.nn layout, all of one dtype and device, contiguous;
-    config: a LaunchConfig. Returns y [T, B, H] (input dtype), cs [T, B, H] fp32 (every c_t; cs[-1] is the
-    final cell state) and gates [T, B, 4H] (activated i, f, g, o; None unless ``save``).
-    Launches: 1 GEMM + T step kernels.
+    x [T, B, E], h0 and c0 [B, H], weights in torch.nn layout, all of one dtype and device, contiguous.
+    Returns y [T, B, H] (input dtype), cs [T, B, H] fp32 (every c_t; cs[-1] is the final cell state) and
+    gates [T, B, 4H] (activated i, f, g, o; None unless ``save``). Launches: 1 GEMM + T step kernels.
     """
     T, B, E = x.shape
     H = w_hh.shape[1]
@@ -124,16 +177,13 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, config, save):
     y = x.new_empty(T, B, H)
     cs = x.new_empty(T, B, H, dtype=torch.float32)
     gates = x.new_empty(T, B, 4 * H) if save else None
-    c_init = c0.float()
-    launch = lstm_forward_step[config.grid(B, H)]
+    launch = lstm_forward_launcher(gi, wt, h0, y, c0.float(), cs, gates, config, allow_tf32)
     for t in range(T):
-        # Without SAVE_GATES the kernel never touches gates_ptr; gi[t] only fills the argument slot.
-        launch(gi[t], wt, h0 if t == 0 else y[t - 1], c_init if t == 0 else cs[t - 1], y[t], cs[t],
-               gates[t] if save else gi[t], B, H, SAVE_GATES=save, **config.meta())
+        launch(t)
     return y, cs, gates
 
 
-def lstm_layer_backward(x, h0, c0, w_ih, w_hh, y, cs, gates, dy, dh_n, dc_n, config):
+def lstm_layer_backward(x, h0, c0, w_ih, w_hh, y, cs, gates, dy, dh_n, dc_n, config, allow_tf32):
     """Gradients of one LSTM layer from what ``lstm_layer_forward`` saved.
 
     dy [T, B, H], dh_n and dc_n [B, H]: cotangents of y and of the final state. Returns
@@ -144,17 +194,31 @@ def lstm_layer_backward(x, h0, c0, w_ih, w_hh, y, cs, gates, dy, dh_n, dc_n, con
     H = w_hh.shape[1]
     dgates = torch.empty_like(gates)
     dc = dc_n.float().clone()
-    dy = dy.contiguous()
-    dy_last = (dy[T - 1] + dh_n).contiguous()
-    c_init = c0.float()
-    launch = lstm_backward_step[config.grid(B, H)]
+    launch = lstm_backward_launcher(dgates, w_hh, dy.contiguous(), dh_n.contiguous(), gates, c0.float(), cs, dc,
+                                    config, allow_tf32)
     for t in reversed(range(T)):
-        has_next = t < T - 1
-        # At t = T-1 there is no step t+1: HAS_NEXT=False and dgates[t] only fills the argument slot.
-        launch(dgates[t + 1] if has_next else dgates[t], w_hh, dy[t] if has_next else dy_last, gates[t],
-               cs[t], cs[t - 1] if t > 0 else c_init, dc, dgates[t], B, H, HAS_NEXT=has_next, **config.meta())
+        launch(t)
     dg = dgates.view(T * B, 4 * H)
     h_prev = torch.cat([h0.unsqueeze(0), y[:-1]]).view(T * B, H)
     db = dg.sum(0)
     return ((dg @ w_ih).view(T, B, E), dgates[0] @ w_hh, dc.to(c0.dtype),
             dg.t() @ x.reshape(T * B, E), dg.t() @ h_prev, db, db.clone())
+
+
+def lstm_forward_scratch(B, H, dtype, device, config, allow_tf32):
+    """A zero-argument launch of one forward step (t = 1 of 2, gates saved: the training path) on scratch
+    buffers of this shape: what the tile tuner times (fastlm.cells.triton_tiles)."""
+    rand = scratch(dtype, device)
+    launch = lstm_forward_launcher(rand(2, B, 4 * H), rand(H, 4 * H), rand(B, H), rand(2, B, H), rand(B, H, fp32=True),
+                                   rand(2, B, H, fp32=True), rand(2, B, 4 * H), config, allow_tf32)
+    return lambda: launch(1)
+
+
+def lstm_backward_scratch(B, H, dtype, device, config, allow_tf32):
+    """A zero-argument launch of one backward step (t = 0 of 2, with the recurrent GEMM: every step but the
+    last) on scratch buffers of this shape: what the tile tuner times."""
+    rand = scratch(dtype, device)
+    launch = lstm_backward_launcher(rand(2, B, 4 * H), rand(4 * H, H), rand(2, B, H), rand(B, H), rand(2, B, 4 * H),
+                                    rand(B, H, fp32=True), rand(2, B, H, fp32=True), rand(B, H, fp32=True),
+                                    config, allow_tf32)
+    return lambda: launch(0)

@@ -35,6 +35,14 @@ LAYERS = {"lstm": (1, 2, 3), "gru": (1, 2, 3), "rnn_tanh": (1, 2), "rnn_relu": (
 INTERPRETED_ON_CPU = {"triton"}
 
 
+@pytest.fixture(autouse=True)
+def _untuned_triton_tiles(monkeypatch):
+    """The triton backend on its heuristic tiles: these tests check the kernels' math, and on a GPU every
+    new shape here would otherwise time a compile per candidate tile. Tuning, and parity on tuned tiles,
+    are tested in test_triton_kernels.py."""
+    monkeypatch.setenv("FASTLM_TRITON_TUNE", "0")
+
+
 def _backends():
     """Registered (cell, backend) pairs other than the reference itself."""
     return [(cell, backend) for cell, backend in cells.registered() if backend != "reference"]
@@ -147,11 +155,11 @@ def test_dropout_follows_reference(cell, backend):
 def test_triton_small_tiles_cover_masks(cell, backend):
     """Force 16x16 tiles so that several batch tiles, hidden tiles and reduction chunks, all with ragged
     edges, run in one step (the default tiles on CPU cover these shapes in one program)."""
-    from fastlm.cells.triton import kernels
+    from fastlm.cells.triton_tiles import LaunchConfig
 
     shape, layers = (3, 33, 20, 40), 2
     ref, other = build_pair(cell, backend, shape, layers)
-    other.launch_config = kernels().LaunchConfig(16, 16, 16)
+    other.launch_config = LaunchConfig(16, 16, 16)
     x, state, cotangents = make_inputs(cell, shape, layers)
     assert_fp32_parity(run(other, cell, x, state, cotangents), run(ref, cell, x, state, cotangents))
 

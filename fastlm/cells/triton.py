@@ -3,17 +3,26 @@
 Per layer and sequence (see kernels/lstm.py and kernels/gru.py for shapes, layouts and saved tensors):
 forward = one GEMM for the input projection of all T steps + T fused step kernels (recurrent GEMM + gate
 math, h_t written straight into the output); backward = T fused step kernels walking time in reverse
-(recurrent dh GEMM + gate-gradient math) + the weight gradients as single GEMMs over all T*B rows.
+(recurrent dh GEMM + gate-gradient math) + the weight gradients as single GEMMs over all T*B rows. Every
+launch of a sequence passes the same whole-sequence tensors and the step index t, bound once per layer
+call, so a launch costs Triton's launcher and no tensor slicing.
 
 Variant: "per-step" (one launch per time step). The persistent variant (the whole sequence in one launch,
 blocks exchanging h through a grid-wide barrier) is not implemented; ``describe()`` says which runs.
+
+Tiles (fastlm.cells.triton_tiles): compiled, each of the forward and backward step kernels gets the tiles
+that ran fastest when timed once per (kernel, B, H, dtype, TF32) on this GPU, remembered on disk; a
+heuristic default under CUDA graph capture or with FASTLM_TRITON_TUNE=0; ``TritonStack.launch_config``
+overrides both; ``TritonStack.launch_configs()`` says what the last call ran with. fp32 GEMM tiles use
+TF32 when torch.backends.cuda.matmul.allow_tf32 is set, read at every call. Sigmoid and tanh are as
+accurate as torch's (libdevice, IEEE division; kernels/common.py has the error argument).
 
 Without CUDA the kernels run through Triton's interpreter on CPU tensors. Triton decides between compiling
 and interpreting when a function is decorated, its own library included, so TRITON_INTERPRET=1 must be
 set before triton is first imported: importing this module (which ``import fastlm.cells`` does) sets it
 on machines without CUDA, unless triton is already loaded, in which case the first build says what to do.
 The interpreted mode is announced once in the log; it is slow and exists for correctness checks and
-CPU-only machines.
+CPU-only machines. It uses the fewest, largest tiles and never TF32.
 Inputs, state and parameters must share one device and one dtype: fp32, fp16, or bf16 (not interpreted).
 """
 
@@ -23,13 +32,15 @@ import importlib.util
 import logging
 import os
 import sys
+from dataclasses import asdict
 from types import SimpleNamespace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from fastlm.cells.base import LayerwiseStack
+from fastlm.cells.triton_tiles import Choice, LaunchConfig, TileKey, TileTuner, time_launch
 from fastlm.errors import FastlmError
 
 log = logging.getLogger(__name__)
@@ -52,38 +63,57 @@ def probe() -> Optional[str]:
 @functools.cache
 def kernels() -> SimpleNamespace:
     """The kernel modules, imported once, compiled for CUDA or interpreted (no CUDA): .lstm, .gru,
-    .LaunchConfig and .interpreted."""
+    .interpreted, and .scratch (kernel name -> the scratch launch the tile tuner times)."""
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    from fastlm.kernels import common, gru, lstm  # imports triton: decided compiled or interpreted by now
+    from fastlm.kernels import gru, lstm  # imports triton: decided compiled or interpreted by now
 
     interpreted = isinstance(lstm.lstm_forward_step, InterpretedFunction)
     if not torch.cuda.is_available() and not (interpreted and isinstance(tl.zeros, InterpretedFunction)):
         raise FastlmError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on this "
                           "machine without CUDA; set TRITON_INTERPRET=1 in the environment (or import fastlm.cells "
                           "before anything that imports triton)")
-    return SimpleNamespace(lstm=lstm, gru=gru, LaunchConfig=common.LaunchConfig, interpreted=interpreted)
+    scratch = {"lstm_forward": lstm.lstm_forward_scratch, "lstm_backward": lstm.lstm_backward_scratch,
+               "gru_forward": gru.gru_forward_scratch, "gru_backward": gru.gru_backward_scratch}
+    return SimpleNamespace(lstm=lstm, gru=gru, interpreted=interpreted, scratch=scratch)
 
 
-def _pow2(n: int, low: int, high: int) -> int:
-    """The smallest power of two >= n, clamped to [low, high]."""
-    return min(high, max(low, 1 << (n - 1).bit_length()))
+TUNER = TileTuner()  # one per process: every stack shares what was tuned
 
 
-def choose_launch_config(batch: int, hidden: int, dtype: torch.dtype):
-    """Tile sizes for the step kernels at this shape (see kernels/common.py LaunchConfig)."""
-    k = kernels()
-    if k.interpreted:
-        # The interpreter runs programs one after another in numpy: fewest, largest tiles are fastest.
-        return k.LaunchConfig(_pow2(batch, 16, 128), _pow2(hidden, 16, 256), _pow2(hidden, 16, 256))
-    # A step at these sizes is latency bound: small hidden tiles spread it over more SMs, while the batch
-    # tile covers as many rows as possible so each W_hh tile is read from L2 by few programs.
-    block_b = _pow2(batch, 16, 64)
-    block_h = 32 if hidden >= 512 else 16
-    block_k = 32 if dtype == torch.float32 else 64
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return k.LaunchConfig(block_b, block_h, block_k, num_warps=4, allow_tf32=tf32)
+class LayerLaunch(NamedTuple):
+    """How one layer call launches its step kernels: the forward and backward tiles (backward None when no
+    gradient is needed) and whether fp32 GEMM tiles may use TF32."""
+
+    forward: LaunchConfig
+    backward: Optional[LaunchConfig]
+    allow_tf32: bool
+
+
+def allow_tf32(dtype: torch.dtype, interpreted: bool) -> bool:
+    """Whether the kernels' fp32 GEMM tiles may use TF32: torch's cuBLAS flag (which fastlm's precision
+    setting sets), read at every call so a precision change between calls takes effect. Never for other
+    dtypes, nor interpreted (CPU matmuls know no TF32, so the CPU reference would not either)."""
+    return dtype == torch.float32 and not interpreted and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+@functools.cache
+def _machine(device_index: int) -> str:
+    """What a tuned tile is valid for: the GPU's name and the triton version (the tile cache's file)."""
+    import triton
+
+    return f"{torch.cuda.get_device_name(device_index)}, triton {triton.__version__}"
+
+
+def _measure_on(key: TileKey, device: torch.device):
+    """measure(config) -> ms per launch of ``key``'s kernel with ``config`` on scratch buffers on ``device``."""
+    def measure(config: LaunchConfig) -> float:
+        launch = kernels().scratch[key.kernel](key.batch, key.hidden, getattr(torch, key.dtype), device, config,
+                                               key.allow_tf32)
+        return time_launch(launch)
+
+    return measure
 
 
 class _LSTMLayer(torch.autograd.Function):
@@ -91,9 +121,10 @@ class _LSTMLayer(torch.autograd.Function):
     y, every c_t (fp32) and the activated gates [T, B, 4H]."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, config):
-        y, cs, gates = kernels().lstm.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, config, save=True)
-        ctx.config = config
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, launch):
+        y, cs, gates = kernels().lstm.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, launch.forward,
+                                                         launch.allow_tf32, save=True)
+        ctx.launch = launch
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cs, gates)
         return y, y[-1].clone(), cs[-1].to(x.dtype, copy=True)
 
@@ -102,7 +133,7 @@ class _LSTMLayer(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         x, h0, c0, w_ih, w_hh, y, cs, gates = ctx.saved_tensors
         grads = kernels().lstm.lstm_layer_backward(x, h0, c0, w_ih, w_hh, y, cs, gates, dy, dh_n, dc_n,
-                                                   ctx.config)
+                                                   ctx.launch.backward, ctx.launch.allow_tf32)
         return (*grads, None)
 
 
@@ -111,9 +142,10 @@ class _GRULayer(torch.autograd.Function):
     r, z, n, gh_n [T, B, 4H]."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, config):
-        y, saved = kernels().gru.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, config, save=True)
-        ctx.config = config
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, launch):
+        y, saved = kernels().gru.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, launch.forward, launch.allow_tf32,
+                                                   save=True)
+        ctx.launch = launch
         ctx.save_for_backward(x, h0, w_ih, w_hh, y, saved)
         return y, y[-1].clone()
 
@@ -121,7 +153,9 @@ class _GRULayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dh_n):
         x, h0, w_ih, w_hh, y, saved = ctx.saved_tensors
-        return (*kernels().gru.gru_layer_backward(x, h0, w_ih, w_hh, y, saved, dy, dh_n, ctx.config), None)
+        grads = kernels().gru.gru_layer_backward(x, h0, w_ih, w_hh, y, saved, dy, dh_n, ctx.launch.backward,
+                                                 ctx.launch.allow_tf32)
+        return (*grads, None)
 
 
 @functools.cache
@@ -137,8 +171,9 @@ def _announce(interpreted: bool) -> None:
 class TritonStack(LayerwiseStack):
     """LSTM or GRU stack on the Triton kernels.
 
-    ``launch_config``: None (default) picks tiles by shape with ``choose_launch_config``; kernel authors
-    and tests may set a LaunchConfig to force tile sizes.
+    ``launch_config``: None (default) lets fastlm.cells.triton_tiles choose each kernel's tiles (tuned on
+    a GPU); kernel authors and tests may set a LaunchConfig to force the tiles of every step kernel.
+    ``launch_configs()`` reports what the last forward call used.
     """
 
     backend = "triton"
@@ -147,7 +182,8 @@ class TritonStack(LayerwiseStack):
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
         super().__init__(cell, input_size, hidden_size, num_layers, dropout)
         self.interpreted = kernels().interpreted
-        self.launch_config = None
+        self.launch_config: Optional[LaunchConfig] = None
+        self._last_choices: dict[str, tuple[TileKey, Choice]] = {}
         _announce(self.interpreted)
 
     def describe(self) -> str:
@@ -156,8 +192,18 @@ class TritonStack(LayerwiseStack):
         return (f"triton {self.cell} {self.variant}: 1 fused kernel per time step forward and 1 backward, "
                 f"input projection and weight gradients as whole-sequence GEMMs; {how}")
 
+    def launch_configs(self) -> dict:
+        """Per step kernel run by the last forward call ("lstm_forward", "lstm_backward", ...; backward only
+        when a gradient was needed): its tiles, the shape and TF32 flag they were chosen for, and their
+        source: "tuned" (timed in this process), "cached" (from the tile cache), "heuristic" or "override"
+        (``launch_config``). JSON-ready, for benchmark records."""
+        return {kernel: {**asdict(choice.config), "source": choice.source, "batch": key.batch, "hidden": key.hidden,
+                         "dtype": key.dtype, "allow_tf32": key.allow_tf32}
+                for kernel, (key, choice) in self._last_choices.items()}
+
     def forward(self, x: torch.Tensor, state=None):
         self._check(x, state)
+        self._last_choices = {}  # filled by this call's layers: a no-grad call runs no backward kernel
         # Triton launches on the current CUDA device: make it the inputs' one (e.g. a model on cuda:1).
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             return super().forward(x, state)
@@ -182,27 +228,43 @@ class TritonStack(LayerwiseStack):
         weights = tuple(w.contiguous() for w in self.layer_weights(layer))
         x, h0 = x.contiguous(), h0.contiguous()
         c0 = c0.contiguous() if c0 is not None else None
-        config = self.launch_config or choose_launch_config(x.shape[1], self.hidden_size, x.dtype)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h0, c0) + weights)
-        return _LAYER_RUNNERS[self.cell](x, h0, c0, weights, config, needs_grad)
+        return _LAYER_RUNNERS[self.cell](x, h0, c0, weights, self._layer_launch(x, needs_grad), needs_grad)
+
+    def _layer_launch(self, x: torch.Tensor, needs_grad: bool) -> LayerLaunch:
+        tf32 = allow_tf32(x.dtype, self.interpreted)
+        forward = self._choose("forward", x, tf32)
+        return LayerLaunch(forward, self._choose("backward", x, tf32) if needs_grad else None, tf32)
+
+    def _choose(self, direction: str, x: torch.Tensor, tf32: bool) -> LaunchConfig:
+        """The tiles of this cell's ``direction`` step kernel for x's shape; remembered for launch_configs()."""
+        key = TileKey(f"{self.cell}_{direction}", x.shape[1], self.hidden_size, str(x.dtype).removeprefix("torch."),
+                      tf32)
+        if self.launch_config is not None:
+            choice = Choice(self.launch_config, "override")
+        else:
+            machine = "interpreter" if self.interpreted else _machine(x.device.index)
+            choice = TUNER.choose(key, machine, _measure_on(key, x.device), self.interpreted)
+        self._last_choices[key.kernel] = (key, choice)
+        return choice.config
 
 
-def _run_lstm_layer(x, h0, c0, weights, config, needs_grad):
+def _run_lstm_layer(x, h0, c0, weights, launch, needs_grad):
     """(y, h_n, c_n) of one LSTM layer: through autograd when a gradient is needed, else the forward kernels
     alone (nothing saved)."""
     if needs_grad:
-        return _LSTMLayer.apply(x, h0, c0, *weights, config)
-    y, cs, _ = kernels().lstm.lstm_layer_forward(x, h0, c0, *weights, config, save=False)
+        return _LSTMLayer.apply(x, h0, c0, *weights, launch)
+    y, cs, _ = kernels().lstm.lstm_layer_forward(x, h0, c0, *weights, launch.forward, launch.allow_tf32, save=False)
     return y, y[-1], cs[-1].to(x.dtype)
 
 
-def _run_gru_layer(x, h0, c0, weights, config, needs_grad):
+def _run_gru_layer(x, h0, c0, weights, launch, needs_grad):
     """(y, h_n, None) of one GRU layer, as _run_lstm_layer."""
     if needs_grad:
-        y, h_n = _GRULayer.apply(x, h0, *weights, config)
+        y, h_n = _GRULayer.apply(x, h0, *weights, launch)
         return y, h_n, None
-    y, _ = kernels().gru.gru_layer_forward(x, h0, *weights, config, save=False)
+    y, _ = kernels().gru.gru_layer_forward(x, h0, *weights, launch.forward, launch.allow_tf32, save=False)
     return y, y[-1], None
 
 
