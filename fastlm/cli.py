@@ -24,6 +24,7 @@ TRAIN_FLAGS = {
     "step": ("train", "step"), "precision": ("train", "precision"), "cuda_graphs": ("train", "cuda_graphs"),
     "skip_nonfinite": ("train", "skip_nonfinite"), "steps_per_epoch": ("train", "steps_per_epoch"),
     "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"), "state": ("train", "state"),
+    "dist_timeout": ("train", "dist_timeout"),
 }
 
 
@@ -93,6 +94,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "bf16: bf16 compute with fp32 master weights (tf32 and bf16 change the numbers)")
     f.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=S,
                    help="on CUDA, capture fixed-shape steps once as a CUDA graph and replay them (on)")
+    f.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=S, metavar="SECONDS",
+                   help="several processes: how long one waits for another before the run stops (300)")
 
 
 def _add_train_parser(sub) -> None:
@@ -103,6 +106,9 @@ def _add_train_parser(sub) -> None:
                             "--max-steps/--max-minutes budget, a signal, a crash)")
     train.add_argument("--overwrite", action="store_true",
                        help="start a new run in a --run-dir that holds one, replacing its files")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train on N processes of this machine (one per GPU, or CPU processes with gloo): "
+                            "starts torchrun for you; on several machines run torchrun yourself (README)")
 
 
 def _add_generate_parser(sub) -> None:
@@ -265,6 +271,8 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None):
 def cmd_train(args) -> int:
     from fastlm.train.command import run_training
 
+    if args.nproc is not None:
+        return launch_processes(args.nproc, args.argv)
     if args.resume is not None:
         if getattr(args, "config", None):
             raise FastlmError("--resume takes the run's own configuration; drop --config")
@@ -272,6 +280,35 @@ def cmd_train(args) -> int:
             raise FastlmError("--resume continues the run in its folder and --overwrite replaces it; choose one")
         return run_training(None, resume_dir=args.resume, overrides=overrides_from_args(args))
     return run_training(config_from_args(args), overwrite=args.overwrite)
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """`fastlm train --nproc N ...`: the same command in N processes under torchrun (without --nproc)."""
+    import subprocess
+
+    from fastlm.distributed import launched_by_torchrun, torchrun_command
+
+    if nproc < 1:
+        raise FastlmError(f"--nproc must be at least 1, got {nproc}")
+    if launched_by_torchrun():
+        raise FastlmError("--nproc starts torchrun itself; under torchrun leave it out")
+    argv = _without_option(argv, "--nproc")
+    if nproc == 1:
+        return main(argv)
+    return subprocess.call(torchrun_command(nproc, argv))
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (given as two words or as option=value)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == option:
+            skip = True
+        elif not word.startswith(option + "="):
+            kept.append(word)
+    return kept
 
 
 def cmd_generate(args) -> int:
@@ -363,6 +400,7 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "profile": cmd_profile
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given: --nproc hands it to torchrun
     if args.command is None:
         parser.print_help()
         return 2

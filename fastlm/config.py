@@ -70,6 +70,7 @@ class TrainConfig:
     eval_batches: Optional[int] = None  # evaluate on the first this many batches of valid and test
     threads: Optional[int] = None  # torch's CPU threads (None: torch's default)
     state: str = "carry"  # "reset": every chunk starts from a zero hidden state (the ablation of carrying it)
+    dist_timeout: float = 300.0  # several processes: seconds a collective waits for a missing process
 
 
 @dataclass
@@ -134,6 +135,7 @@ class RunConfig:
         if t.max_minutes is not None:
             _positive("--max-minutes", t.max_minutes)
         _positive("--save-minutes", t.save_minutes)
+        _positive("--dist-timeout", t.dist_timeout)
         if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
             raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
         _one_of("--step", t.step, ("fast", "example"))

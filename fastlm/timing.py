@@ -34,6 +34,9 @@ FORWARD_PARTS = (EMBEDDING, RNN, DECODER, LOSS)
 # recurrent layers' output and input (split_when_gradient_reaches), which is where one part ends.
 DECODER_GRAD, RNN_GRAD, EMBEDDING_GRAD = "decoder_grad", "rnn_grad", "embedding_grad"
 BACKWARD_PARTS = (DECODER_GRAD, RNN_GRAD, EMBEDDING_GRAD)
+# Data-parallel steps (fastlm.step.data_parallel): backward's gradients, then the part of DistributedDataParallel's
+# gradient all-reduce that did not overlap them (backward returns only once it is done).
+GRADIENTS, ALLREDUCE = "gradients", "allreduce"
 STEP = "step"
 NVTX_DOMAIN = "fastlm"
 

@@ -138,7 +138,8 @@ def test_resume_with_a_lower_lr_continues_and_records_the_change(data, tmp_path)
     status, _, err = run_cli("train", "--resume", run_dir, "--lr", 5, "--clip", 0.1, "--max-steps", 8)
     assert status == 0, err
     history = json.loads((run_dir / "config.json").read_text())["resumes"]
-    assert history == [{"epoch": 1, "batch": 4, "step": 4, "changed": {"lr": [20.0, 5.0], "clip": [0.25, 0.1]}}]
+    assert history == [{"epoch": 1, "batch": 4, "step": 4, "changed": {"lr": [20.0, 5.0], "clip": [0.25, 0.1]},
+                        "processes": 1}]
     assert records(run_dir, "resume")[0]["changed"] == {"lr": [20.0, 5.0], "clip": [0.25, 0.1]}
     assert [r["lr"] for r in records(run_dir, "log")] == [20.0, 20.0, 5.0, 5.0]
     payload = load_checkpoint(run_dir / "last.pt")

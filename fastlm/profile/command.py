@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import itertools
 import json
 import os
@@ -41,6 +42,7 @@ from fastlm.cells import runs_as
 from fastlm.data import resolve_corpus
 from fastlm.data.batching import batchify
 from fastlm.device import describe, resolve_device, use_threads
+from fastlm.distributed import SINGLE, World, collective_errors, join, launched_by_torchrun, leave, on_rank_zero
 from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
 from fastlm.profile import external_profilers, flowchart
@@ -91,6 +93,8 @@ def output_folder(config, options: ProfileOptions) -> Path:
 def run_profile(config, options: ProfileOptions, console: Optional[Console] = None) -> int:
     """`fastlm profile`; returns the exit status."""
     options.check()
+    if launched_by_torchrun():
+        return profile_each_rank(config, options)
     out = output_folder(config, options)
     if options.py_spy or options.nsys:
         rerun = external_profilers.rerun_under_py_spy if options.py_spy else external_profilers.rerun_under_nsys
@@ -98,6 +102,26 @@ def run_profile(config, options: ProfileOptions, console: Optional[Console] = No
     console = console or Console()
     breakdown = profile(config, options, out, console)
     write_report(breakdown, out, console)
+    return 0
+
+
+def profile_each_rank(config, options: ProfileOptions) -> int:
+    """Under torchrun: every process profiles its own steps (data-parallel, as `fastlm train` runs them) and
+    writes its report into ``<out>/rank<r>/``; rank 0 prints its tables. The all-reduce DDP waited for is
+    backward's ``allreduce`` part."""
+    if options.py_spy or options.nsys:
+        raise FastlmError("--py-spy and --nsys re-run fastlm in one process: leave them out under torchrun")
+    world, device_choice = join(config.train.device, config.train.dist_timeout)
+    try:
+        with collective_errors(world):
+            out = on_rank_zero(lambda: output_folder(config, options), world) / f"rank{world.rank}"
+            out.mkdir(parents=True, exist_ok=True)
+            console = Console() if world.main else Console(file=io.StringIO())
+            breakdown = profile(config, options, out, console, world, device_choice)
+            breakdown["rank"], breakdown["processes"] = world.rank, world.size
+            write_report(breakdown, out, console)
+    finally:
+        leave()
     return 0
 
 
@@ -124,7 +148,7 @@ class StepRunner:
     def __init__(self, trainer):
         self.trainer = trainer
         self.batches = batches_forever(trainer.train_stream)
-        self.state = trainer.model.init_state(trainer.config.data.batch_size)
+        self.state = trainer.model.init_state(trainer.batch_size)
         self.steps_taken = 0
         trainer.model.train()
         trainer.timer.backward_parts = True  # a profile splits backward into its parts (see fastlm.timing)
@@ -136,7 +160,7 @@ class StepRunner:
     def step(self, timer) -> None:
         # The batches go round the split's full chunks, so the next one's position is the steps taken so far.
         if self.trainer.fresh_state_before(self.steps_taken % full_chunks(self.trainer.train_stream)):
-            self.state = self.trainer.model.init_state(self.trainer.config.data.batch_size)
+            self.state = self.trainer.model.init_state(self.trainer.batch_size)
         _, self.state, _ = run_step(self.trainer.step_fn, self.batches, self.state, timer)
         self.steps_taken += 1
 
@@ -254,9 +278,10 @@ KINETO_CHATTER = ("USDT:", "STAGE:")
 
 # ------------------------------------------------------------------------------------------ the whole run
 
-def profile(config, options: ProfileOptions, out: Path, console: Console) -> dict:
+def profile(config, options: ProfileOptions, out: Path, console: Console, world: World = SINGLE,
+            device_choice: Optional[str] = None) -> dict:
     """Runs the profile and returns breakdown.json's content (artifacts other than the trace not yet written)."""
-    device = resolve_device(config.train.device)
+    device = resolve_device(device_choice or config.train.device)
     use_threads(config.train.threads)
     clock = Clock(device)
     one_off: dict = {}
@@ -266,7 +291,7 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
     with _stopwatch(one_off, "corpus_load", clock):
         corpus = resolve_corpus(config.data.data, console=Console(stderr=True))
     with _stopwatch(one_off, "trainer_setup", clock):
-        trainer = Trainer(config, corpus, device, TrainDisplay(console))
+        trainer = Trainer(config, corpus, device, TrainDisplay(console), world=world)
     with _stopwatch(one_off, "batchify", clock):
         batchify(corpus.train, config.data.batch_size)
     m, d = config.model, config.data
@@ -280,7 +305,7 @@ def profile(config, options: ProfileOptions, out: Path, console: Console) -> dic
                   soft_wrap=True)
     runner = StepRunner(trainer)
     per_step, step_ms, window_ms = measure(runner, options.warmup, options.steps, one_off)
-    breakdown = report.summarize(per_step, step_ms, trainer.timer.parents, d.batch_size * d.bptt)
+    breakdown = report.summarize(per_step, step_ms, trainer.timer.parents, trainer.batch_size * d.bptt)
     one_off["first_step_over_steady"] = max(0.0, one_off["first_step"] - breakdown["step_ms"]["median"])
     breakdown["step_ms"]["window_mean"] = window_ms
     breakdown["evaluation"] = {split: _time_evaluation(trainer, stream, split, clock)

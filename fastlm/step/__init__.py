@@ -9,6 +9,8 @@ step replays fixed-shape steps as a CUDA graph (fastlm.step.cuda_graphs).
 
 from __future__ import annotations
 
+from fastlm.distributed import SINGLE, World
+from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
 from fastlm.precision import tf32_flags
 from fastlm.step.example import ExampleStep
@@ -18,14 +20,18 @@ from fastlm.timing import DATA, PhaseTimer, active_timer
 __all__ = ["ExampleStep", "TrainStep", "make_train_step", "run_step", "how_it_ran"]
 
 
-def make_train_step(model: RNNLM, train_config) -> TrainStep | ExampleStep:
+def make_train_step(model: RNNLM, train_config, world: World = SINGLE) -> TrainStep | ExampleStep:
     """The step ``train_config.step`` names: "fast" (TrainStep, with its precision, cuda_graphs and
     skip_nonfinite) or "example". The TF32 switches of the precision are the caller's to set
     (fastlm.precision.use_precision), being process-wide."""
     if train_config.step == "example":
+        if world.size > 1:
+            raise FastlmError("--step example is the PyTorch example's loop in one process; use --step fast with "
+                              "several processes")
         return ExampleStep(model, train_config.clip, train_config.lr, precision=train_config.precision)
     return TrainStep(model, train_config.clip, train_config.lr, precision=train_config.precision,
-                     cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0)
+                     cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0,
+                     world=world)
 
 
 def run_step(step_fn, batches, state, timer: PhaseTimer):

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from fastlm.distributed import SINGLE, World
 from fastlm.model import RNNLM, detach_state, map_state
 from fastlm.precision import PRECISIONS, compute_dtype
 from fastlm.step.base import StepBase
 from fastlm.step.cuda_graphs import GraphedStep
+from fastlm.step.data_parallel import GRAPHS_NOTE, DataParallel
 from fastlm.step.low_precision import LowPrecisionCopy
 from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, OPTIMIZER, PhaseTimer
 
@@ -37,11 +39,12 @@ class TrainStep(StepBase):
     ``precision="bf16"`` computes in a bf16 copy of the model (a change of the numbers, opt-in; see the
     module doc); ``cuda_graphs`` captures and replays full-size steps on a CUDA device (ignored elsewhere,
     and for the adaptive decoder: ``graphs_skipped`` says why); ``skip_nonfinite`` makes a step with a
-    non-finite loss or gradient a no-op (see the module doc).
+    non-finite loss or gradient a no-op (see the module doc). With a ``world`` of several processes the
+    model computes under DistributedDataParallel (fastlm.step.data_parallel).
     """
 
     def __init__(self, model: RNNLM, clip: float, lr: float, *, precision: str = "fp32",
-                 cuda_graphs: bool = False, skip_nonfinite: bool = False):
+                 cuda_graphs: bool = False, skip_nonfinite: bool = False, world: World = SINGLE):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         super().__init__(model, clip, lr, precision)
@@ -50,10 +53,11 @@ class TrainStep(StepBase):
         dtype = compute_dtype(precision)
         self.low_precision = LowPrecisionCopy(model, dtype) if dtype != torch.float32 else None
         self.compute_model = self.low_precision.compute if self.low_precision else model
+        self.data_parallel = DataParallel(self.compute_model, world, self.device) if world.size > 1 else None
         self.graphs = None
         self.graphs_skipped = None  # why CUDA graphs were asked for and not used, else None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs_skipped = graph_blocker(model)
+            self.graphs_skipped = GRAPHS_NOTE if self.data_parallel else graph_blocker(model)
             if self.graphs_skipped is None:
                 self.graphs = GraphedStep(self)
 
@@ -69,14 +73,21 @@ class TrainStep(StepBase):
             if self.low_precision is not None:
                 self.low_precision.sync_weights()
                 given_state = self.low_precision.state(given_state)
-            hidden, state = model(inputs, given_state)
+            parallel = self.data_parallel
+            hidden, state = parallel.forward(inputs, given_state) if parallel else model(inputs, given_state)
             loss = model.loss(hidden, targets)
         with timer.phase(BACKWARD):
+            if parallel:
+                parallel.time_the_allreduce(loss, timer)
             loss.backward()
-            timer.split_rest(EMBEDDING_GRAD)
+            loss = loss.detach()
+            if parallel:
+                loss = parallel.average(loss)
+                parallel.after_backward(timer)
+            else:
+                timer.split_rest(EMBEDDING_GRAD)
             if self.low_precision is not None:
                 self.low_precision.gradients_to_masters()
-        loss = loss.detach()
         with timer.phase(CLIP):
             grad_norm = self.clip_gradients()
             self.finite = torch.isfinite(loss) & torch.isfinite(grad_norm)

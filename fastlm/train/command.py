@@ -9,12 +9,16 @@ A new run is refused a folder that already holds a run, unless ``--overwrite``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from rich.console import Console
 
 from fastlm.cells import runs_as
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
 from fastlm.device import describe, resolve_device, use_threads
+from fastlm.distributed import SINGLE, collective_errors, join, launched_by_torchrun, leave, on_rank_zero
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import load_checkpoint
 from fastlm.train.progress import TrainDisplay
@@ -25,6 +29,7 @@ RESUME_MAY_CHANGE = {
     ("data", "data"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
     ("train", "log_interval"), ("train", "device"), ("train", "save"), ("train", "save_minutes"),
     ("train", "run_dir"), ("train", "skip_nonfinite"), ("train", "eval_batches"), ("train", "threads"),
+    ("train", "dist_timeout"),
     # What people lower after a divergence: the lr training continues with (the schedule goes on dividing
     # it) and the clipping norm. Recorded in the run's history.
     ("train", "lr"), ("train", "clip"),
@@ -76,36 +81,54 @@ def _check_budgets_leave_work(config: RunConfig, payload: dict, run_dir: Path) -
 
 def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None,
                  overwrite: bool = False) -> int:
-    """Runs `fastlm train`; returns the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
+    """Runs `fastlm train`, in one process or as one rank of a torchrun launch (fastlm.distributed); returns
+    the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
     payload = changed = None
-    if resume_dir is not None:
+    if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
         config, payload, changed = resume_config(Path(resume_dir), overrides or {})
+    world, device_choice = SINGLE, config.train.device
+    if launched_by_torchrun():
+        world, device_choice = join(device_choice, config.train.dist_timeout)
+    try:
+        with collective_errors(world):
+            return _train(config, world, device_choice, resume_dir, payload, changed, overwrite)
+    finally:
+        leave()
+
+
+def _train(config, world, device_choice, resume_dir, payload, changed, overwrite) -> int:
     m = config.model
-    run_dir = config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}")
-    if payload is None:
-        check_free_for_a_new_run(run_dir, overwrite)  # before the corpus loads: say so at once
-    device = resolve_device(config.train.device)
+    run_dir = on_rank_zero(lambda: config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"), world)
+    if payload is None:  # before the corpus loads: say so at once
+        on_rank_zero(lambda: check_free_for_a_new_run(run_dir, overwrite), world)
+    device = resolve_device(device_choice)
     use_threads(config.train.threads)
-    display = TrainDisplay()
+    # One progress display and one log: rank 0's. The others keep theirs in memory.
+    display = TrainDisplay() if world.main else TrainDisplay(Console(file=io.StringIO()))
     corpus = resolve_corpus(config.data.data, console=display.console)
-    trainer = Trainer(config, corpus, device, display)
+    trainer = Trainer(config, corpus, device, display, world=world)
     counts = trainer.model.parameter_counts()
     if payload is None:
-        run = RunFolder.new(run_dir, overwrite)
-        run.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                          "parameters": counts, **describe(device)})
+        def new_folder():
+            folder = RunFolder.new(run_dir, overwrite)
+            folder.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
+                                 "parameters": counts, "processes": world.size, **describe(device)})
+        on_rank_zero(new_folder, world)
+        run = RunFolder(run_dir, create=world.main)
         where = f"run folder {run.path}"
     else:
         trainer.restore(payload, Path(resume_dir) / "last.pt")
         if "lr" in changed:  # the lr training continues with, instead of the one it stood at
             trainer.step_fn.lr = config.train.lr
-        run = RunFolder(run_dir)
-        run.record_resume({"kind": "resume", "epoch": trainer.epoch, "batch": trainer.batches_done,
-                           "step": trainer.global_step, "changed": changed})
+        run = RunFolder(run_dir, create=world.main)
+        if world.main:
+            run.record_resume({"kind": "resume", "epoch": trainer.epoch, "batch": trainer.batches_done,
+                               "step": trainer.global_step, "changed": changed, "processes": world.size})
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
+    processes = f" x {world.size} processes" if world.size > 1 else ""
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
-                    f"{device} | {corpus.source} ({len(corpus.vocab):,} words) | {where}")
+                    f"{device}{processes} | {corpus.source} ({len(corpus.vocab):,} words) | {where}")
     display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
                     f"{', its weight tied to the embedding' if m.tied else ''})")

@@ -55,8 +55,14 @@ class RunFolder:
             partial.unlink()
         return cls(path)
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
+        """The run folder at ``path``, created if need be; ``create=False`` only names its files (the other
+        processes of a distributed run, which write nothing)."""
         self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.best, self.last = self.path / "best.pt", self.path / "last.pt"
+        if not create:
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -64,10 +70,7 @@ class RunFolder:
                               f"choose another with --run-dir") from None
         if not os.access(self.path, os.W_OK):
             raise FastlmError(f"run folder {self.path} is not writable; choose another with --run-dir")
-        self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.touch()  # there from the start, even for a run that stops before its first log line
-        self.best = self.path / "best.pt"
-        self.last = self.path / "last.pt"
 
     def write_config(self, config: dict) -> None:
         (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

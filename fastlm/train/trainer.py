@@ -28,11 +28,12 @@ import torch
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer, batchify, check_bptt
 from fastlm.device import machine_load
+from fastlm.distributed import SINGLE, World, broadcast_parameters, gather_columns, gather_objects, sum_
 from fastlm.errors import FastlmError, first_line
-from fastlm.model import RNNLM
+from fastlm.model import RNNLM, map_state
 from fastlm.precision import use_precision
 from fastlm.step import make_train_step, run_step
-from fastlm.timing import PHASES, STEP, PhaseTimer
+from fastlm.timing import ALLREDUCE, PHASES, STEP, PhaseTimer
 from fastlm.train import checkpoint
 from fastlm.train.checkpoint import load_checkpoint, save_checkpoint
 from fastlm.train.progress import TrainDisplay, perplexity
@@ -60,15 +61,18 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, config: RunConfig, corpus, device: torch.device, display: TrainDisplay,
-                 on_step: Optional[Callable[[int, torch.Tensor], None]] = None):
+                 on_step: Optional[Callable[[int, torch.Tensor], None]] = None, world: World = SINGLE):
         self.config, self.corpus, self.device, self.display = config, corpus, device, display
         self.on_step = on_step  # called with (global step, detached loss tensor); for tests and tools
         self.run: Optional[RunFolder] = None  # set by fit(), so bad shapes fail before a folder exists
+        self.world = world  # several processes: this one's share of the batch columns (fastlm.distributed)
         d, t = config.data, config.train
-        train = batchify(corpus.train, d.batch_size, "train")
+        columns, eval_columns = world.columns(d.batch_size), world.columns(d.eval_batch_size, "--eval-batch-size")
+        train = batchify(corpus.train, d.batch_size, "train")[:, columns].contiguous()
         check_bptt(train, d.bptt, "train")
-        valid = batchify(corpus.valid, d.eval_batch_size, "valid")
-        test = batchify(corpus.test, d.eval_batch_size, "test")
+        valid = batchify(corpus.valid, d.eval_batch_size, "valid")[:, eval_columns].contiguous()
+        test = batchify(corpus.test, d.eval_batch_size, "test")[:, eval_columns].contiguous()
+        self.batch_size, self.eval_batch_size = train.shape[1], valid.shape[1]  # this process's columns
         self.train_stream = BatchStreamer(train, d.bptt, device)
         self.valid_stream = BatchStreamer(valid, d.bptt, device)
         self.test_stream = BatchStreamer(test, d.bptt, device)
@@ -76,7 +80,9 @@ class Trainer:
         use_precision(t.precision)  # the TF32 switches (process-wide); the step does the rest of the precision
         torch.manual_seed(t.seed)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
-        self.step_fn = make_train_step(self.model, t)
+        self.step_fn = make_train_step(self.model, t, world)
+        if world.rank:  # the same initial weights on every rank (above), but dropout masks of its own
+            torch.manual_seed(t.seed + world.rank)
         self.timer = PhaseTimer(device)
         self.stop = StopRequest(announce=lambda text: self.display.message(f"[bold yellow]{text}[/]"))
         # Where training stands: the epoch in progress and how many of its batches are done.
@@ -84,6 +90,7 @@ class Trainer:
         self.best_val_loss: Optional[float] = None
         self.state = None  # hidden state carried between batches of an epoch
         self._deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
+        self._agreed = {"stop": False, "deadline": False}  # with several processes: what all ranks agreed on
         self._last_save = time.monotonic()
         self._good: Optional[dict] = None  # snapshot at the latest log window without a non-finite step
         self.skipped_batches = 0  # non-finite batches skipped so far (--skip-nonfinite)
@@ -93,22 +100,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, copy: bool = False) -> dict:
-        """The checkpoint of the current state; ``copy`` detaches it from tensors training will update."""
+        """The checkpoint of the current state; ``copy`` detaches it from tensors training will update.
+        With several processes every rank must call it at the same point (it gathers their hidden states and
+        random states), and rank 0's is the one saved."""
         model = self.model.state_dict()
         if copy:
             model = {name: tensor.detach().clone() for name, tensor in model.items()}
+        hidden = self.state
+        if self.world.size > 1 and hidden is not None:  # the whole batch's state: every rank's columns
+            hidden = map_state(lambda s: gather_columns(s, self.world), hidden)
+        rng = checkpoint.rng_state()
+        ranks = {"rng_ranks": gather_objects(rng, self.world)} if self.world.size > 1 else {}
         return {"model": model, "optimizer": self.step_fn.optimizer.state_dict(),
                 "config": self.config.to_dict(), "vocab": list(self.corpus.vocab.idx2word),
                 "vocab_digest": self.corpus.vocab.digest(), "epoch": self.epoch,
                 "batches_done": self.batches_done, "step": self.global_step, "lr": self.step_fn.lr,
                 "best_val_loss": self.best_val_loss, "skipped_batches": self.skipped_batches,
                 "epoch_train_seconds": self.epoch_train_seconds,
-                "hidden": checkpoint.hidden_to_save(self.state),
-                "rng": checkpoint.rng_state()}
+                "hidden": checkpoint.hidden_to_save(hidden),
+                "rng": rng, **ranks}
 
     def _save_last(self, payload: Optional[dict] = None) -> None:
-        save_checkpoint(self.run.last, payload or self._payload())
+        payload = payload or self._payload()
+        if self.world.main:
+            save_checkpoint(self.run.last, payload)
         self._last_save = time.monotonic()
+
+    def _append_metrics(self, record: dict) -> None:
+        if self.world.main:
+            self.run.append_metrics(record)
 
     def restore(self, payload: dict, path) -> None:
         """Continue from a checkpoint written by ``_payload`` (``--resume``)."""
@@ -123,12 +143,24 @@ class Trainer:
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
         self.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
         self.epoch_train_seconds = payload.get("epoch_train_seconds", 0.0)
-        self.state = checkpoint.hidden_from_saved(payload["hidden"], self.device,
-                                                        self.config.model.cell)
-        checkpoint.set_rng_state(payload["rng"])
+        hidden = checkpoint.hidden_from_saved(payload["hidden"], self.device, self.config.model.cell)
+        share = self.world.columns(self.config.data.batch_size)
+        self.state = map_state(lambda s: s[:, share].contiguous(), hidden) if hidden is not None else None
+        ranks = payload.get("rng_ranks") or [payload["rng"]]
+        if len(ranks) == self.world.size:
+            checkpoint.set_rng_state(ranks[self.world.rank])
+        else:  # the batches and weights go on exactly; dropout draws do not
+            checkpoint.set_rng_state(ranks[0])
+            if self.world.rank:
+                torch.manual_seed(self.config.train.seed + self.world.rank + payload["step"])
+            self.display.message(f"[bold yellow]note: {path} was written by {len(ranks)} process(es) and this "
+                                 f"run has {self.world.size}: training goes on from the same state, but with other "
+                                 f"dropout masks than an uninterrupted run would draw[/]")
 
     def _check_room(self) -> None:
         needed = 3 * checkpoint.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
+        if not self.world.main:
+            return
         free = shutil.disk_usage(self.run.path).free
         if free < needed:
             raise FastlmError(f"run folder {self.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "
@@ -139,7 +171,25 @@ class Trainer:
         t = self.config.train
         if t.max_steps is not None and self.global_step >= t.max_steps:
             return True
+        if self.world.size > 1:
+            return self._agreed["deadline"]
+        return self._out_of_time()
+
+    def _out_of_time(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _stop_requested(self) -> bool:
+        return self._agreed["stop"] if self.world.size > 1 else self.stop.requested
+
+    def _agree(self) -> None:
+        """Several processes: every rank learns whether any was signalled or ran out of time, at the same step
+        (the clock and signals differ between processes; the collectives after this point must not)."""
+        stop, late = self.stop.requested, self._out_of_time()
+        flags = torch.tensor([int(stop), int(late)], device=self.device)
+        sum_(flags, self.world)
+        self._agreed = {"stop": bool(flags[0].item()), "deadline": bool(flags[1].item())}
+        if self._agreed["stop"] and not stop:
+            self.stop.request()
 
     def _batches_per_epoch(self) -> int:
         t = self.config.train
@@ -159,25 +209,32 @@ class Trainer:
         """Mean loss per target token over a split (the example's evaluate()), or over its first ``batches``
         (default ``--eval-batches``) batches.
 
-        Returns None when ``interruptible`` and a stop request cut it short.
+        Returns None when ``interruptible`` and a stop request cut it short. With several processes each
+        evaluates its share of the split's columns and the sums are added up (never interrupted: every rank must
+        take part in the sum).
         """
+        interruptible = interruptible and self.world.size == 1
         self.model.eval()
         limit = self.evaluation_batches(stream, batches)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
-        state = self.model.init_state(self.config.data.eval_batch_size)
+        state = self.model.init_state(self.eval_batch_size)
         with torch.no_grad(), self.display.evaluating(split, limit) as advance:
             for index, inputs, targets in stream.iterate(0, limit):
                 if interruptible and self.stop.requested:
                     self.model.train()
                     return None
                 if self.config.train.state == "reset":
-                    state = self.model.init_state(self.config.data.eval_batch_size)
+                    state = self.model.init_state(self.eval_batch_size)
                 hidden, state = self.model(inputs, state)
                 total += self.model.loss(hidden, targets).double() * targets.numel()
                 count += targets.numel()
                 advance(index + 1)
         self.model.train()
+        if self.world.size > 1:
+            sums = torch.stack([total, torch.tensor(float(count), device=self.device, dtype=torch.float64)])
+            total, count = sum_(sums, self.world).tolist()
+            return total / count
         return total.item() / count
 
     def evaluation_batches(self, stream: BatchStreamer, batches: Optional[int] = None) -> int:
@@ -209,7 +266,7 @@ class Trainer:
         while self.batches_done < limit:
             # With --steps-per-epoch, epochs in the middle of the corpus carry the state on, as the text does.
             if self.fresh_state_before(self._epoch_start() + self.batches_done):
-                self.state = self.model.init_state(self.config.data.batch_size)
+                self.state = self.model.init_state(self.batch_size)
             loss, self.state, tokens = run_step(self.step_fn, batches, self.state, self.timer)
             self.batches_done += 1
             self.global_step += 1
@@ -224,7 +281,9 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self.global_step, loss)
             self.display.advance(self.batches_done)
-            end = self.batches_done == limit or self._budget_spent() or self.stop.requested
+            if self.world.size > 1 and (self.batches_done % t.log_interval == 0 or self.batches_done == limit):
+                self._agree()
+            end = self.batches_done == limit or self._budget_spent() or self._stop_requested()
             if self.batches_done % t.log_interval == 0 or end:
                 self._close_window(limit, window_loss, window_bad, first_bad, window_steps, window_tokens,
                                    window_start)
@@ -247,6 +306,8 @@ class Trainer:
                   "loss": loss, "ppl": perplexity(loss) if loss is not None else None, "lr": self.step_fn.lr,
                   "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
                   "phases_ms": {name: _mean(samples.get(name)) for name in (*PHASES, STEP)}}
+        if ALLREDUCE in samples:  # several processes: the all-reduce that backward waited for (in backward's time)
+            record["phases_ms"][ALLREDUCE] = _mean(samples[ALLREDUCE])
         load, cores = machine_load()
         record.update(load=round(load, 2), cores=cores)
         if load > cores:
@@ -260,7 +321,7 @@ class Trainer:
             record.update(skipped=bad, first_skipped_step=bad_step if bad else None,
                           skipped_total=self.skipped_batches)
         self.timer.reset()
-        self.run.append_metrics(record)
+        self._append_metrics(record)
         self.display.log(record, limit)
         # A window with skipped batches does not refresh the snapshot (nor save it: that would write an older
         # state over a newer last.pt); the next clean window does both.
@@ -285,7 +346,7 @@ class Trainer:
         message = (f"{what}; training stopped and {self.run.last} holds the last good state (step "
                    f"{self._good['step']}): resume from it with a lower lr or clip, e.g. fastlm train --resume "
                    f"{self.run.path} --lr {self._good['lr'] / 4:g}")
-        self.run.append_metrics({"kind": "diverged", "step": first_step, "epoch": self.epoch, "message": message})
+        self._append_metrics({"kind": "diverged", "step": first_step, "epoch": self.epoch, "message": message})
         raise TrainingDiverged(message)
 
     def _end_epoch(self) -> bool:
@@ -303,11 +364,13 @@ class Trainer:
         self.epoch, self.batches_done, self.epoch_train_seconds = self.epoch + 1, 0, 0.0
         if improved:
             self.best_val_loss = val_loss
-            save_checkpoint(self.run.best, self._payload())
+            payload = self._payload()
+            if self.world.main:
+                save_checkpoint(self.run.best, payload)
         else:
             self.step_fn.lr /= 4.0
         record["lr_next"] = self.step_fn.lr
-        self.run.append_metrics(record)
+        self._append_metrics(record)
         self.display.epoch_summary(record)
         self._save_last()
         return True
@@ -318,13 +381,13 @@ class Trainer:
         epochs = 1 if self.config.train.dry_run else self.config.train.epochs
         pause = test_loss = None
         with self.stop:
-            while self.epoch <= epochs and not self.stop.requested and not self._budget_spent():
+            while self.epoch <= epochs and not self._stop_requested() and not self._budget_spent():
                 self.train_epoch()
-                if self.stop.requested or self.batches_done < self._batches_per_epoch():
+                if self._stop_requested() or self.batches_done < self._batches_per_epoch():
                     break  # a signal, or the budget ran out inside the epoch: not an epoch end
                 if not self._end_epoch():
                     break
-            if self.stop.requested:
+            if self._stop_requested():
                 self._save_last()
                 self.display.message(f"[bold yellow]stopped at epoch {self.epoch}, {self.batches_done} batches in "
                                      f"(step {self.global_step}); 'last' saved: continue with --resume {run.path}[/]")
@@ -353,7 +416,7 @@ class Trainer:
         record = {"kind": "pause", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
                   "lr": self.step_fn.lr, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
                   "test_loss": test_loss, "test_ppl": perplexity(test_loss)}
-        self.run.append_metrics(record)
+        self._append_metrics(record)
         self.display.message(f"[bold]paused at epoch {self.epoch}, batch {self.batches_done} (step "
                              f"{self.global_step}): the --max-steps/--max-minutes budget is spent | current "
                              f"weights: valid ppl {record['val_ppl']:8.2f} | test ppl {record['test_ppl']:8.2f}[/]")
@@ -366,13 +429,15 @@ class Trainer:
         if self.best_val_loss is None:  # no validation yet in this run: no best model of its own to test
             self.display.message("no best model yet (no epoch finished its validation): nothing to test")
             return None
-        self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
+        if self.world.main:
+            self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
+        broadcast_parameters(self.model, self.world)  # rank 0 read the best model: all ranks test it
         test_loss = self.evaluate(self.test_stream, "test", interruptible=False)  # after a stop too; a 2nd signal exits
-        self.run.append_metrics({"kind": "test", "test_loss": test_loss, "test_ppl": perplexity(test_loss),
-                                 "step": self.global_step})
+        self._append_metrics({"kind": "test", "test_loss": test_loss, "test_ppl": perplexity(test_loss),
+                              "step": self.global_step})
         self.display.message(f"[bold]End of training | test loss {test_loss:5.2f} | "
                              f"test ppl {perplexity(test_loss):8.2f}[/]")
-        if self.config.train.save:
+        if self.config.train.save and self.world.main:
             save_checkpoint(self.config.train.save, load_checkpoint(self.run.best))
         return test_loss
 
