@@ -16,7 +16,7 @@ TRAIN_FLAGS = {
     "nhid": ("model", "nhid"), "nlayers": ("model", "nlayers"), "dropout": ("model", "dropout"),
     "tied": ("model", "tied"), "decoder": ("model", "decoder"), "cutoffs": ("model", "cutoffs"),
     "data": ("data", "data"), "batch_size": ("data", "batch_size"), "eval_batch_size": ("data", "eval_batch_size"),
-    "bptt": ("data", "bptt"),
+    "bptt": ("data", "bptt"), "data_mode": ("data", "data_mode"),
     "lr": ("train", "lr"), "clip": ("train", "clip"), "epochs": ("train", "epochs"), "seed": ("train", "seed"),
     "log_interval": ("train", "log_interval"), "device": ("train", "device"), "max_steps": ("train", "max_steps"),
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
@@ -56,6 +56,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=S, help="batch size (20)")
     d.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=S, help="eval batch size (10)")
     d.add_argument("--bptt", type=int, default=S, help="sequence length (35)")
+    d.add_argument("--data-mode", dest="data_mode", default=S, choices=("auto", "memory", "stream"),
+                   help="hold the token ids in memory, or stream them from the token cache (corpora bigger than "
+                        "memory); auto (default) streams above 128 MiB of text")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
     t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")

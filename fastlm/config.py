@@ -46,6 +46,9 @@ class DataConfig:
     batch_size: int = 20
     eval_batch_size: int = 10
     bptt: int = 35
+    # "memory": token ids held in memory; "stream": read from the token cache through a memory map (corpora
+    # bigger than memory); "auto": stream above fastlm.data.STREAM_ABOVE_BYTES of text. Same batches either way.
+    data_mode: str = "auto"
 
 
 @dataclass
@@ -126,6 +129,7 @@ class RunConfig:
         _at_least("--batch-size", d.batch_size, 1)
         _at_least("--eval-batch-size", d.eval_batch_size, 1)
         _at_least("--bptt", d.bptt, 1)
+        _one_of("--data-mode", d.data_mode, ("auto", "memory", "stream"))
         _positive("--lr", t.lr)
         _positive("--clip", t.clip)
         _at_least("--epochs", t.epochs, 1)

@@ -16,19 +16,30 @@ from fastlm.errors import FastlmError
 
 def batchify(ids: torch.Tensor, batch_size: int, split: str = "train") -> torch.Tensor:
     """[N] token ids -> [N // B, B]; column b holds tokens b*(N//B) ... (b+1)*(N//B) - 1."""
-    rows = ids.numel() // batch_size
-    if rows < 2:
-        flag = "--batch-size" if split == "train" else "--eval-batch-size"
-        raise FastlmError(f"{flag} {batch_size} is too large for the {split} split ({ids.numel()} tokens): each of "
-                          f"the batch's columns needs at least 2 tokens; use {flag} {max(ids.numel() // 2, 1)} "
-                          f"or less")
+    rows = batch_rows(ids.numel(), batch_size, split)
     return ids[: rows * batch_size].view(batch_size, rows).t().contiguous()
 
 
+def batch_rows(tokens: int, batch_size: int, split: str = "train") -> int:
+    """Rows of the batchified split (tokens per column), checked to give every column an input and a target."""
+    rows = tokens // batch_size
+    if rows < 2:
+        flag = "--batch-size" if split == "train" else "--eval-batch-size"
+        raise FastlmError(f"{flag} {batch_size} is too large for the {split} split ({tokens} tokens): each of "
+                          f"the batch's columns needs at least 2 tokens; use {flag} {max(tokens // 2, 1)} "
+                          f"or less")
+    return rows
+
+
 def check_bptt(source: torch.Tensor, bptt: int, split: str = "train") -> None:
-    if bptt > source.shape[0] - 1:
+    check_bptt_rows(source.shape[0], bptt, split)
+
+
+def check_bptt_rows(rows: int, bptt: int, split: str = "train") -> None:
+    """A split of ``rows`` rows must hold at least one bptt-long chunk (its inputs and their targets)."""
+    if bptt > rows - 1:
         raise FastlmError(f"--bptt {bptt} is larger than the {split} split allows at this batch size "
-                          f"({source.shape[0] - 1} steps per column); use a smaller --bptt or --batch-size")
+                          f"({rows - 1} steps per column); use a smaller --bptt or --batch-size")
 
 
 def batch_starts(source: torch.Tensor, bptt: int) -> range:
@@ -57,6 +68,16 @@ class BatchStreamer:
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    @property
+    def rows(self) -> int:
+        """Tokens per column of the batchified split (TokenFileStream has the same attribute)."""
+        return self.source.shape[0]
+
+    @property
+    def column_count(self) -> int:
+        """Columns of each batch (TokenFileStream has the same attribute)."""
+        return self.source.shape[1]
 
     def iterate(self, start_batch: int = 0, count: Optional[int] = None):
         """Yields (batch_index, inputs, targets) from chunk ``start_batch`` to the end of the split, or, with

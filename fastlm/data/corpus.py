@@ -12,14 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from fastlm.data import cache
+from fastlm.data.batching import BatchStreamer, batchify, check_bptt
+from fastlm.data.split_files import SPLITS, cannot_read, has_no_word, not_utf8, split_paths
 from fastlm.data.tokenize import EOS, split_words, tokenize  # noqa: F401  (re-exported)
-from fastlm.errors import FastlmError
-
-SPLITS = ("train", "valid", "test")
 
 
 class Vocabulary:
@@ -60,6 +60,18 @@ class Corpus:
     source: str  # where it came from, for people: "Wikitext-2 from /data/wt2", "generated toy corpus", ...
     file_sha256: dict[str, str] = field(default_factory=dict)  # split -> SHA-256 of its file; empty if not from files
     id_files: dict[str, Path] = field(default_factory=dict)  # split -> cached .npy of its ids, for memory-mapping
+    mode: ClassVar[str] = "memory"  # how its batches are read (fastlm.data.streamed_corpus has "stream")
+
+    def batches(self, split: str, batch_size: int, bptt: int, device, columns: slice | None = None) -> BatchStreamer:
+        """The split's batches, batchified in memory, or the ``columns`` of them (one process's share of the
+        batch, fastlm.distributed). The train split must hold at least one bptt-long chunk (valid and test may
+        be shorter: their one chunk is then shorter), as the trainer has always asked."""
+        source = batchify(getattr(self, split), batch_size, split)
+        if split == "train":
+            check_bptt(source, bptt, split)
+        if columns is not None:
+            source = source[:, columns].contiguous()
+        return BatchStreamer(source, bptt, device)
 
 
 def corpus_from_texts(texts: dict[str, str], source: str) -> Corpus:
@@ -74,10 +86,7 @@ def load_corpus(folder, cache_dir=None, *, use_cache: bool = True) -> Corpus:
     ``cache_dir`` defaults to cache.default_cache_dir(); ``use_cache=False`` always tokenises afresh.
     """
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise FastlmError(f"data folder {folder} {what}: expected a folder with train.txt, valid.txt and test.txt")
-    raw = {split: _read_split(folder / f"{split}.txt") for split in SPLITS}
+    raw = {split: _read_split(path) for split, path in split_paths(folder).items()}
     file_sha256 = {split: hashlib.sha256(data).hexdigest() for split, data in raw.items()}
     source = f"folder {folder}"
     if not use_cache:
@@ -96,14 +105,10 @@ def load_corpus(folder, cache_dir=None, *, use_cache: bool = True) -> Corpus:
 
 
 def _read_split(path: Path) -> bytes:
-    if not path.is_file():
-        raise FastlmError(
-            f"data folder {path.parent} has no {path.name}: expected train.txt, valid.txt and test.txt there"
-        )
     try:
         return path.read_bytes()
     except OSError as error:
-        raise FastlmError(f"cannot read {path} ({error.strerror or error}): check its permissions") from None
+        raise cannot_read(path, error) from None
 
 
 def _tokenise(folder: Path, raw: dict[str, bytes], file_sha256: dict[str, str], source: str) -> Corpus:
@@ -117,15 +122,9 @@ def _text_of(path: Path, data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise FastlmError(
-            f"{path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} cannot be decoded; "
-            "convert the file to UTF-8"
-        ) from None
+        raise not_utf8(path, data[error.start], error.start) from None
     if not text or text.isspace():  # (not text.strip(), without copying the text)
-        # A split needs a word: with only <eos> tokens (or none) there is nothing to learn or measure, and
-        # one word already makes two tokens (word, <eos>), so there is at least one target.
-        state = "is empty" if not text else "has only whitespace"
-        raise FastlmError(f"{path} {state}: each of train.txt, valid.txt and test.txt needs at least one word")
+        raise has_no_word(path, empty=not text)
     if "\r" in text:
         # Text-mode reading turns \r\n and a lone \r into \n; only then are lines split.
         text = text.replace("\r\n", "\n").replace("\r", "\n")

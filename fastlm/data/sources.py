@@ -7,6 +7,7 @@ so that an offline machine can still train, test and profile.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -15,8 +16,10 @@ from rich.console import Console
 from rich.panel import Panel
 
 from fastlm.data import cache
-from fastlm.data.corpus import Corpus, load_corpus
+from fastlm.data.corpus import Corpus
+from fastlm.data.data_modes import check_mode, load_data, stream_in_memory
 from fastlm.data.download import URL_ENV, WIKITEXT2_SHA256, DownloadError, download_wikitext2, wikitext2_url
+from fastlm.data.streamed_corpus import StreamedCorpus
 from fastlm.data.synthetic import generated_corpus
 from fastlm.errors import FastlmError
 
@@ -25,46 +28,54 @@ GENERATED = "generated"
 WIKITEXT2_ENV = "FASTLM_WIKITEXT2"
 
 
-def resolve_corpus(spec: str, cache_dir=None, console: Console | None = None, allow_download: bool = True) -> Corpus:
+def resolve_corpus(spec: str, cache_dir=None, console: Console | None = None, allow_download: bool = True,
+                   mode: str = "auto") -> Corpus | StreamedCorpus:
     """The corpus named by ``spec``: "wikitext-2", "generated", or a folder with train/valid/test.txt.
 
     The two names win over folders of the same name; write ./generated for such a folder. ``cache_dir``
     defaults to cache.default_cache_dir(); notices and warnings go to ``console`` (default: stderr).
+    ``mode`` ("auto", "memory" or "stream"; fastlm.data.data_modes) says whether the ids are held in memory
+    or streamed from the token cache; the generated corpus streams only when asked to.
     """
+    check_mode(mode)
     cache_dir = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
     console = console or Console(stderr=True)
+    load = functools.partial(load_data, cache_dir=cache_dir, mode=mode)
     if spec == WIKITEXT2:
-        return _wikitext2(cache_dir, console, allow_download)
-    if spec == GENERATED:
+        corpus = _wikitext2(cache_dir, console, allow_download, load)
+    elif spec == GENERATED:
         console.print("[bold]fastlm:[/] using the generated toy corpus (not Wikitext-2) as asked")
-        return generated_corpus()
-    if not Path(spec).expanduser().is_dir():
+        corpus = generated_corpus()
+    elif not Path(spec).expanduser().is_dir():
         raise FastlmError(
             f"no data folder {spec}: give '{WIKITEXT2}', '{GENERATED}' "
             "or a folder with train.txt, valid.txt and test.txt"
         )
-    return load_corpus(spec, cache_dir)
+    else:
+        corpus = load(spec)
+    # A corpus made in memory (the generated one, the fallback) streams only when asked: it is small.
+    return stream_in_memory(corpus, cache_dir) if mode == "stream" and isinstance(corpus, Corpus) else corpus
 
 
-def _wikitext2(cache_dir: Path, console: Console, allow_download: bool) -> Corpus:
+def _wikitext2(cache_dir: Path, console: Console, allow_download: bool, load) -> Corpus | StreamedCorpus:
     if os.environ.get(WIKITEXT2_ENV):
-        return _from_env(os.environ[WIKITEXT2_ENV], cache_dir, console)
+        return _from_env(os.environ[WIKITEXT2_ENV], load, console)
     folder = cache_dir / WIKITEXT2
-    corpus = _cached_copy(folder, cache_dir)
+    corpus = _cached_copy(folder, load)
     if corpus is not None:
         return corpus
     if not allow_download:
         return _fallback("downloading is turned off", console)
     try:
-        return _download_and_load(folder, cache_dir, console)
+        return _download_and_load(folder, console, load)
     except DownloadError as error:
         return _fallback(str(error), console)
 
 
-def _cached_copy(folder: Path, cache_dir: Path) -> Corpus | None:
+def _cached_copy(folder: Path, load) -> Corpus | StreamedCorpus | None:
     """The Wikitext-2 downloaded earlier into ``folder``, or None if it is absent, incomplete or altered."""
     try:
-        corpus = load_corpus(folder, cache_dir)
+        corpus = load(folder)
     except FastlmError:
         return None  # a missing, empty or damaged file: downloading again repairs it
     # load_corpus hashed the files anyway, so checking them against Wikitext-2's sums costs nothing.
@@ -79,9 +90,9 @@ def _wikitext2_sha256() -> dict[str, str]:
     return {name.removesuffix(".txt"): digest for name, digest in WIKITEXT2_SHA256.items()}
 
 
-def _from_env(value: str, cache_dir: Path, console: Console) -> Corpus:
+def _from_env(value: str, load, console: Console) -> Corpus | StreamedCorpus:
     try:
-        corpus = load_corpus(value, cache_dir)
+        corpus = load(value)
     except FastlmError as error:
         raise FastlmError(f"{WIKITEXT2_ENV}={value} is not usable: {error}") from None
     corpus.source = f"Wikitext-2 from {WIKITEXT2_ENV}={value}"
@@ -92,7 +103,7 @@ def _from_env(value: str, cache_dir: Path, console: Console) -> Corpus:
     return corpus
 
 
-def _download_and_load(folder: Path, cache_dir: Path, console: Console) -> Corpus:
+def _download_and_load(folder: Path, console: Console, load) -> Corpus | StreamedCorpus:
     console.print(f"fastlm: downloading Wikitext-2 from {wikitext2_url()} into {folder}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -102,10 +113,10 @@ def _download_and_load(folder: Path, cache_dir: Path, console: Console) -> Corpu
             f"[yellow]fastlm: warning:[/] cannot write {folder}; Wikitext-2 will be downloaded again next time"
         )
         with tempfile.TemporaryDirectory(prefix="fastlm-wikitext-2-") as tmp:
-            corpus = load_corpus(download_wikitext2(tmp, console=console), cache_dir)
+            corpus = load(download_wikitext2(tmp, console=console))
         corpus.source = "Wikitext-2 (downloaded, not kept)"
         return corpus
-    corpus = load_corpus(download_wikitext2(folder, console=console), cache_dir)
+    corpus = load(download_wikitext2(folder, console=console))
     corpus.source = f"Wikitext-2 from {folder} (downloaded)"
     return corpus
 

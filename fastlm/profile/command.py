@@ -40,7 +40,6 @@ from rich.console import Console
 
 from fastlm.cells import runs_as
 from fastlm.data import resolve_corpus
-from fastlm.data.batching import batchify
 from fastlm.device import describe, resolve_device, use_threads
 from fastlm.distributed import SINGLE, World, collective_errors, join, launched_by_torchrun, leave, on_rank_zero
 from fastlm.errors import FastlmError
@@ -130,7 +129,7 @@ def profile_each_rank(config, options: ProfileOptions) -> int:
 def full_chunks(stream) -> int:
     """How many of the split's chunks are bptt long: the short last one is left out of the measurement, so
     every measured step does the same work (training itself does use it)."""
-    last = stream.source.shape[0] - 1 - stream.starts[-1]
+    last = stream.rows - 1 - stream.starts[-1]
     return len(stream) if last == stream.bptt or len(stream) == 1 else len(stream) - 1
 
 
@@ -289,11 +288,11 @@ def profile(config, options: ProfileOptions, out: Path, console: Console, world:
         with _stopwatch(one_off, "cuda_init", clock):
             torch.zeros(1, device=device)
     with _stopwatch(one_off, "corpus_load", clock):
-        corpus = resolve_corpus(config.data.data, console=Console(stderr=True))
+        corpus = resolve_corpus(config.data.data, console=Console(stderr=True), mode=config.data.data_mode)
     with _stopwatch(one_off, "trainer_setup", clock):
         trainer = Trainer(config, corpus, device, TrainDisplay(console), world=world)
     with _stopwatch(one_off, "batchify", clock):
-        batchify(corpus.train, config.data.batch_size)
+        corpus.batches("train", config.data.batch_size, config.data.bptt, "cpu")
     m, d = config.model, config.data
     machine = describe(device)
     what = {"step": config.train.step, "backend_runs_as": runs_as(m.backend, device.type),

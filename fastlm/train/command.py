@@ -26,7 +26,7 @@ from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_
 from fastlm.train.trainer import Trainer
 
 RESUME_MAY_CHANGE = {
-    ("data", "data"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
+    ("data", "data"), ("data", "data_mode"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
     ("train", "log_interval"), ("train", "device"), ("train", "save"), ("train", "save_minutes"),
     ("train", "run_dir"), ("train", "skip_nonfinite"), ("train", "eval_batches"), ("train", "threads"),
     ("train", "dist_timeout"),
@@ -105,14 +105,15 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
     use_threads(config.train.threads)
     # One progress display and one log: rank 0's. The others keep theirs in memory.
     display = TrainDisplay() if world.main else TrainDisplay(Console(file=io.StringIO()))
-    corpus = resolve_corpus(config.data.data, console=display.console)
+    corpus = resolve_corpus(config.data.data, console=display.console, mode=config.data.data_mode)
     trainer = Trainer(config, corpus, device, display, world=world)
     counts = trainer.model.parameter_counts()
     if payload is None:
         def new_folder():
             folder = RunFolder.new(run_dir, overwrite)
             folder.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                                 "parameters": counts, "processes": world.size, **describe(device)})
+                                 "data_mode_used": corpus.mode, "parameters": counts, "processes": world.size,
+                                 **describe(device)})
         on_rank_zero(new_folder, world)
         run = RunFolder(run_dir, create=world.main)
         where = f"run folder {run.path}"
@@ -128,7 +129,7 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
     processes = f" x {world.size} processes" if world.size > 1 else ""
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
-                    f"{device}{processes} | {corpus.source} ({len(corpus.vocab):,} words) | {where}")
+                    f"{device}{processes} | {corpus.source} ({len(corpus.vocab):,} words, {corpus.mode}) | {where}")
     display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
                     f"{', its weight tied to the embedding' if m.tied else ''})")

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from fastlm.config import RunConfig
-from fastlm.data.batching import BatchStreamer, batchify, check_bptt
+from fastlm.data.batching import BatchStreamer
 from fastlm.device import machine_load
 from fastlm.distributed import SINGLE, World, broadcast_parameters, gather_columns, gather_objects, sum_
 from fastlm.errors import FastlmError, first_line
@@ -68,14 +68,12 @@ class Trainer:
         self.world = world  # several processes: this one's share of the batch columns (fastlm.distributed)
         d, t = config.data, config.train
         columns, eval_columns = world.columns(d.batch_size), world.columns(d.eval_batch_size, "--eval-batch-size")
-        train = batchify(corpus.train, d.batch_size, "train")[:, columns].contiguous()
-        check_bptt(train, d.bptt, "train")
-        valid = batchify(corpus.valid, d.eval_batch_size, "valid")[:, eval_columns].contiguous()
-        test = batchify(corpus.test, d.eval_batch_size, "test")[:, eval_columns].contiguous()
-        self.batch_size, self.eval_batch_size = train.shape[1], valid.shape[1]  # this process's columns
-        self.train_stream = BatchStreamer(train, d.bptt, device)
-        self.valid_stream = BatchStreamer(valid, d.bptt, device)
-        self.test_stream = BatchStreamer(test, d.bptt, device)
+        # In memory (BatchStreamer) or streamed from the token cache (TokenFileStream): the same batches.
+        self.train_stream = corpus.batches("train", d.batch_size, d.bptt, device, columns)
+        self.valid_stream = corpus.batches("valid", d.eval_batch_size, d.bptt, device, eval_columns)
+        self.test_stream = corpus.batches("test", d.eval_batch_size, d.bptt, device, eval_columns)
+        # This process's columns:
+        self.batch_size, self.eval_batch_size = self.train_stream.column_count, self.valid_stream.column_count
         check_run_fits(config, len(corpus.vocab), device)
         use_precision(t.precision)  # the TF32 switches (process-wide); the step does the rest of the precision
         torch.manual_seed(t.seed)
