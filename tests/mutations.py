@@ -87,7 +87,8 @@ MUTATIONS = (
                'val_loss = self.evaluate(self.test_stream, "test")\n        if val_loss is None:'),), ANCHOR),
     Mutation("budget_ends_the_epoch", "a --max-steps/--max-minutes stop validates the cut epoch as if it ended",
              "fastlm/train/trainer.py",
-             (("if self.stop.requested or self.batches_done < self._batches_per_epoch():", "if self.stop.requested:"),),
+             (("if self._stop_requested() or self.batches_done < self._batches_per_epoch():",
+               "if self._stop_requested():"),),
              ("tests/test_budget_pause.py",)),
     Mutation("tests_a_foreign_best", "a run tests whatever best.pt its folder holds",
              "fastlm/train/trainer.py",
@@ -97,6 +98,14 @@ MUTATIONS = (
              "fastlm/cells/math.py",
              (("i, f, g, o = (gi + gh).chunk(4, dim=1)", "f, i, g, o = (gi + gh).chunk(4, dim=1)"),),
              ("tests/test_cells_parity.py", "-k", "lstm and cudnn")),
+    Mutation("rank_columns_strided", "each process takes every W-th batch column instead of a contiguous share",
+             "fastlm/distributed.py",
+             (("return slice(self.rank * share, (self.rank + 1) * share)",
+               "return slice(self.rank, batch_size, self.size)"),),
+             ("tests/test_distributed.py", "-k", "one_process and cudnn")),
+    Mutation("bf16_copy_never_synced", "the bf16 step computes with the weights its copy was made with",
+             "fastlm/step/fast.py", (("self.low_precision.sync_weights()", "pass"),),
+             ("tests/test_precision.py",)),
 )
 
 

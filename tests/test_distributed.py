@@ -56,6 +56,11 @@ def test_two_processes_train_the_one_process_numbers(tmp_path, backend, steps):
     valid = [records(run, "pause")[0]["val_loss"] for run in (one, two)]
     assert abs(valid[0] - valid[1]) / valid[0] <= 1e-6
     assert max_difference(weights(one), weights(two)) <= 1e-5
+    # The checkpoint holds the whole batch's hidden state, columns in the one-process order (rank 0's share
+    # first): a run saved by 2 processes resumes on 1, or the other way round.
+    hidden = [torch.load(run / "last.pt", weights_only=True)["hidden"] for run in (one, two)]
+    for a, b in zip(*hidden):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
     # The gradient all-reduce is a part of backward's time in every log line of the 2-process run.
     assert all(r["phases_ms"]["allreduce"] is not None for r in records(two, "log"))
     assert json.loads((two / "config.json").read_text())["processes"] == 2
