@@ -275,6 +275,8 @@ def cmd_train(args) -> int:
     from fastlm.train.command import run_training
 
     if args.nproc is not None:
+        if args.resume is None:  # what the number of processes must fit, said before torchrun starts
+            check_for_processes(config_from_args(args), args.nproc)
         return launch_processes(args.nproc, args.argv)
     if args.resume is not None:
         if getattr(args, "config", None):
@@ -285,20 +287,53 @@ def cmd_train(args) -> int:
     return run_training(config_from_args(args), overwrite=args.overwrite)
 
 
+def check_for_processes(config, nproc: int) -> None:
+    """FastlmError when a run cannot be shared among ``nproc`` processes (said once, before they start)."""
+    from fastlm.distributed import World
+
+    if nproc < 1:
+        raise FastlmError(f"--nproc must be at least 1, got {nproc}")
+    world = World(0, nproc, 0)
+    world.columns(config.data.batch_size)
+    world.columns(config.data.eval_batch_size, "--eval-batch-size")
+    if nproc > 1 and config.train.step == "example":
+        raise FastlmError("--step example is the PyTorch example's loop in one process; use --step fast with --nproc")
+    if nproc > 1 and config.model.decoder == "adaptive":
+        raise FastlmError("--decoder adaptive does not run on several processes yet; use one process")
+
+
 def launch_processes(nproc: int, argv: list[str]) -> int:
-    """`fastlm train --nproc N ...`: the same command in N processes under torchrun (without --nproc)."""
+    """`fastlm train --nproc N ...`: the same command in N processes under torchrun (without --nproc).
+
+    torchrun runs in a session of its own, and a Ctrl-C or SIGTERM sent here is passed on to it once; this
+    process waits for it to end (it gives the workers time to save), so no worker outlives the command."""
+    import signal
     import subprocess
 
     from fastlm.distributed import launched_by_torchrun, torchrun_command
 
-    if nproc < 1:
-        raise FastlmError(f"--nproc must be at least 1, got {nproc}")
     if launched_by_torchrun():
         raise FastlmError("--nproc starts torchrun itself; under torchrun leave it out")
     argv = _without_option(argv, "--nproc")
     if nproc == 1:
         return main(argv)
-    return subprocess.call(torchrun_command(nproc, argv))
+    from fastlm.train.signals import EXIT_STATUS
+
+    launcher = subprocess.Popen(torchrun_command(nproc, argv), start_new_session=True)
+    received = []
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        launcher.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in EXIT_STATUS}
+    try:
+        status = launcher.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    # torchrun ends with 1 when a signal stopped it; say which signal, as one process would (130, 143).
+    return EXIT_STATUS[received[0]] if received and status != 0 else status
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:

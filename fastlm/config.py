@@ -88,7 +88,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict, origin: str = "config") -> "RunConfig":
         config = cls()
-        config.update(values, origin)
+        config.update(_upgraded(values), origin)
         return config
 
     def update(self, values: dict, origin: str) -> None:
@@ -157,6 +157,18 @@ class RunConfig:
             raise FastlmError("--step example is the PyTorch example's loop as it is: it needs --backend cudnn, "
                               "--decoder full, --precision fp32 or tf32 and no --skip-nonfinite")
         return self
+
+
+def _upgraded(values: dict) -> dict:
+    """A configuration written by an older fastlm in today's terms: runs saved before --precision existed carry
+    ``amp`` ("off": fp32; "bf16": bf16 autocast of the GEMMs, which today's bf16 setting replaces), so that
+    their checkpoints still resume and generate."""
+    train = values.get("train")
+    if not isinstance(train, dict) or "amp" not in train:
+        return values
+    train = {name: value for name, value in train.items() if name != "amp"}
+    train.setdefault("precision", "bf16" if values["train"]["amp"] == "bf16" else "fp32")
+    return {**values, "train": train}
 
 
 def _one_of(flag: str, value, choices: tuple) -> None:

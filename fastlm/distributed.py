@@ -3,8 +3,10 @@
 The example's batch columns are independent streams (batchify lays the corpus out as B contiguous slices),
 so rank r of W takes the contiguous share of columns [r*B/W, (r+1)*B/W) of every split: the global batch is
 the one asked for, and each rank's mean loss is over an equal share of the tokens, so the gradients
-DistributedDataParallel averages are the one-process gradients (to float noise). Clipping and the update
-then see the same averaged gradients on every rank, and the replicas stay identical.
+DistributedDataParallel averages are the one-process gradients (to float noise; with dropout 0: each rank
+draws its own dropout masks, so with dropout the runs differ as two seeds do). Clipping and the update then
+see the same averaged gradients on every rank, and the replicas stay identical. In bf16 the gradients are
+averaged in bf16 (DDP's buckets take the parameters' dtype) before they are widened for the fp32 masters.
 
 What happens once, not once per rank: metrics, progress, checkpoints and the run folder belong to rank 0;
 validation and test add up every rank's share of the split (exact over the whole split); the loss a step
@@ -78,15 +80,15 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-# Words in the errors torch.distributed's backends raise when a peer is gone or late (not every version raises
-# its DistError subclasses for these).
-_LOST_PEER = ("connection", "closed", "timed out", "timeout", "gloo", "nccl", "socket", "peer", "broken pipe")
+# gloo's words for a peer that is gone or late (not every torch version raises a DistError subclass for them).
+_LOST_PEER = ("connection reset by peer", "connection closed by peer", "timed out waiting", "broken pipe")
 
 
 @contextlib.contextmanager
 def collective_errors(world: World):
     """A collective that failed because another rank died or hung ends the run with one clear line; other
-    errors go on as they are."""
+    errors go on as they are. (With NCCL a lost peer does not raise here: NCCL's watchdog ends the process
+    after the timeout, with its own report.)"""
     try:
         yield
     except RuntimeError as error:
@@ -103,15 +105,6 @@ def sum_(tensor: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
         dist.all_reduce(tensor)
     return tensor
-
-
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any (a host sync: call it at log intervals, not per step)."""
-    if world.size == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def gather_columns(tensor: torch.Tensor, world: World, dim: int = 1) -> torch.Tensor:
@@ -165,6 +158,24 @@ def on_rank_zero(work, world: World):
     if kind == "error":
         raise FastlmError(value)
     return value
+
+
+def first_on_each_machine(work, world: World):
+    """``work()`` by each machine's first process (local rank 0), then by the others: for filling a cache that
+    the others then read (tokenising a corpus once per machine, not once per process). A FastlmError of any
+    first process stops every rank with its message."""
+    if world.size == 1:
+        return work()
+    result, error = None, None
+    if world.local_rank == 0:
+        try:
+            result = work()
+        except FastlmError as failure:
+            error = str(failure)
+    errors = [e for e in gather_objects(error, world) if e is not None]
+    if errors:
+        raise FastlmError(errors[0])
+    return result if world.local_rank == 0 else work()
 
 
 def torchrun_command(nproc: int, argv: list[str], python: Optional[str] = None) -> list[str]:

@@ -164,3 +164,35 @@ def test_precision_is_a_run_setting():
     config = RunConfig()
     assert config.train.precision == "fp32"
     assert dataclasses.asdict(config.validate())["train"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("amp, precision", [("off", "fp32"), ("bf16", "bf16")])
+def test_a_configuration_saved_before_precision_existed_still_loads(amp, precision):
+    """Checkpoints of older runs carry train.amp: they resume and generate with the matching precision."""
+    stored = RunConfig().to_dict()
+    del stored["train"]["precision"]
+    stored["train"]["amp"] = amp
+    assert RunConfig.from_dict(stored, origin="old checkpoint").validate().train.precision == precision
+
+
+def test_cudnn_use_is_read_from_the_autograd_record():
+    from fastlm.cells.cudnn import runs_on_cudnn
+
+    lstm = torch.nn.LSTM(4, 4)
+    y, _ = lstm(torch.randn(3, 2, 4))
+    assert runs_on_cudnn(y) is None  # a CPU tensor: not a question cuDNN answers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cudnn_use_is_observed_on_cuda(dtype):
+    """fp32 runs on cuDNN; bf16 does where torch was built with cuDNN 9.13+ on an Ampere or later GPU, and
+    the answer is read from what ran, either way; under no_grad there is nothing to read."""
+    from fastlm.cells.cudnn import runs_on_cudnn
+
+    lstm = torch.nn.LSTM(8, 8).cuda().to(dtype)
+    x = torch.randn(3, 2, 8, device="cuda", dtype=dtype, requires_grad=True)
+    on_cudnn = runs_on_cudnn(lstm(x)[0])
+    assert on_cudnn is True if dtype == torch.float32 else isinstance(on_cudnn, bool)
+    with torch.no_grad():
+        assert runs_on_cudnn(lstm(x)[0]) is None

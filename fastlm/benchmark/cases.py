@@ -110,7 +110,7 @@ class CellsCall:
             y, _ = self.layer(self.x, self.state)
             y.backward(self.cotangent)
         self.output_dtype = y.dtype
-        self.on_cudnn = runs_on_cudnn(self.x) if self.layer.backend == "cudnn" else None
+        self.on_cudnn = runs_on_cudnn(y) if self.layer.backend == "cudnn" else None
 
     def __call__(self) -> None:
         self.call()

@@ -108,11 +108,13 @@ def run_case(case: Case, options: BenchOptions, device: torch.device, repeat: in
     """Times one case in its precision (the TF32 switches set for it, then put back) and says how it ran."""
     previous = use_precision(case.precision)
     try:
-        if case.suite == "step":
-            call = build_step_call(case, options.step, device)
-        else:
-            call = CellsCall(case, options.step.base.model.nlayers, device)
+        # Peak memory from the build on: weights, inputs, and what a captured graph keeps in its own pool
+        # (a CellsCall with launch "graph" captures as it is built; its replays allocate nothing).
         with PeakMemory(device) as peak:
+            if case.suite == "step":
+                call = build_step_call(case, options.step, device)
+            else:
+                call = CellsCall(case, options.step.base.model.nlayers, device)
             timing = time_calls(call, repeat, warmup, device)
         facts = {**tf32_flags(), **call.facts()}  # read while the case's switches stand: part of what ran
     finally:
@@ -181,6 +183,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
                 if case is group[0]:
                     baseline_ms = record.get("median_ms")
                 record["baseline"] = group[0].backend
+                record["baseline_precision"] = group[0].precision  # step rows: the example, exact fp32
                 record["speedup"] = (baseline_ms / record["median_ms"]
                                      if baseline_ms and record.get("median_ms") else None)
                 sink.write(json.dumps(record) + "\n")

@@ -4,9 +4,10 @@ Timing: each call is bracketed by marks of fastlm.timing's Clock (CUDA events in
 one synchronisation at the end, so timing adds no host sync between calls; perf_counter on CPU).
 Results are medians with the 20th and 80th percentiles: robust to the odd slow call of a shared machine.
 
-Peak memory: on CUDA, torch's peak allocated bytes during the timed calls; on CPU, how far the process's
-peak resident set (VmHWM, reset through /proc/self/clear_refs) rose above its size before them, which is
-what the calls needed beyond what was already resident (freed memory the allocator kept counts as resident).
+Peak memory: on CUDA, torch's peak allocated bytes within the window (bench opens it before it builds a
+case, so weights, inputs and a captured graph's pool count); on CPU, how far the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs) rose above its size at the start, which is what the case
+needed beyond what was already resident (freed memory the allocator kept counts as resident).
 """
 
 from __future__ import annotations

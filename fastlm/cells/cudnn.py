@@ -10,11 +10,14 @@ from torch import nn
 from fastlm.cells.base import RecurrentStack
 
 
-def runs_on_cudnn(x: torch.Tensor) -> bool | None:
-    """Whether torch.nn runs a recurrent layer on input ``x`` through cuDNN; None off CUDA. torch falls back to
-    its own CUDA loop for inputs cuDNN does not take (bf16 before cuDNN 9.13): a bf16 "cudnn" row may not be
-    cuDNN's, and reports say which it was."""
-    return torch.cudnn_is_acceptable(x) if x.is_cuda else None
+def runs_on_cudnn(output: torch.Tensor) -> bool | None:
+    """Whether torch.nn computed this recurrent ``output`` with cuDNN, read from the autograd record it left
+    (cuDNN's is CudnnRnnBackward0); None off CUDA, or without an autograd record (no_grad) to tell. torch falls
+    back to its own CUDA loop for what cuDNN does not take (bf16 before cuDNN 9.13 or on older GPUs), so a
+    bf16 "cudnn" row need not be cuDNN's: reports say which it was."""
+    if not output.is_cuda or output.grad_fn is None:
+        return None
+    return type(output.grad_fn).__name__.startswith("CudnnRnn")
 
 
 class _CudnnMixin:

@@ -79,7 +79,7 @@ class RNNLM(nn.Module):
             output, state = self.rnn(emb, state)
         self.ran_in["recurrence"] = dtype_name(output.dtype)
         if self.rnn.backend == "cudnn":
-            self.ran_in["recurrence_on_cudnn"] = runs_on_cudnn(emb)
+            self.ran_in["recurrence_on_cudnn"] = runs_on_cudnn(output)
         # Backward's parts: the gradient reaching the stack's output ends the decoder's and loss's part; reaching
         # its input ends back-propagation through time (what is left is the embedding's).
         split_when_gradient_reaches(output, DECODER_GRAD)

@@ -18,7 +18,15 @@ from fastlm.cells import runs_as
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
 from fastlm.device import describe, resolve_device, use_threads
-from fastlm.distributed import SINGLE, collective_errors, join, launched_by_torchrun, leave, on_rank_zero
+from fastlm.distributed import (
+    SINGLE,
+    collective_errors,
+    first_on_each_machine,
+    join,
+    launched_by_torchrun,
+    leave,
+    on_rank_zero,
+)
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import load_checkpoint
 from fastlm.train.progress import TrainDisplay
@@ -105,7 +113,8 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
     use_threads(config.train.threads)
     # One progress display and one log: rank 0's. The others keep theirs in memory.
     display = TrainDisplay() if world.main else TrainDisplay(Console(file=io.StringIO()))
-    corpus = resolve_corpus(config.data.data, console=display.console, mode=config.data.data_mode)
+    corpus = first_on_each_machine(
+        lambda: resolve_corpus(config.data.data, console=display.console, mode=config.data.data_mode), world)
     trainer = Trainer(config, corpus, device, display, world=world)
     counts = trainer.model.parameter_counts()
     if payload is None:

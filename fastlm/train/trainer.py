@@ -28,7 +28,15 @@ import torch
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer
 from fastlm.device import machine_load
-from fastlm.distributed import SINGLE, World, broadcast_parameters, gather_columns, gather_objects, sum_
+from fastlm.distributed import (
+    SINGLE,
+    World,
+    broadcast_parameters,
+    gather_columns,
+    gather_objects,
+    on_rank_zero,
+    sum_,
+)
 from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM, map_state
 from fastlm.precision import use_precision
@@ -74,7 +82,10 @@ class Trainer:
         self.test_stream = corpus.batches("test", d.eval_batch_size, d.bptt, device, eval_columns)
         # This process's columns:
         self.batch_size, self.eval_batch_size = self.train_stream.column_count, self.valid_stream.column_count
-        check_run_fits(config, len(corpus.vocab), device)
+        # What this process holds: its share of the batch columns.
+        share = RunConfig.from_dict(config.to_dict(), origin="this process's share")
+        share.data.batch_size, share.data.eval_batch_size = self.batch_size, self.eval_batch_size
+        check_run_fits(share, len(corpus.vocab), device)
         use_precision(t.precision)  # the TF32 switches (process-wide); the step does the rest of the precision
         torch.manual_seed(t.seed)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
@@ -89,6 +100,10 @@ class Trainer:
         self.state = None  # hidden state carried between batches of an epoch
         self._deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
         self._agreed = {"stop": False, "deadline": False}  # with several processes: what all ranks agreed on
+        # How often the ranks agree on stopping: every step on CPU (an 8-byte gloo all-reduce, ~0.1 ms against
+        # steps of 10-1000 ms), so that a signal is obeyed before torchrun's 30 s shutdown grace runs out; on
+        # CUDA at log intervals (agreeing reads a device value: a host sync, which the fast path avoids).
+        self._agree_every_step = device.type != "cuda"
         self._last_save = time.monotonic()
         self._good: Optional[dict] = None  # snapshot at the latest log window without a non-finite step
         self.skipped_batches = 0  # non-finite batches skipped so far (--skip-nonfinite)
@@ -156,9 +171,10 @@ class Trainer:
                                  f"dropout masks than an uninterrupted run would draw[/]")
 
     def _check_room(self) -> None:
+        on_rank_zero(self._check_room_here, self.world)  # rank 0 writes; every rank hears if it cannot
+
+    def _check_room_here(self) -> None:
         needed = 3 * checkpoint.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
-        if not self.world.main:
-            return
         free = shutil.disk_usage(self.run.path).free
         if free < needed:
             raise FastlmError(f"run folder {self.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "
@@ -279,7 +295,8 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self.global_step, loss)
             self.display.advance(self.batches_done)
-            if self.world.size > 1 and (self.batches_done % t.log_interval == 0 or self.batches_done == limit):
+            if self.world.size > 1 and (self._agree_every_step or self.batches_done % t.log_interval == 0
+                                        or self.batches_done == limit):
                 self._agree()
             end = self.batches_done == limit or self._budget_spent() or self._stop_requested()
             if self.batches_done % t.log_interval == 0 or end:
