@@ -199,9 +199,14 @@ def test_a_paused_run_alone_is_a_budget_run_plotted_as_runs(runs):
 
 
 def copy_with(source: Path, target: Path, keep: int, *extra: dict) -> Path:
-    """A run folder's copy, its metrics cut to the first ``keep`` records and ``extra`` appended."""
+    """A run folder's copy, its metrics cut to the first ``keep`` records and ``extra`` appended. The copied
+    records lose any ``timing_unreliable`` mark the machine's load gave them while the fixture trained (other
+    tests' processes may still count in the load average): only ``extra`` says which timings are unreliable."""
     shutil.copytree(source, target)
-    lines = (source / "metrics.jsonl").read_text().splitlines()[:keep] + [json.dumps(r) for r in extra]
+    kept = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines()[:keep]]
+    for record in kept:
+        record.pop("timing_unreliable", None)
+    lines = [json.dumps(r) for r in kept] + [json.dumps(r) for r in extra]
     (target / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return target
 
