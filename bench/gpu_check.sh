@@ -13,7 +13,8 @@
 # FASTLM_WIKITEXT2 names it, else fastlm's generated corpus (said so in summary.txt).
 # Time: the whole run has a budget (BUDGET_S, 330 s: one run and a shorter second one fit in 15 minutes of
 # device time with the machine's start-up), and each part a limit of its own, so that no part can eat the
-# parts after it. A part that would start with under 15 s left is skipped, and says so.
+# parts after it. A part that would start with under 15 s left is skipped, and says so. PARTS="name ..."
+# runs only the parts named (a second, shorter run after a fix: e.g. PARTS="gpu-tests bench-cells").
 # Exit status: 0 when every part passed, 1 otherwise (the other parts run regardless).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +29,8 @@ py="${PYTHON:-python}"
 if (( dry )); then
     export CUDA_VISIBLE_DEVICES=""
     device=cpu budget=${BUDGET_S:-900} scale=4  # limits x4: the CPU is slow, and CI must not flake on them
-    s200=6,3,16,16 s650=6,3,24,24 s1500=6,3,32,32 vocab=50
-    timing=(--repeat 2 --warmup 1)
+    s200=6,3,16,16 s650=6,3,24,24 s1500=6,3,32,32 s1024=6,3,20,20 vocab=50
+    timing=(--repeat 2 --warmup 1) cell_timing=(--repeat 2 --warmup 1)
     cell_backends=reference,cudnn  # triton runs interpreted on CPU, without bf16
     step_backends=reference  # the fast step on another backend; fast cudnn steps are in the unit tests
     launches=eager  # CUDA graphs need CUDA
@@ -37,8 +38,8 @@ if (( dry )); then
     profile_steps=(--warmup 1 --steps 2 --trace-steps 1)
 else
     device=cuda budget=${BUDGET_S:-330} scale=1
-    s200=35,20,200,200 s650=35,20,650,650 s1500=35,20,1500,1500 vocab=33278
-    timing=(--repeat 15 --warmup 5)
+    s200=35,20,200,200 s650=35,20,650,650 s1500=35,20,1500,1500 s1024=35,20,1024,1024 vocab=33278
+    timing=(--repeat 15 --warmup 5) cell_timing=(--repeat 10 --warmup 3)
     cell_backends=cudnn,triton
     step_backends=cudnn,triton
     launches=eager,graph
@@ -57,6 +58,10 @@ status=0
 part() {  # part NAME LIMIT_S COMMAND...: run within min(limit, budget left), log to NAME.log, record the outcome
     local name=$1 limit=$(( $2 * scale )); shift 2
     local start=$SECONDS left=$((budget - SECONDS))
+    if [[ -n "${PARTS:-}" && " $PARTS " != *" $name "* ]]; then
+        echo "$name: not in PARTS, not run" >> "$out/summary.txt"
+        return
+    fi
     if (( left < 15 )); then
         echo "$name: skipped, the ${budget} s budget is spent" | tee -a "$out/summary.txt"
         status=1
@@ -85,11 +90,11 @@ part bench-step 110 "$py" -m fastlm bench --mode step --cell lstm,gru --backend 
     --shape "$s200" --shape "$s650" --precision fp32,tf32,bf16 --vocab "$vocab" --device "$device" "${timing[@]}" \
     --out "$out/step.jsonl"
 
-# 2. The recurrent stacks: triton against cuDNN, fwd and fwd+bwd, fp32 and bf16, eager and as a CUDA graph
-#    (the graph's time is the kernels'; eager adds the host's launches).
-part bench-cells 90 "$py" -m fastlm bench --mode fwd,fwdbwd --cell lstm,gru --backend "$cell_backends" \
-    --shape "$s200" --shape "$s650" --shape "$s1500" --precision fp32,bf16 --launch "$launches" \
-    --device "$device" "${timing[@]}" --out "$out/cells.jsonl"
+# 2. The recurrent stacks: triton (per-step and persistent) against cuDNN, fwd and fwd+bwd, fp32 and bf16,
+#    eager and as a CUDA graph (the graph's time is the kernels'; eager adds the host's launches).
+part bench-cells 120 "$py" -m fastlm bench --mode fwd,fwdbwd --cell lstm,gru --backend "$cell_backends" \
+    --variant per-step,persistent --shape "$s200" --shape "$s650" --precision fp32,bf16 --launch "$launches" \
+    --device "$device" "${cell_timing[@]}" --out "$out/cells.jsonl"
 
 # 3. Where the fast step's time goes at 2x200 (eager, so its phases show).
 part profile-fast-200 45 "$py" -m fastlm profile --device "$device" "${data[@]}" "${model[@]}" \
@@ -104,6 +109,12 @@ FASTLM_TRITON_TUNE=0 part gpu-tests 150 "$py" -m pytest -q -rA -p no:cacheprovid
 # 5. Then what is left: the 2x1500 tied step, the semantic anchor and the whole parity suite on the GPU, the
 #    adaptive decoder, and the other profiles. The dry run only collects the anchor and parity tests: CI runs
 #    them on CPU anyway.
+part bench-cells-large 60 "$py" -m fastlm bench --mode fwd,fwdbwd --cell lstm,gru --backend "$cell_backends" \
+    --variant per-step,persistent --shape "$s1500" --precision fp32,bf16 --device "$device" "${cell_timing[@]}" \
+    --out "$out/cells.jsonl"
+part bench-cells-1x1024 45 "$py" -m fastlm bench --mode fwd,fwdbwd --cell lstm,gru --backend "$cell_backends" \
+    --variant per-step,persistent --nlayers 1 --shape "$s1024" --precision fp32,bf16 --device "$device" \
+    "${cell_timing[@]}" --out "$out/cells.jsonl"
 part bench-step-tied 60 "$py" -m fastlm bench --mode step --cell lstm,gru --backend "$step_backends" --tied \
     --shape "$s1500" --precision fp32,tf32,bf16 --vocab "$vocab" --device "$device" "${timing[@]}" \
     --out "$out/step.jsonl"

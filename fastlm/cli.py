@@ -15,6 +15,7 @@ TRAIN_FLAGS = {
     "cell": ("model", "cell"), "backend": ("model", "backend"), "emsize": ("model", "emsize"),
     "nhid": ("model", "nhid"), "nlayers": ("model", "nlayers"), "dropout": ("model", "dropout"),
     "tied": ("model", "tied"), "decoder": ("model", "decoder"), "cutoffs": ("model", "cutoffs"),
+    "variant": ("model", "variant"),
     "data": ("data", "data"), "batch_size": ("data", "batch_size"), "eval_batch_size": ("data", "eval_batch_size"),
     "bptt": ("data", "bptt"), "data_mode": ("data", "data_mode"),
     "lr": ("train", "lr"), "clip": ("train", "clip"), "epochs": ("train", "epochs"), "seed": ("train", "seed"),
@@ -42,6 +43,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", "--cell", dest="cell", default=S, type=str.lower,
                    help="lstm (default), gru, rnn_tanh or rnn_relu")
     m.add_argument("--backend", default=S, help="recurrent backend: cudnn (default), reference, script, triton, ...")
+    m.add_argument("--variant", default=S, choices=("auto", "per-step", "persistent"),
+                   help="triton backend: one kernel launch per time step, or one persistent launch per layer "
+                        "walking all steps (auto: persistent where it should be faster; see README)")
     m.add_argument("--emsize", type=int, default=S, help="embedding size (200)")
     m.add_argument("--nhid", type=int, default=S, help="hidden units per layer (200)")
     m.add_argument("--nlayers", type=int, default=S, help="recurrent layers (2)")
@@ -161,6 +165,8 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--precision", type=_names, default=["fp32"], metavar="fp32[,tf32,bf16]",
                        help="fp32 (default, exact: TF32 off), tf32 (TF32 GEMMs and recurrence), bf16 (bf16 compute; "
                             "step: fp32 master weights); the example's step stays exact fp32")
+    bench.add_argument("--variant", type=_names, default=["auto"], metavar="auto[,per-step,persistent]",
+                       help="the triton backend's time loops to time, each a row (default auto: what it picks)")
     bench.add_argument("--launch", type=_names, default=["eager"], metavar="eager[,graph]",
                        help="fwd/fwdbwd: eager (default) launches from Python every call; graph captures the call "
                             "once as a CUDA graph and replays it (kernel time without launch cost; CUDA only)")
@@ -388,7 +394,8 @@ def cmd_bench(args) -> int:
     step = StepSettings(base=base.validate(), vocab=args.vocab,
                         loss_chunk=tuple(args.loss_chunk) if args.loss_chunk else None)
     options = BenchOptions(cells=args.cell, backends=args.backend, modes=args.mode,
-                           shapes=args.shape, precisions=args.precision, launches=args.launch, repeat=args.repeat,
+                           shapes=args.shape, precisions=args.precision, launches=args.launch,
+                           variants=args.variant, repeat=args.repeat,
                            warmup=args.warmup, device=args.device, threads=args.threads, step=step, out=args.out)
     return run_bench(options)
 

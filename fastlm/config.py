@@ -25,6 +25,8 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 # The recurrent cells fastlm knows, in one place (fastlm.cells.math holds their math, in this order).
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# The kernel variants a backend may offer (today the triton backend's); "auto" is every backend's default.
+VARIANTS = ("auto", "per-step", "persistent")
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ModelConfig:
     tied: bool = False
     decoder: str = "full"  # "adaptive": an adaptive softmax, a different (smaller, faster) model
     cutoffs: Optional[list] = None  # adaptive softmax clusters; None: Wikitext-2's (2000, 10000), scaled
+    variant: str = "auto"  # the triton backend's time loop: per-step, persistent, or auto (fastlm.cells.triton)
 
 
 @dataclass
@@ -118,6 +121,10 @@ class RunConfig:
         if m.tied and m.emsize != m.nhid:
             raise FastlmError(f"--tied needs --emsize equal to --nhid, got emsize {m.emsize} and nhid {m.nhid}")
         _one_of("--decoder", m.decoder, ("full", "adaptive"))
+        _one_of("--variant", m.variant, VARIANTS)
+        if m.variant != "auto" and m.backend != "triton":
+            raise FastlmError(f"--variant {m.variant} chooses the triton backend's kernels; the {m.backend} backend "
+                              f"has one way to run: drop --variant or use --backend triton")
         if m.decoder == "adaptive" and m.tied:
             raise FastlmError("--tied cannot be combined with --decoder adaptive; drop one of them")
         if m.cutoffs is not None:

@@ -1,4 +1,5 @@
-"""Triton helpers shared by the LSTM and GRU step kernels: the GEMM tile, offsets, and the pointwise math.
+"""Triton helpers shared by the LSTM and GRU kernels (per-step and persistent): the GEMM tile, offsets, and
+the pointwise math.
 
 Importing this module imports triton: only fastlm.cells.triton does so, after deciding whether the
 kernels run compiled (CUDA) or through the interpreter (TRITON_INTERPRET=1, CPU tensors). The tile sizes
@@ -102,8 +103,9 @@ def sigmoid(x):
 
 @triton.jit
 def sequence_row(seq_ptr, t, row_elems):
-    """Pointer to row t of a row-major [T, ...] buffer whose rows hold row_elems elements (int64 offset)."""
-    return seq_ptr + t.to(tl.int64) * row_elems
+    """Pointer to row t of a row-major [T, ...] buffer whose rows hold row_elems elements (int64 offset).
+    t may be a plain int: the interpreter runs a kernel's ``range`` loops over Python ints."""
+    return seq_ptr + tl.cast(t, tl.int64) * row_elems
 
 
 @triton.jit
@@ -128,18 +130,40 @@ def tile_offsets(pid_b, pid_h, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexp
 
 @triton.jit
 def row_times_matrix(a_ptr, a_row_stride, w_ptr, w_row_stride, rows, cols, B, K, N, acc,
-                     ALLOW_TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     A_CACHE: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += A[rows, :K] @ W[:K, cols] for row-major A (row stride a_row_stride) and W (row stride
-    w_row_stride); rows >= B and cols >= N read as zeros. Returns acc [BLOCK_B, BLOCK_H] fp32."""
+    w_row_stride); rows >= B and cols >= N read as zeros. Returns acc [BLOCK_B, BLOCK_H] fp32.
+    A_CACHE is the cache modifier of the loads of A: "" (default caching), or ".cg" (L2 only) where A was
+    written by other programs of the same launch (the persistent kernels, kernels/grid_barrier.py)."""
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + rows[:, None] * a_row_stride + ks[None, :],
-                    mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+                    mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0, cache_modifier=A_CACHE)
         w = tl.load(w_ptr + ks[:, None] * w_row_stride + cols[None, :],
                     mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
         acc = mma(a, w, acc, ALLOW_TF32)
     return acc
+
+
+@triton.jit
+def weight_tile(w_ptr, w_row_stride, cols, H, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_H] tile W[k, cols] (k < BLOCK_K) of a row-major matrix at w_ptr with row stride
+    w_row_stride, rows k >= H and columns cols >= H read as zeros: one gate's whole-K slice of W_hh, which
+    the persistent kernels load once and keep on chip (BLOCK_K >= H)."""
+    ks = tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + ks[:, None] * w_row_stride + cols[None, :],
+                   mask=(ks[:, None] < H) & (cols[None, :] < H), other=0.0)
+
+
+@triton.jit
+def row_block(a_ptr, a_row_stride, rows, B, H, A_CACHE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_B, BLOCK_K] block A[rows, :BLOCK_K] of a row-major matrix at a_ptr (row stride a_row_stride),
+    rows >= B and columns >= H read as zeros; A_CACHE as in row_times_matrix. The left operand whose whole
+    K = H fits one tile when the right one is a resident weight_tile."""
+    ks = tl.arange(0, BLOCK_K)
+    return tl.load(a_ptr + rows[:, None] * a_row_stride + ks[None, :],
+                   mask=(rows[:, None] < B) & (ks[None, :] < H), other=0.0, cache_modifier=A_CACHE)
 
 
 def check_offsets(B: int, H: int, gates: int) -> None:

@@ -72,6 +72,18 @@ def test_plan_puts_the_baseline_first_and_leaves_interpreted_triton_out_on_cpu()
     assert any("triton" in n for n in notes) and any("compile" in n for n in notes)
 
 
+def test_variants_multiply_only_the_backends_that_have_them():
+    options = BenchOptions(cells=["gru"], backends=["cudnn", "triton"], modes=["fwd", "step"], shapes=[(3, 2, 4, 4)],
+                           variants=["per-step", "persistent"])
+    groups, _ = plan(options, torch.device("cpu"))
+    cells_group = next(g for g in groups if g[0].mode == "fwd")
+    assert [(c.backend, c.variant) for c in cells_group] == [("cudnn", "auto"), ("triton", "per-step"),
+                                                              ("triton", "persistent")]
+    step_group = next(g for g in groups if g[0].mode == "step")
+    assert [(c.backend, c.variant) for c in step_group] == [(EXAMPLE, "auto"), ("cudnn", "auto"),
+                                                             ("triton", "per-step"), ("triton", "persistent")]
+
+
 def test_default_shapes_are_the_examples_on_cuda_and_leave_1500_out_on_cpu():
     options = BenchOptions(cells=["gru"], backends=["cudnn"], modes=["fwd"])
     assert [g[0].H for g in plan(options, torch.device("cuda"))[0]] == [200, 650, 1500]
@@ -82,6 +94,7 @@ def test_default_shapes_are_the_examples_on_cuda_and_leave_1500_out_on_cpu():
 @pytest.mark.parametrize("args, words", [
     (("--mode", "fast"), "--mode"),
     (("--precision", "fp8"), "--precision"),
+    (("--variant", "fused"), "--variant"),
     (("--launch", "graph", "--device", "cpu"), "--launch graph"),
     (("--launch", "lazy"), "--launch"),
     (("--backend", "example", "--mode", "fwd"), "example"),

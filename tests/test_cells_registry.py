@@ -118,7 +118,7 @@ def test_triton_rejects_mismatched_or_unsupported_tensors():
 
 def test_triton_describes_its_variant():
     _need_triton()
-    layer = cells.build(cell="lstm", backend="triton", input_size=3, hidden_size=4)
+    layer = cells.build(cell="lstm", backend="triton", input_size=3, hidden_size=4, variant="per-step")
     assert layer.variant == "per-step"
     assert "1 fused kernel per time step" in layer.describe()
     assert ("interpreter" in layer.describe()) == layer.interpreted

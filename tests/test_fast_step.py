@@ -411,6 +411,8 @@ def test_validation_perplexity_matches_the_example_loop_on_wikitext2(wikitext2_d
     ("model", {"decoder": "adaptive", "tied": True}, "--tied"),
     ("train", {"step": "slow"}, "--step"),
     ("train", {"precision": "fp16"}, "--precision"),
+    ("model", {"variant": "persistent"}, "--variant persistent chooses the triton backend"),
+    ("model", {"variant": "fastest"}, "--variant"),
     ("train", {"cuda_graphs": "yes"}, "cuda_graphs"),
 ])
 def test_speed_settings_are_validated(section, values, words):

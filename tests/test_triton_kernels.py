@@ -297,7 +297,8 @@ def test_offsets_inside_a_step_must_fit_int32():
 @pytest.mark.parametrize("cell, backend", [backend_param("lstm", "triton"), backend_param("gru", "triton")])
 def test_launch_configs_report_the_last_call(cell, backend, monkeypatch):
     monkeypatch.setenv("FASTLM_TRITON_TUNE", "0")  # on a GPU: tuning is the 650 test's (a compile per candidate)
-    stack = cells.build(cell=cell, backend=backend, input_size=6, hidden_size=20, num_layers=2).to(DEVICE)
+    stack = cells.build(cell=cell, backend=backend, input_size=6, hidden_size=20, num_layers=2,
+                        variant="per-step").to(DEVICE)
     assert stack.launch_configs() == {}
     x = torch.randn(3, 5, 6, device=DEVICE)
     stack(x)[0].sum().backward()
@@ -354,7 +355,7 @@ def test_compiled_parity_at_650_three_layers_35_steps(cell, backend, exact_fp32_
     fp32, TF32 off, forward and backward within 1e-5 (kernels/common.py says why that holds)."""
     monkeypatch.delenv("FASTLM_TRITON_TUNE", raising=False)
     shape, layers = (35, 20, 650, 650), 3
-    ref, other = build_pair(cell, backend, shape, layers)
+    ref, other = build_pair(cell, backend, shape, layers, variant="per-step")
     x, state, cotangents = make_inputs(cell, shape, layers)
     errors = assert_fp32_parity(run(other, cell, x, state, cotangents), run(ref, cell, x, state, cotangents))
     print(f"{cell}: largest relative error {max(errors.values()):.2e}; tiles {other.launch_configs()}")

@@ -53,6 +53,7 @@ class Case:
     H: int
     precision: str  # fp32 | tf32 | bf16 (fastlm.precision)
     launch: str = "eager"  # cells: eager | graph (captured once, replayed)
+    variant: str = "auto"  # the triton backend's time loop: per-step | persistent | auto (others: auto)
 
     @property
     def suite(self) -> str:
@@ -75,7 +76,7 @@ def step_config(case: Case, settings: StepSettings, device: torch.device) -> Run
     example = case.backend == EXAMPLE
     config = RunConfig.from_dict(settings.base.to_dict(), origin="bench")
     config.update({"model": {"cell": case.cell, "backend": "cudnn" if example else case.backend, "emsize": case.E,
-                             "nhid": case.H, **({"decoder": "full"} if example else {})},
+                             "nhid": case.H, "variant": case.variant, **({"decoder": "full"} if example else {})},
                    "data": {"batch_size": case.B, "bptt": case.T},
                    "train": {"device": str(device), "step": "example" if example else "fast",
                              "precision": "fp32" if example else case.precision}}, origin="bench")
@@ -88,7 +89,8 @@ class CellsCall:
     def __init__(self, case: Case, layers: int, device: torch.device):
         dtype = compute_dtype(case.precision)
         torch.manual_seed(0)
-        self.layer = cells.build(case.cell, case.backend, case.E, case.H, layers, dropout=0.0).to(device, dtype)
+        self.layer = cells.build(case.cell, case.backend, case.E, case.H, layers, dropout=0.0,
+                                 variant=case.variant).to(device, dtype)
         self.x = torch.randn(case.T, case.B, case.E, device=device, dtype=dtype,
                              requires_grad=case.mode == "fwdbwd")
         self.state = self.layer.zero_state(case.B, self.x.detach())
@@ -118,6 +120,7 @@ class CellsCall:
     def facts(self) -> dict:
         launch_configs = getattr(self.layer, "launch_configs", None)  # the triton backend's chosen tiles
         return {"recurrence_dtype": dtype_name(self.output_dtype), "recurrence_on_cudnn": self.on_cudnn,
+                "variant_ran": getattr(self.layer, "variant", None),
                 **({"launch_configs": launch_configs()} if launch_configs else {})}
 
 

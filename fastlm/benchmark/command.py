@@ -23,8 +23,16 @@ from rich.console import Console
 from rich.table import Table
 
 from fastlm import cells
-from fastlm.benchmark.cases import EXAMPLE, LAUNCHES, Case, CellsCall, StepSettings, build_step_call
+from fastlm.benchmark.cases import (
+    EXAMPLE,
+    LAUNCHES,
+    Case,
+    CellsCall,
+    StepSettings,
+    build_step_call,
+)
 from fastlm.benchmark.measure import PeakMemory, time_calls
+from fastlm.config import VARIANTS
 from fastlm.device import describe, device_name, resolve_device
 from fastlm.errors import FastlmError, first_line
 from fastlm.precision import PRECISIONS, set_tf32_flags, tf32_flags, use_precision
@@ -42,6 +50,7 @@ class BenchOptions:
     shapes: Optional[list[tuple]] = None  # None: DEFAULT_SHAPES (on CPU without the 1500 one, see plan)
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     launches: list[str] = field(default_factory=lambda: ["eager"])  # cells: eager and/or graph (CUDA)
+    variants: list[str] = field(default_factory=lambda: ["auto"])  # the triton backend's time loops to time
     repeat: Optional[int] = None  # None: 30 on CUDA, 5 on CPU
     warmup: Optional[int] = None  # None: 5 on CUDA, 1 on CPU
     device: str = "auto"
@@ -93,15 +102,21 @@ def plan(options: BenchOptions, device: torch.device) -> tuple[list[list[Case]],
                 if mode == "step":
                     fast = [b for b in backends if b != EXAMPLE]
                     cases = [Case(mode, cell, EXAMPLE, T, B, E, H, "fp32")]
-                    cases += [Case(mode, cell, b, T, B, E, H, p) for p in options.precisions for b in fast]
+                    cases += [Case(mode, cell, b, T, B, E, H, p, variant=v) for p in options.precisions
+                              for b in fast for v in variants_of(b, options)]
                     groups.append(cases)
                     continue
                 others = [b for b in backends if b not in (CELLS_BASELINE, EXAMPLE)]
                 for precision in options.precisions:
                     for launch in options.launches:
-                        groups.append([Case(mode, cell, b, T, B, E, H, precision, launch)
-                                       for b in [CELLS_BASELINE] + others])
+                        groups.append([Case(mode, cell, b, T, B, E, H, precision, launch, v)
+                                       for b in [CELLS_BASELINE] + others for v in variants_of(b, options)])
     return groups, notes
+
+
+def variants_of(backend: str, options: BenchOptions) -> list[str]:
+    """The variants of ``backend`` to time: --variant's for a backend that has variants (triton), else auto."""
+    return list(options.variants) if cells.variants(backend) else ["auto"]
 
 
 def run_case(case: Case, options: BenchOptions, device: torch.device, repeat: int, warmup: int) -> dict:
@@ -139,9 +154,11 @@ def case_fields(case: Case, options: BenchOptions, env: dict) -> dict:
                    "loss_chunk": list(s.loss_chunk) if s.loss_chunk and fast else None,
                    "step": "fast" if fast else "example"}
     cells_fields = {"V": None, "launch": case.launch}
+    variant = {"variant": case.variant} if cells.variants(case.backend) else {}
     return {"suite": case.suite, "cell": case.cell, "backend": case.backend, "mode": case.mode, "T": case.T,
             "B": case.B, "E": case.E, "H": case.H, "layers": model.nlayers,
-            **(step_fields if case.suite == "step" else cells_fields), "precision": case.precision, **env}
+            **(step_fields if case.suite == "step" else cells_fields), **variant, "precision": case.precision,
+            **env}
 
 
 def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
@@ -207,6 +224,9 @@ def _check(options: BenchOptions) -> None:
     for launch in options.launches:
         if launch not in LAUNCHES:
             raise FastlmError(f"--launch {launch!r} is not one of {', '.join(LAUNCHES)}")
+    for variant in options.variants:
+        if variant not in VARIANTS:
+            raise FastlmError(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}")
     for cell in options.cells:
         if cell not in cells.CELLS:
             raise FastlmError(f"--cell {cell!r} is not one of {', '.join(cells.CELLS)}")
@@ -237,7 +257,8 @@ def default_out_path(device: torch.device) -> Path:
 
 def _progress_line(r: dict) -> str:
     launch = f" {r['launch']}" if r.get("launch", "eager") != "eager" else ""
-    what = f"{r['mode']} {r['cell']} {r['backend']} {r['T']},{r['B']},{r['E']},{r['H']} {r['precision']}{launch}"
+    backend = r["backend"] + (f" ({r['variant_ran'] or r['variant']})" if r.get("variant") else "")
+    what = f"{r['mode']} {r['cell']} {backend} {r['T']},{r['B']},{r['E']},{r['H']} {r['precision']}{launch}"
     if "error" in r:
         return f"  {what}: [red]{r['error']}[/]"
     speed = f", {r['speedup']:.2f}x {r['baseline']}" if r["backend"] != r["baseline"] and r["speedup"] else ""
@@ -256,6 +277,7 @@ def _add_row(table: Table, r: dict) -> None:
     shape = f"{r['T']},{r['B']},{r['E']},{r['H']}"
     extra = " tied" if r.get("tied") else ""
     extra += " adaptive" if r.get("decoder") == "adaptive" else ""
+    extra += f" {r.get('variant_ran') or r['variant']}" if r.get("variant") else ""
     if "error" in r:
         table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), _precision_cell(r),
                       f"[red]{r['error'][:60]}[/]", "", "", "", "")

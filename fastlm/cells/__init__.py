@@ -7,6 +7,17 @@
 unavailable key raises FastlmError listing the alternatives: there is never a silent fallback to another backend.
 """
 
-from fastlm.cells.registry import BACKENDS, CELLS, available, build, register, registered, runs_as, unavailable_reason
+from fastlm.cells.registry import (
+    BACKENDS,
+    CELLS,
+    available,
+    build,
+    register,
+    registered,
+    runs_as,
+    unavailable_reason,
+    variants,
+)
 
-__all__ = ["CELLS", "BACKENDS", "available", "build", "register", "registered", "runs_as", "unavailable_reason"]
+__all__ = ["CELLS", "BACKENDS", "available", "build", "register", "registered", "runs_as", "unavailable_reason",
+           "variants"]

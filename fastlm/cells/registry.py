@@ -23,19 +23,27 @@ from fastlm.errors import FastlmError
 
 @dataclass(frozen=True)
 class _Backend:
-    factories: dict  # cell -> callable(input_size, hidden_size, num_layers, dropout) -> module
+    factories: dict  # cell -> callable(input_size, hidden_size, num_layers, dropout[, variant=]) -> module
     probe: Callable[[], Optional[str]]  # returns None when usable, else the reason it is not
     description: str
+    variants: tuple = ()  # the values its factories take as variant=; () for a backend with one variant
 
 
 _REGISTRY: dict[str, _Backend] = {}
 BACKENDS: tuple = ()
 
 
-def register(name: str, factories: dict, probe: Callable[[], Optional[str]] = lambda: None, description: str = ""):
+def register(name: str, factories: dict, probe: Callable[[], Optional[str]] = lambda: None, description: str = "",
+             variants: tuple = ()):
     global BACKENDS
-    _REGISTRY[name] = _Backend(dict(factories), functools.cache(probe), description)
+    _REGISTRY[name] = _Backend(dict(factories), functools.cache(probe), description, tuple(variants))
     BACKENDS = tuple(_REGISTRY)
+
+
+def variants(backend: str) -> tuple:
+    """The variant values ``build`` accepts for ``backend``: () when it has one way to run (then only None
+    or "auto", every backend's default, are accepted)."""
+    return _REGISTRY[backend].variants if backend in _REGISTRY else ()
 
 
 def unavailable_reason(cell: str, backend: str) -> Optional[str]:
@@ -76,7 +84,10 @@ def available() -> list[tuple[str, str]]:
             if entry.probe() is None]
 
 
-def build(cell: str, backend: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+def build(cell: str, backend: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+          variant: Optional[str] = None):
+    """The (cell, backend) stack. ``variant``: None or "auto" is every backend's default; a backend with
+    variants (``variants(backend)``: triton's "per-step", "persistent", "auto") takes any of them."""
     cell, backend = cell.lower(), backend.lower()
     reason = unavailable_reason(cell, backend)
     if reason is not None:
@@ -87,7 +98,14 @@ def build(cell: str, backend: str, input_size: int, hidden_size: int, num_layers
             raise FastlmError(f"{name} must be at least 1, got {value}")
     if not 0.0 <= float(dropout) < 1.0:
         raise FastlmError(f"dropout must be in [0, 1), got {dropout}")
-    return _REGISTRY[backend].factories[cell](int(input_size), int(hidden_size), int(num_layers), float(dropout))
+    entry = _REGISTRY[backend]
+    extra = {}
+    if variant is not None and (entry.variants or variant != "auto"):
+        if variant not in entry.variants:
+            offered = ", ".join(entry.variants) if entry.variants else "none besides auto"
+            raise FastlmError(f"backend {backend!r} has no variant {variant!r} (variants: {offered})")
+        extra["variant"] = variant
+    return entry.factories[cell](int(input_size), int(hidden_size), int(num_layers), float(dropout), **extra)
 
 
 def _register_builtin_backends() -> None:
@@ -97,8 +115,9 @@ def _register_builtin_backends() -> None:
     register("script", {cell: functools.partial(ScriptStack, cell) for cell in CELLS},
              description="TorchScript-compiled time loop, input projection as one GEMM")
     register("triton", {cell: functools.partial(triton_backend.TritonStack, cell) for cell in triton_backend.CELLS},
-             probe=triton_backend.probe,
-             description="hand-written Triton kernels, one fused launch per step (interpreted without CUDA)")
+             probe=triton_backend.probe, variants=triton_backend.VARIANTS,
+             description="hand-written Triton kernels, one fused launch per step or one persistent launch per layer "
+                         "(variant; interpreted without CUDA)")
     register("compile",
              {cell: functools.partial(compile_backend.CompileStack, cell) for cell in compile_backend.CELLS},
              probe=compile_backend.probe,

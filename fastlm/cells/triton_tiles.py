@@ -21,6 +21,23 @@ The heuristic default (``heuristic_config``) is used instead, and nothing is tim
 - every candidate failed (each failure is logged, e.g. a tile that needs more shared memory than the GPU has).
 Tiles change speed, not the math: every candidate runs the same kernel (sums may round differently in the
 last bits where tensor cores split them differently).
+
+The persistent kernels (kernels/persistent_lstm.py) take a ``PersistentConfig`` from ``persistent_config``:
+a fixed rule, not tuned (tuning would time whole-sequence launches; worth it once the rule has been measured
+on a GPU, which it has not yet). Compiled: one program per 16 hidden units (tl.dot's smallest tile, so as
+many SMs as the size allows), the batch in one tile up to 64 rows, and each program keeps its W_hh gate
+slices on chip (RESIDENT, one K tile of the next power of two >= H) when the products run on tensor cores
+(bf16 / fp16, or fp32 with TF32 allowed) and both
+    gates * K_pad * 16 * element bytes <= RESIDENT_WEIGHT_BYTES (64 KiB: a quarter of an SM's registers) and
+    BLOCK_B * K_pad * element bytes     <= RESIDENT_ROWS_BYTES   (32 KiB: the h operand of a step),
+else re-reads them every step in K chunks of 32 (fp32) or 64 (16-bit) elements. Exact fp32 always streams:
+Triton computes an IEEE fp32 tl.dot with FMAs, and over a K tile of 64 or more ptxas puts kilobytes per
+thread in local memory (seen compiling for sm_90 with Triton 3.6 and 3.9, the per-step kernel at
+BLOCK_K >= 64 too), where K chunks of 32 compile without. TF32: resident up to H = 256 with B <= 32 (the
+example's 2x200 at B = 20); bf16: up to H = 512 with B <= 32, 256 with B <= 64. Resident programs get
+8 warps (W_hh slices take 64 registers a thread), streaming ones 4. Interpreted: one program (single-program
+mode) with the interpreter's tiles. ``TritonStack.launch_config``, when set, gives the persistent kernels
+its tiles too; the grid and mode then follow from them by the same rule.
 """
 
 from __future__ import annotations
@@ -48,6 +65,11 @@ FORMAT = 1  # of the cache file; another value makes the file unreadable (then r
 TIMED_LAUNCHES = 20  # launches in the CUDA graph one timing replays
 TIMED_REPLAYS = 3  # replays per candidate; the fastest counts (the first one also uploads the graph)
 KERNELS = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
+
+
+PERSISTENT_BLOCK_H = 16  # hidden units per persistent program: tl.dot's smallest N, the most programs
+RESIDENT_WEIGHT_BYTES = 64 * 1024  # W_hh slices a persistent program may keep on chip (see the module docstring)
+RESIDENT_ROWS_BYTES = 32 * 1024  # the [BLOCK_B, K_pad] operand each of its steps multiplies them with
 
 
 def _is_pow2(value) -> bool:
@@ -87,6 +109,58 @@ class LaunchConfig:
     def meta(self) -> dict:
         """The kernels' tile constexprs and the launch's num_warps, as keyword arguments of a launch."""
         return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, BLOCK_K=self.block_k, num_warps=self.num_warps)
+
+
+@dataclass(frozen=True)
+class PersistentConfig:
+    """How a persistent kernel launches: its tiles, its grid of ``programs`` (one program per SM at most;
+    1 is single-program mode: no grid barrier), and whether each program keeps its W_hh slices on chip
+    (``resident``: needs one K tile, tiles.block_k >= H, and one hidden block per program)."""
+
+    tiles: LaunchConfig
+    programs: int
+    resident: bool
+
+    @property
+    def single_program(self) -> bool:
+        return self.programs == 1
+
+    def meta(self) -> dict:
+        """The kernels' mode and tile constexprs and the launch's num_warps and num_stages, as keyword
+        arguments of a launch. num_stages=1: no software pipelining across the grid barrier (see
+        kernels/grid_barrier.py)."""
+        return dict(RESIDENT=self.resident, SINGLE_PROGRAM=self.single_program, num_stages=1, **self.tiles.meta())
+
+    def record(self) -> dict:
+        """JSON-ready fields for reports: the tiles, programs, resident, single_program."""
+        return {**asdict(self.tiles), "programs": self.programs, "resident": self.resident,
+                "single_program": self.single_program}
+
+
+def persistent_tiles(batch: int, hidden: int, gates: int, dtype: str, allow_tf32: bool) -> LaunchConfig:
+    """The compiled persistent kernels' tiles (the rule in the module docstring). gates: 4 (LSTM) or 3 (GRU);
+    dtype: torch's name without "torch."; allow_tf32: whether fp32 products may use TF32."""
+    element = 4 if dtype == "float32" else 2
+    k_pad = pow2_at_least(hidden, 16, 1 << 30)
+    block_b = pow2_at_least(batch, 16, 64)
+    tensor_cores = dtype != "float32" or allow_tf32
+    if (tensor_cores and gates * k_pad * PERSISTENT_BLOCK_H * element <= RESIDENT_WEIGHT_BYTES
+            and block_b * k_pad * element <= RESIDENT_ROWS_BYTES):
+        return LaunchConfig(block_b, PERSISTENT_BLOCK_H, k_pad, num_warps=8)
+    return LaunchConfig(block_b, PERSISTENT_BLOCK_H, 32 if dtype == "float32" else 64, num_warps=4)
+
+
+def persistent_config(batch: int, hidden: int, gates: int, dtype: str, allow_tf32: bool, interpreted: bool,
+                      tiles: Optional[LaunchConfig] = None) -> PersistentConfig:
+    """The PersistentConfig of a layer of this shape: ``tiles`` (when given) or the rule's, one program per
+    hidden block when compiled, one program under the interpreter; resident when one K tile covers H and
+    each program owns one hidden block."""
+    if tiles is None:
+        tiles = (interpreter_config(batch, hidden) if interpreted
+                 else persistent_tiles(batch, hidden, gates, dtype, allow_tf32))
+    blocks = -(-hidden // tiles.block_h)
+    programs = 1 if interpreted else blocks
+    return PersistentConfig(tiles, programs, resident=tiles.block_k >= hidden and programs == blocks)
 
 
 @dataclass(frozen=True)

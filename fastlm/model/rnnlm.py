@@ -35,7 +35,8 @@ class RNNLM(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.Embedding(ntoken, config.emsize)
         self.rnn = cells.build(cell=config.cell, backend=config.backend, input_size=config.emsize,
-                               hidden_size=config.nhid, num_layers=config.nlayers, dropout=config.dropout)
+                               hidden_size=config.nhid, num_layers=config.nlayers, dropout=config.dropout,
+                               variant=config.variant)
         self.loss_chunking: Chunking | None = None  # overrides the device's default chunking (benchmarks, tests)
         # The dtypes the last forward's recurrence and the last loss's decoder GEMMs really ran in, for reports
         # (what a precision setting asked for is not proof of what ran).

@@ -59,6 +59,7 @@ def how_it_ran(step_fn) -> dict:
     ran_in = step_fn.compute_model.ran_in if isinstance(step_fn, TrainStep) else step_fn.model.ran_in
     return {"precision": step_fn.precision, "recurrence_dtype": ran_in.get("recurrence"),
             "recurrence_on_cudnn": ran_in.get("recurrence_on_cudnn"),
+            "variant_ran": getattr(step_fn.model.rnn, "variant", None),
             "decoder_dtype": ran_in.get("decoder"), **tf32_flags(), "cuda_graphs_requested": requested,
             "cuda_graph_captures": graphs.captures if graphs is not None else 0,
             "cuda_graph_replays": graphs.replays if graphs is not None else 0, "cuda_graph_note": note}

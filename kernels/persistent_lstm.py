@@ -1,0 +1,214 @@
+"""LSTM layer in Triton, persistent variant: the whole sequence in one launch forward and one backward.
+
+Same math, parameter layout, buffers and saved tensors as kernels/lstm.py (whose tile functions these
+kernels call: ``lstm_recurrent_chunks``, ``lstm_cell_update``, ``lstm_gate_gradients``), and the same host
+side: ``lstm_layer_forward`` / ``lstm_layer_backward`` there take ``lstm_forward_persistent_steps`` /
+``lstm_backward_persistent_steps`` from here as their time loop. What changes is who walks time: not the
+host, launching one kernel per step, but each program of one launch, looping over t.
+
+Work split. The grid is P programs (``config`` is a fastlm.cells.triton_tiles.PersistentConfig, which
+chooses P, the tiles and the mode; the rules are documented there). Program p owns the hidden blocks
+p, p + P, p + 2P, ... of BLOCK_H units each: all four gates of those units, for every batch row (batch
+blocks of BLOCK_B rows, looped inside), so the cell update stays local to the program as in the per-step
+kernels. Multi-program launches give each program exactly one block (P = cdiv(H, BLOCK_H), at most one
+program per SM); single-program mode (P = 1) loops over every block inside the step.
+
+Exchange. Step t needs all of h_{t-1} (forward) or all of dL/dpre_{t+1} (backward), which P programs
+wrote; they are read from the whole-sequence output buffers after the grid barrier that ends each step
+(kernels/grid_barrier.py: protocol, memory ordering, why every program must be resident, timeout).
+
+W_hh on chip (RESIDENT). When BLOCK_K >= H, one K tile covers the whole reduction: the program loads its
+four [BLOCK_K, BLOCK_H] gate slices of W_hh once, before the time loop, and keeps them for all T steps
+instead of re-reading them from L2 every step (compiled for sm_90, Triton stages these loop-invariant dot
+operands in shared memory: 40-96 KiB a program at the sizes the rule admits). Valid only when each program
+owns one hidden block (P = cdiv(H, BLOCK_H)). Otherwise the slices are re-read each step in BLOCK_K chunks,
+from L2 (W_hh is a few MB at most at these sizes). When to be resident is the size rule of
+fastlm.cells.triton_tiles (tensor-core products, slices <= 64 KiB, the step's h operand <= 32 KiB). Forward
+slices are columns of W_hh^T ([H, 4H], gate q at columns q*H + units), backward slices rows of W_hh
+([4H, H], gate q at rows q*H + k, the program's units as columns).
+
+State. c (backward: dc) goes through its global buffer as in the per-step kernels, each program reading
+back only the units it wrote; single-program mode, whose blocks change within a step, could not keep it in
+registers, and one code path serves both modes.
+
+Modes are constexprs: SINGLE_PROGRAM (no atomics; what runs under TRITON_INTERPRET=1, where programs run one
+after another and a barrier between two of them could never complete) and RESIDENT. Compiled launches use
+num_stages=1 (see grid_barrier.py).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from fastlm.kernels.common import (
+    check_offsets,
+    mma,
+    previous_row,
+    row_block,
+    row_times_matrix,
+    sequence_row,
+    tile_offsets,
+    weight_tile,
+)
+from fastlm.kernels.grid_barrier import barrier_state, check_barrier, first_patience, step_barrier
+from fastlm.kernels.lstm import lstm_cell_update, lstm_gate_gradients, lstm_recurrent_chunks
+
+
+@triton.jit
+def lstm_resident_product(h_ptr, rows, B, H, w_i, w_f, w_g, w_o, ALLOW_TF32: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h_{t-1}[rows] @ the four resident gate slices w_* [BLOCK_K, BLOCK_H]: acc_i, acc_f, acc_g, acc_o
+    [BLOCK_B, BLOCK_H] fp32. h_ptr [B, H], written by every program: read through L2 (".cg")."""
+    h = row_block(h_ptr, H, rows, B, H, ".cg", BLOCK_K)
+    zeros = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+    return (mma(h, w_i, zeros, ALLOW_TF32), mma(h, w_f, zeros, ALLOW_TF32), mma(h, w_g, zeros, ALLOW_TF32),
+            mma(h, w_o, zeros, ALLOW_TF32))
+
+
+@triton.jit
+def lstm_resident_dh(dgates_ptr, rows, B, H, v_i, v_f, v_g, v_o, ALLOW_TF32: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dpre_{t+1}[rows] @ W_hh[:, units] as the sum over the gates q of dpre_q [BLOCK_B, H] @ v_q, the
+    resident [BLOCK_K, BLOCK_H] row slices of W_hh: [BLOCK_B, BLOCK_H] fp32. dgates_ptr: row t+1 of
+    dgates, [B, 4H], written by every program: read through L2 (".cg")."""
+    G = 4 * H
+    acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+    acc = mma(row_block(dgates_ptr, G, rows, B, H, ".cg", BLOCK_K), v_i, acc, ALLOW_TF32)
+    acc = mma(row_block(dgates_ptr + H, G, rows, B, H, ".cg", BLOCK_K), v_f, acc, ALLOW_TF32)
+    acc = mma(row_block(dgates_ptr + 2 * H, G, rows, B, H, ".cg", BLOCK_K), v_g, acc, ALLOW_TF32)
+    acc = mma(row_block(dgates_ptr + 3 * H, G, rows, B, H, ".cg", BLOCK_K), v_o, acc, ALLOW_TF32)
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_forward_persistent(gi_ptr, wt_ptr, h0_ptr, y_ptr, c0_ptr, cs_ptr, gates_ptr, sync_ptr, T, B, H,
+                            SAVE_GATES: tl.constexpr, ALLOW_TF32: tl.constexpr, RESIDENT: tl.constexpr,
+                            SINGLE_PROGRAM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """All T forward steps of one layer.
+
+    gi_ptr     [T, B, 4H] x @ W_ih^T + b_ih + b_hh, input dtype; step t reads row t
+    wt_ptr     [H, 4H]    W_hh transposed, input dtype (columns q*H + j hold gate q of unit j)
+    h0_ptr     [B, H]     the initial h, input dtype
+    y_ptr      [T, B, H]  the outputs, input dtype: step t reads all of row t-1 (h_{t-1}), writes its units
+                          of row t
+    c0_ptr     [B, H]     the initial c, fp32
+    cs_ptr     [T, B, H]  every c_t, fp32 (each program reads and writes only its own units)
+    gates_ptr  [T, B, 4H] when SAVE_GATES, the activated i, f, g, o, input dtype
+    sync_ptr   [SYNC_WORDS] int32, zeroed: the grid barrier's state (unused when SINGLE_PROGRAM)
+    T          the number of steps, a runtime int (not specialized)
+    Grid: (P,), P = cdiv(H, BLOCK_H) programs (or 1 with SINGLE_PROGRAM); see the module docstring.
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    if RESIDENT:  # this program's one hidden block: its gate slices of W_hh^T, loaded once
+        own = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+        w_i = weight_tile(wt_ptr, 4 * H, own, H, BLOCK_K)
+        w_f = weight_tile(wt_ptr + H, 4 * H, own, H, BLOCK_K)
+        w_g = weight_tile(wt_ptr + 2 * H, 4 * H, own, H, BLOCK_K)
+        w_o = weight_tile(wt_ptr + 3 * H, 4 * H, own, H, BLOCK_K)
+    patience = first_patience()
+    for t in range(T):
+        h_prev_ptr = previous_row(h0_ptr, y_ptr, t, B * H)
+        for block in range(pid, tl.cdiv(H, BLOCK_H), programs):
+            for batch_block in range(tl.cdiv(B, BLOCK_B)):
+                rows, cols, mask = tile_offsets(batch_block, block, B, H, BLOCK_B, BLOCK_H)
+                if RESIDENT:
+                    acc_i, acc_f, acc_g, acc_o = lstm_resident_product(h_prev_ptr, rows, B, H, w_i, w_f, w_g, w_o,
+                                                                       ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+                else:
+                    acc_i, acc_f, acc_g, acc_o = lstm_recurrent_chunks(h_prev_ptr, wt_ptr, rows, cols, B, H, ".cg",
+                                                                       ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+                lstm_cell_update(acc_i, acc_f, acc_g, acc_o, gi_ptr, y_ptr, c0_ptr, cs_ptr, gates_ptr, t, B, H,
+                                 rows, cols, mask, SAVE_GATES)
+        patience = step_barrier(sync_ptr, t, T, patience, SINGLE_PROGRAM)
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_backward_persistent(dgates_ptr, w_ptr, dy_ptr, dh_n_ptr, gates_ptr, c0_ptr, cs_ptr, dc_ptr, sync_ptr,
+                             T, B, H, ALLOW_TF32: tl.constexpr, RESIDENT: tl.constexpr,
+                             SINGLE_PROGRAM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """All T backward steps of one layer, t = T-1 down to 0.
+
+    dgates_ptr [T, B, 4H] dL/dpre, input dtype: step t reads all of row t+1, writes its units of row t
+    w_ptr      [4H, H]    W_hh as stored (row-major), input dtype
+    dy_ptr     [T, B, H]  dL/dy, input dtype
+    dh_n_ptr   [B, H]     dL/dh_n, input dtype; read at t = T-1 in place of the recurrent term
+    gates_ptr  [T, B, 4H] the activated gates saved by the forward
+    c0_ptr     [B, H]     the initial c, fp32
+    cs_ptr     [T, B, H]  every c_t, fp32
+    dc_ptr     [B, H]     fp32, dL/dc_n on entry, dL/dc_0 on exit (each program updates only its units)
+    sync_ptr   [SYNC_WORDS] int32, zeroed: the grid barrier's state (unused when SINGLE_PROGRAM)
+    T          the number of steps, a runtime int (not specialized)
+    Grid as lstm_forward_persistent's.
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    G = 4 * H
+    if RESIDENT:  # this program's one hidden block: the rows q*H + k, columns = its units, of W_hh per gate
+        own = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+        v_i = weight_tile(w_ptr, H, own, H, BLOCK_K)
+        v_f = weight_tile(w_ptr + H * H, H, own, H, BLOCK_K)
+        v_g = weight_tile(w_ptr + 2 * H * H, H, own, H, BLOCK_K)
+        v_o = weight_tile(w_ptr + 3 * H * H, H, own, H, BLOCK_K)
+    patience = first_patience()
+    for step in range(T):
+        t = T - 1 - step
+        for block in range(pid, tl.cdiv(H, BLOCK_H), programs):
+            for batch_block in range(tl.cdiv(B, BLOCK_B)):
+                rows, cols, mask = tile_offsets(batch_block, block, B, H, BLOCK_B, BLOCK_H)
+                unit = rows[:, None] * H + cols[None, :]
+                dh = tl.load(sequence_row(dy_ptr, t, B * H) + unit, mask=mask, other=0.0).to(tl.float32)
+                if t < T - 1:
+                    if RESIDENT:
+                        dh += lstm_resident_dh(sequence_row(dgates_ptr, t + 1, B * G), rows, B, H, v_i, v_f, v_g,
+                                               v_o, ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+                    else:
+                        dh += row_times_matrix(sequence_row(dgates_ptr, t + 1, B * G), G, w_ptr, H, rows, cols, B,
+                                               G, H, tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32), ".cg",
+                                               ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+                else:
+                    dh += tl.load(dh_n_ptr + unit, mask=mask, other=0.0).to(tl.float32)
+                lstm_gate_gradients(dh, dgates_ptr, gates_ptr, c0_ptr, cs_ptr, dc_ptr, t, B, H, rows, cols, mask)
+        patience = step_barrier(sync_ptr, step, T, patience, SINGLE_PROGRAM)
+
+
+def lstm_forward_persistent_steps(gi, wt, h0, y, c0, cs, gates, config, allow_tf32):
+    """The forward time loop of one layer as one launch (buffers as lstm_forward_persistent's; gates None:
+    nothing saved). ``config``: a PersistentConfig. Launches: 1 (+ 1 memset and the barrier check with a
+    grid barrier)."""
+    T, B, H = y.shape
+    check_offsets(B, H, 4)
+    sync, barrier = barrier_state(gi, config, T)
+    lstm_forward_persistent[(config.programs,)](
+        gi, wt, h0, y, c0, cs, gi if gates is None else gates, sync, T, B, H, SAVE_GATES=gates is not None,
+        ALLOW_TF32=allow_tf32, **config.meta())
+    if barrier:
+        check_barrier(sync)
+
+
+def lstm_backward_persistent_steps(dgates, w_hh, dy, dh_n, gates, c0, cs, dc, config, allow_tf32):
+    """The backward time loop of one layer as one launch (buffers as lstm_backward_persistent's)."""
+    T, B, H = dy.shape
+    check_offsets(B, H, 4)
+    sync, barrier = barrier_state(dgates, config, T)
+    lstm_backward_persistent[(config.programs,)](
+        dgates, w_hh, dy, dh_n, gates, c0, cs, dc, sync, T, B, H, ALLOW_TF32=allow_tf32, **config.meta())
+    if barrier:
+        check_barrier(sync)
+
+
+def lstm_persistent_compiled(B, H, dtype, device, config, allow_tf32):
+    """{"forward": compiled kernel, "backward": compiled kernel} for this shape and config, compiled (not
+    launched) with Triton's ``warmup``: what the co-residency check inspects. The forward is the training
+    one (saving gates); the no-grad forward needs a subset of its registers. Compiled CUDA only."""
+    def tensor(dtype_):
+        return torch.empty(1, dtype=dtype_, device=device)  # a kernel compiles for dtypes, not shapes
+
+    x, fp32, sync = tensor(dtype), tensor(torch.float32), tensor(torch.int32)
+    grid = (config.programs,)
+    meta = dict(ALLOW_TF32=allow_tf32, **config.meta())
+    return {"forward": lstm_forward_persistent.warmup(x, x, x, x, fp32, fp32, x, sync, 2, B, H, SAVE_GATES=True,
+                                                      grid=grid, **meta),
+            "backward": lstm_backward_persistent.warmup(x, x, x, x, x, fp32, fp32, fp32, sync, 2, B, H, grid=grid,
+                                                        **meta)}
