@@ -49,3 +49,22 @@ def test_generated_corpus_in_either_mode(tmp_path, mode):
     corpus = resolve_corpus("generated", cache_dir=tmp_path, mode=mode)
     assert isinstance(corpus, Corpus if mode == "memory" else StreamedCorpus) and corpus.mode == mode
     assert corpus.vocab == generated_corpus().vocab
+
+
+@pytest.mark.slow
+def test_streamed_wikitext2_trains_to_the_same_losses_and_perplexities(wikitext2_dir, tmp_path):
+    """Wikitext-2 streamed from the token cache and held in memory: the same per-step losses and the same
+    validation and test perplexities (a short run: 12 steps of a small model, evaluation on 20 batches)."""
+    runs = {}
+    for mode in ("memory", "stream"):
+        losses = []
+        corpus = resolve_corpus(str(wikitext2_dir), cache_dir=tmp_path / "cache", mode=mode)
+        assert corpus.mode == mode
+        config = small_config(data={"batch_size": 20, "bptt": 35, "eval_batch_size": 10},
+                              train={"max_steps": 12, "eval_batches": 20, "log_interval": 6})
+        trainer = Trainer(config, corpus, torch.device("cpu"), quiet_display(),
+                          on_step=lambda step, loss: losses.append(float(loss)))
+        result = trainer.fit(RunFolder(tmp_path / mode))
+        runs[mode] = (losses, result.pause["val_ppl"], result.pause["test_ppl"])
+    assert len(runs["memory"][0]) == 12
+    assert runs["stream"] == runs["memory"]  # bit for bit: the same batches, the same arithmetic
