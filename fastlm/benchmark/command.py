@@ -215,21 +215,12 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
 
 
 def _check(options: BenchOptions) -> None:
-    for mode in options.modes:
-        if mode not in MODES:
-            raise FastlmError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
-    for precision in options.precisions:
-        if precision not in PRECISIONS:
-            raise FastlmError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    for launch in options.launches:
-        if launch not in LAUNCHES:
-            raise FastlmError(f"--launch {launch!r} is not one of {', '.join(LAUNCHES)}")
-    for variant in options.variants:
-        if variant not in VARIANTS:
-            raise FastlmError(f"--variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    for cell in options.cells:
-        if cell not in cells.CELLS:
-            raise FastlmError(f"--cell {cell!r} is not one of {', '.join(cells.CELLS)}")
+    for flag, given, known in (("--mode", options.modes, MODES), ("--precision", options.precisions, PRECISIONS),
+                               ("--launch", options.launches, LAUNCHES), ("--variant", options.variants, VARIANTS),
+                               ("--cell", options.cells, cells.CELLS)):
+        for value in given:
+            if value not in known:
+                raise FastlmError(f"{flag} {value!r} is not one of {', '.join(known)}")
     for shape in options.shapes or ():
         if len(shape) != 4 or any(int(v) < 1 for v in shape):
             raise FastlmError(f"--shape takes T,B,E,H (four positive integers), got {shape}")
