@@ -306,6 +306,10 @@ def check_for_processes(config, nproc: int) -> None:
         raise FastlmError("--step example is the PyTorch example's loop in one process; use --step fast with --nproc")
     if nproc > 1 and config.model.decoder == "adaptive":
         raise FastlmError("--decoder adaptive does not run on several processes yet; use one process")
+    if config.train.save:
+        from fastlm.train.checkpoint import check_writable
+
+        check_writable(config.train.save, "--save")
 
 
 def launch_processes(nproc: int, argv: list[str]) -> int:

@@ -144,16 +144,20 @@ def broadcast_parameters(module: torch.nn.Module, world: World) -> None:
 
 
 def on_rank_zero(work, world: World):
-    """``work()`` run by rank 0 alone, its result (or its FastlmError) on every rank: for what must happen once
-    (creating the run folder) and what every rank must agree on (its name)."""
+    """``work()`` run by rank 0 alone, its result on every rank: for what must happen once (creating the run
+    folder, writing a checkpoint) and what every rank must agree on (its name). When it fails, every rank
+    stops with its message at once (rank 0 with the error itself), instead of the others waiting for rank 0
+    in their next collective until the timeout."""
     if world.size == 1:
         return work()
     outcome = None
     if world.main:
         try:
             outcome = ("ok", work())
-        except FastlmError as error:
-            outcome = ("error", str(error))
+        except Exception as error:
+            message = str(error) if isinstance(error, FastlmError) else f"process 0 failed: {first_line(error)}"
+            broadcast_object(("error", message), world)
+            raise
     kind, value = broadcast_object(outcome, world)
     if kind == "error":
         raise FastlmError(value)

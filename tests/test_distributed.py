@@ -222,3 +222,40 @@ def test_a_batch_that_does_not_divide_is_refused_before_torchrun_starts():
     assert result.stderr.strip().splitlines() == [
         "fastlm: error: --batch-size 5 does not divide among 2 processes; give a multiple of 2 (each process "
         "takes an equal share of the batch's columns)"]
+
+
+def test_an_unwritable_save_path_is_refused_before_training(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    for extra in ((), ("--nproc", 2)):
+        result = fastlm(*RUN, "--dry-run", "--run-dir", tmp_path / f"run{len(extra)}", "--save",
+                        tmp_path / "a-file" / "best.pt", *extra)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            f"fastlm: error: --save {tmp_path / 'a-file' / 'best.pt'}: cannot create or write folder "
+            f"{tmp_path / 'a-file'}; choose another path"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error(tmp_path):
+    from fastlm.train.checkpoint import save_checkpoint
+
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(FastlmError, match="cannot write checkpoint .*a-file/last.pt"):
+        save_checkpoint(tmp_path / "a-file" / "last.pt", {"model": {}})
+
+
+def test_rank_zero_failures_reach_every_rank(monkeypatch):
+    """What rank 0 alone does (writing a checkpoint) and fails at: rank 0 raises its own error, the others a
+    FastlmError saying so, at once, instead of waiting in their next collective until the timeout."""
+    from fastlm import distributed
+
+    sent = []
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value, world: sent.append(value) or value)
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        distributed.on_rank_zero(disk_full, World(0, 2, 0))
+    assert sent == [("error", "process 0 failed: [Errno 28] No space left on device")]
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value, world: sent[0])
+    with pytest.raises(FastlmError, match="process 0 failed: .*No space left"):
+        distributed.on_rank_zero(disk_full, World(1, 2, 1))

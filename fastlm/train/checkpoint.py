@@ -30,7 +30,25 @@ VERSION = 1
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Writes ``payload`` to ``path`` atomically (a temporary file renamed into place); FastlmError naming the
+    path when it cannot be written (the previous file, if any, is left whole)."""
     path = Path(path)
+    try:
+        _write_atomically(path, payload)
+    except OSError as error:
+        raise FastlmError(f"cannot write checkpoint {path}: {error.strerror or error}; free some space or choose "
+                          f"another path (the run's own best.pt and last.pt are whole)") from None
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """FastlmError, before training starts, when a checkpoint could not be written at ``path`` (``flag``'s)."""
+    folder = Path(path).parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise FastlmError(f"{flag} {path}: cannot create or write folder {folder}; choose another path")
+
+
+def _write_atomically(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

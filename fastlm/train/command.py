@@ -28,7 +28,7 @@ from fastlm.distributed import (
     on_rank_zero,
 )
 from fastlm.errors import FastlmError
-from fastlm.train.checkpoint import load_checkpoint
+from fastlm.train.checkpoint import check_writable, load_checkpoint
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
 from fastlm.train.trainer import Trainer
@@ -109,6 +109,8 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
     run_dir = on_rank_zero(lambda: config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"), world)
     if payload is None:  # before the corpus loads: say so at once
         on_rank_zero(lambda: check_free_for_a_new_run(run_dir, overwrite), world)
+    if config.train.save:
+        on_rank_zero(lambda: check_writable(config.train.save, "--save"), world)
     device = resolve_device(device_choice)
     use_threads(config.train.threads)
     # One progress display and one log: rank 0's. The others keep theirs in memory.

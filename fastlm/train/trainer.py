@@ -134,10 +134,15 @@ class Trainer:
                 "rng": rng, **ranks}
 
     def _save_last(self, payload: Optional[dict] = None) -> None:
+        """Saves ``last`` (rank 0 writes it; with several processes every rank calls this at the same point)."""
         payload = payload or self._payload()
-        if self.world.main:
-            save_checkpoint(self.run.last, payload)
+        on_rank_zero(lambda: save_checkpoint(self.run.last, payload), self.world)
         self._last_save = time.monotonic()
+
+    def _save_due(self) -> bool:
+        """--save-minutes have passed since the last save: rank 0's clock decides for every rank."""
+        return on_rank_zero(lambda: time.monotonic() - self._last_save >= 60 * self.config.train.save_minutes,
+                            self.world)
 
     def _append_metrics(self, record: dict) -> None:
         if self.world.main:
@@ -342,7 +347,7 @@ class Trainer:
         # state over a newer last.pt); the next clean window does both.
         if not bad:
             self._good = self._payload(copy=True)
-            if time.monotonic() - self._last_save >= 60 * self.config.train.save_minutes:
+            if self._save_due():
                 self._save_last(self._good)
 
     def _check_nonfinite(self, bad: int, first_step: int) -> None:
@@ -380,8 +385,7 @@ class Trainer:
         if improved:
             self.best_val_loss = val_loss
             payload = self._payload()
-            if self.world.main:
-                save_checkpoint(self.run.best, payload)
+            on_rank_zero(lambda: save_checkpoint(self.run.best, payload), self.world)
         else:
             self.step_fn.lr /= 4.0
         record["lr_next"] = self.step_fn.lr
@@ -452,8 +456,8 @@ class Trainer:
                               "step": self.global_step})
         self.display.message(f"[bold]End of training | test loss {test_loss:5.2f} | "
                              f"test ppl {perplexity(test_loss):8.2f}[/]")
-        if self.config.train.save and self.world.main:
-            save_checkpoint(self.config.train.save, load_checkpoint(self.run.best))
+        if self.config.train.save:
+            on_rank_zero(lambda: save_checkpoint(self.config.train.save, load_checkpoint(self.run.best)), self.world)
         return test_loss
 
 
