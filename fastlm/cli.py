@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastlm.config import PRECISIONS
 from fastlm.errors import FastlmError
 
 # flag dest -> (config section, field)
@@ -96,9 +97,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("speed")
     f.add_argument("--step", default=S, choices=("fast", "example"),
                    help="fast (default), or example: the PyTorch example's loop as it is (the baseline)")
-    f.add_argument("--precision", default=S, choices=("fp32", "tf32", "bf16"),
+    f.add_argument("--precision", default=S, choices=PRECISIONS,
                    help="fp32 (default): exact, TF32 off everywhere; tf32: GEMMs and the recurrence may use TF32; "
-                        "bf16: bf16 compute with fp32 master weights (tf32 and bf16 change the numbers)")
+                        "bf16: the decoder's GEMMs in bf16, the rest fp32; auto: bf16 where the device has bf16 "
+                        "matrix units, else fp32 (tf32 and bf16 change the numbers)")
     f.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=S,
                    help="on CUDA, capture fixed-shape steps once as a CUDA graph and replay them (on)")
     f.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=S, metavar="SECONDS",
@@ -162,9 +164,10 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--shape", type=_shape, action="append", default=None, metavar="T,B,E,H",
                        help="repeatable (default the example's: 35,20,200,200 35,20,650,650 35,20,1500,1500; "
                             "on CPU the first two)")
-    bench.add_argument("--precision", type=_names, default=["fp32"], metavar="fp32[,tf32,bf16]",
-                       help="fp32 (default, exact: TF32 off), tf32 (TF32 GEMMs and recurrence), bf16 (bf16 compute; "
-                            "step: fp32 master weights); the example's step stays exact fp32")
+    bench.add_argument("--precision", type=_names, default=["fp32"], metavar="fp32[,tf32,bf16,auto]",
+                       help="fp32 (default, exact: TF32 off), tf32 (TF32 GEMMs and recurrence), bf16 (cells: the "
+                            "stack in bf16; step: the decoder's GEMMs in bf16), auto (step: bf16 where the device "
+                            "has bf16 matrix units); the example's step stays exact fp32")
     bench.add_argument("--variant", type=_names, default=["auto"], metavar="auto[,per-step,persistent]",
                        help="the triton backend's time loops to time, each a row (default auto: what it picks)")
     bench.add_argument("--launch", type=_names, default=["eager"], metavar="eager[,graph]",

@@ -21,7 +21,7 @@ from fastlm.errors import FastlmError
 
 # The precision settings (fastlm.precision says what each does; kept here too so that reading a config
 # does not import torch).
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 
 # The recurrent cells fastlm knows, in one place (fastlm.cells.math holds their math, in this order).
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -69,7 +69,7 @@ class TrainConfig:
     save: Optional[str] = None
     save_minutes: float = 10.0  # also save 'last' at a log line once this long has passed since the last save
     step: str = "fast"  # "example": the PyTorch example's loop as it is, the baseline of every speed-up
-    precision: str = "fp32"  # fp32 (exact), tf32 or bf16: fastlm.precision (tf32 and bf16 change the numbers)
+    precision: str = "fp32"  # fp32 (exact), tf32, bf16 or auto: fastlm.precision (tf32 and bf16 change the numbers)
     cuda_graphs: bool = True  # on CUDA, capture the fast step's fixed-shape steps once and replay them
     skip_nonfinite: int = 0  # skip up to this many batches with a non-finite loss or gradients, then stop
     steps_per_epoch: Optional[int] = None  # an epoch of this many batches, continuing through the corpus
@@ -159,7 +159,7 @@ class RunConfig:
                             ("--threads", t.threads)):
             if value is not None:
                 _at_least(flag, value, 1)
-        if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.precision == "bf16"
+        if t.step == "example" and (m.backend != "cudnn" or m.decoder != "full" or t.precision not in ("fp32", "tf32")
                                     or t.skip_nonfinite):
             raise FastlmError("--step example is the PyTorch example's loop as it is: it needs --backend cudnn, "
                               "--decoder full, --precision fp32 or tf32 and no --skip-nonfinite")

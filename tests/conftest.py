@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before triton kernels are first imported, so it is set here, at collection,
 when no CUDA device is present: the Triton kernels then run on CPU tensors through the interpreter.
+FASTLM_LOSS_TUNE=0 keeps the fused loss on its heuristic chunk sizes (see below).
 """
 
 import os
@@ -18,6 +19,9 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The fused loss's chunk sizes: the fixed heuristic, so that results do not depend on timings taken while the
+# suite runs (tests/test_loss_chunks.py turns tuning on where it is what is tested).
+os.environ.setdefault("FASTLM_LOSS_TUNE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-import fastlm.model.fused_loss
+import fastlm.model.loss_chunks
 from fastlm.config import ModelConfig, RunConfig
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, map_state
@@ -52,8 +52,8 @@ def test_fast_step_trains_the_examples_numbers(cell, tied):
 
 def test_several_loss_chunks_stay_within_float_noise(monkeypatch):
     """With chunks and vocabulary blocks smaller than the problem, dW is summed in another order."""
-    monkeypatch.setattr(fastlm.model.fused_loss, "CPU_CHUNK_TOKENS", 8)
-    monkeypatch.setattr(fastlm.model.fused_loss, "CPU_VOCAB_BLOCK", 16)
+    monkeypatch.setattr(fastlm.model.loss_chunks, "CPU_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(fastlm.model.loss_chunks, "CPU_VOCAB_BLOCK", 16)
     fast_losses, _ = run_steps(TrainStep, "lstm", False)
     example_losses, _ = run_steps(ExampleStep, "lstm", False)
     assert max_rel(fast_losses, example_losses) <= 1e-4
@@ -108,7 +108,7 @@ def test_make_train_step_follows_the_configuration():
     config.update({"model": {"emsize": 8, "nhid": 8}, "train": {"precision": "bf16", "cuda_graphs": True}}, "test")
     model = RNNLM(VOCAB, config.validate().model)
     fast = make_train_step(model, config.train)
-    assert isinstance(fast, TrainStep) and fast.precision == "bf16" and fast.low_precision is not None
+    assert isinstance(fast, TrainStep) and fast.precision == "bf16" and fast.decoder_dtype == torch.bfloat16
     assert fast.graphs is None  # CUDA graphs only ever apply on a CUDA device
     config.update({"train": {"step": "example", "precision": "tf32"}}, "test")
     example = make_train_step(model, config.validate().train)

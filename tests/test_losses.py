@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from fastlm.errors import FastlmError
 from fastlm.model.adaptive import AdaptiveDecoder, default_cutoffs
-from fastlm.model.fused_loss import CPU_CHUNK_TOKENS, CUDA_CHUNK_BYTES, Chunking, default_chunking, linear_cross_entropy
+from fastlm.model.fused_loss import linear_cross_entropy
+from fastlm.model.loss_chunks import CPU_CHUNK_TOKENS, CUDA_CHUNK_BYTES, Chunking, default_chunking
 
 # fp32 with the example's own softmax kernels: only the GEMMs' split changes summation order.
 RTOL = 1e-5

@@ -10,6 +10,7 @@ What each mode times is in fastlm.benchmark.cases; how, in fastlm.benchmark.meas
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import json
@@ -35,7 +36,7 @@ from fastlm.benchmark.measure import PeakMemory, time_calls
 from fastlm.config import VARIANTS
 from fastlm.device import describe, device_name, resolve_device
 from fastlm.errors import FastlmError, first_line
-from fastlm.precision import PRECISIONS, set_tf32_flags, tf32_flags, use_precision
+from fastlm.precision import PRECISIONS, resolve_precision, set_tf32_flags, tf32_flags, use_precision
 
 MODES = ("fwd", "fwdbwd", "step")
 DEFAULT_SHAPES = ((35, 20, 200, 200), (35, 20, 650, 650), (35, 20, 1500, 1500))  # the example's sizes
@@ -171,6 +172,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
+    options = _resolve_auto_precision(options, device, console)
     on_cuda = device.type == "cuda"
     if "graph" in options.launches and not on_cuda:
         raise FastlmError("--launch graph captures CUDA graphs: it needs a CUDA device (use --launch eager here)")
@@ -212,6 +214,18 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     if failures:
         console.print(f"[bold red]{failures} case(s) failed[/]: see the error column and {out}")
     return 1 if failures else 0
+
+
+def _resolve_auto_precision(options: BenchOptions, device: torch.device, console: Console) -> BenchOptions:
+    """``auto`` becomes the precision it picks on this device (said once), each precision timed once."""
+    precisions = []
+    for name in options.precisions:
+        resolved, why = resolve_precision(name, device)
+        if why:
+            console.print(f"[yellow]note:[/] --precision auto runs {resolved} ({why})")
+        if resolved not in precisions:
+            precisions.append(resolved)
+    return dataclasses.replace(options, precisions=precisions)
 
 
 def _check(options: BenchOptions) -> None:

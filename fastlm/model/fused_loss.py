@@ -1,68 +1,63 @@
-"""The decoder and its cross-entropy without the [tokens x vocabulary] tensors.
+"""The decoder and its cross-entropy without the [tokens x vocabulary] tensors of the example.
 
 The example computes logits = h W^T + b for all N = T*B tokens, log_softmax over them, NLL, and in backward
 the gradient of both: four [N, V] tensors (93 MB each at batch 20, bptt 35 on Wikitext-2), each one freshly
 allocated, page-faulted in and streamed through memory, around the three GEMMs that are the real work.
 
-``linear_cross_entropy`` works through the tokens in chunks instead. For each chunk it forms the logits in
-a reused [chunk, V] buffer, their log_softmax and the targets' log-probabilities and, when a gradient will
-be needed, the logits' gradient (softmax - onehot) / N and at once the two gradient GEMMs: dh for the
-chunk, dW and db accumulated over the chunks. Backward only scales the stored gradients by grad_output
-(1 when the loss is backpropagated alone). Forming the gradient in the forward pass, while the chunk is
-still in cache, costs three GEMMs; recomputing the logits in backward would cost a fourth, ~25% slower in
-all (bench/README.md). The price: a forward under autograd whose loss is never backpropagated does the
-gradient work for nothing, so evaluation runs under ``torch.no_grad()``, which skips it.
+``linear_cross_entropy`` works through the tokens in chunks instead. For each chunk it forms the logits, their
+log_softmax, the targets' log-probabilities and, when a gradient will be needed, the logits' gradient
+(softmax - onehot) / N while the chunk is in cache, and at once the gradient GEMMs. Backward only scales
+the stored gradients by grad_output (1 when the loss is backpropagated alone). Forming the gradient in the
+forward pass costs three GEMMs; recomputing the logits in backward would cost a fourth, ~25% slower in all
+(bench/README.md). The price: a forward under autograd whose loss is never backpropagated does the gradient
+work for nothing, so evaluation runs under ``torch.no_grad()``, which skips it.
 
-On CPU the forward GEMM runs in vocabulary blocks: one GEMM writing a [chunk, V] product runs 25-40% slower
-on the development CPU than column blocks whose operands stay in cache. On CUDA one chunk holds as many
-tokens as a memory budget allows (all of them at the example's sizes) and the GEMMs run whole.
+Two ways through a chunk, by the dtype the GEMMs compute in (``compute_dtype``; the inputs stay as given):
+- exact (fp32): the logits in a reused fp32 [chunk, V] buffer (on CPU in vocabulary blocks, whose operands
+  stay in cache), then the example's own ATen kernels for log_softmax and its backward, so they round as the
+  example's do: with one chunk the gradients are the example's bit for bit wherever the GEMMs are; with
+  several, dW is summed over chunks in another order (float noise). dW accumulates chunk by chunk (addmm_).
+- low precision (bf16, fastlm.precision): hidden and weight cast to bf16 once per call, the three GEMMs in
+  bf16 with fp32 accumulation. Each chunk's bf16 logits go through ``softmax_xent_rows`` (the native CPU
+  kernel of fastlm.model.cpu_kernels, else its PyTorch twin): the bias added in fp32, softmax and gradient
+  in fp32, the gradient rounded to bf16 in place, where the dh GEMM reads it. The chunks' bf16 gradients
+  stay side by side in one [group, V] buffer (all N tokens while that takes at most LOW_PRECISION_GROUP_BYTES)
+  and dW is one GEMM over the group: per-chunk dW GEMMs would have a short inner dimension and add a
+  [V, H] pass per chunk (measured slower: bench/README.md). dh, dW and the bias gradient come back in the
+  inputs' dtypes (fp32 masters get fp32 gradients).
 
-Numbers: per chunk the softmax and its gradient are the example's own ATen kernels (log_softmax, and its
-backward given NLL's gradient), so they round as the example's do: with one chunk the gradients are the
-example's bit for bit wherever the GEMMs are; with several, dW is summed over chunks in another order
-(float noise). In bf16 (hidden and weight both bf16: fastlm.step.low_precision) the GEMMs run in bf16 with
-fp32 accumulation, and log_softmax, its gradient and the accumulation of dW over chunks stay in fp32.
+Chunk sizes: chosen per machine by a one-time timing of a few candidates, cached on disk
+(fastlm.model.loss_chunks); on CUDA one chunk holds as many tokens as a memory budget allows.
 
-Profiler phases: the GEMMs (forward and gradient) are timed as ``decoder``; log_softmax, the targets'
+Profiler phases: the GEMMs (forward and gradient) are timed as ``decoder``; the softmax, the targets'
 log-probabilities and the logits' gradient as ``loss``, chunk by chunk (the timer sums a phase's pieces per
 step). The decoder's gradient GEMMs thus show inside the forward phase.
 """
 
+
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from fastlm.model.cpu_kernels import native_applies, softmax_xent_rows, softmax_xent_rows_torch
+from fastlm.model.loss_chunks import Chunking, choose_chunking
 from fastlm.timing import DECODER, LOSS, phase
 
-# Chosen by measurement on the 2-core development CPU (bench/README.md, "decoder chunking").
-CPU_CHUNK_TOKENS = 192
-CPU_VOCAB_BLOCK = 2048
-CUDA_CHUNK_BYTES = 1 << 30  # on CUDA a chunk's fp32 logits may take up to 1 GiB
-
-
-@dataclass(frozen=True)
-class Chunking:
-    tokens: int  # tokens per chunk
-    vocab_block: Optional[int]  # columns per forward GEMM call; None: the whole vocabulary at once
-
-
-def default_chunking(device: torch.device, num_tokens: int, vocab_size: int) -> Chunking:
-    if torch.device(device).type == "cuda":
-        tokens = max(1, min(num_tokens, CUDA_CHUNK_BYTES // (4 * vocab_size)))
-        return Chunking(tokens, None)
-    return Chunking(min(num_tokens, CPU_CHUNK_TOKENS), CPU_VOCAB_BLOCK)
+LOW_PRECISION_GROUP_BYTES = 256 << 20  # the bf16 gradients of one dW GEMM's tokens
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         targets: torch.Tensor, chunking: Optional[Chunking] = None) -> torch.Tensor:
+                         targets: torch.Tensor, chunking: Optional[Chunking] = None,
+                         compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """mean over tokens of -log_softmax(hidden @ weight.T + bias)[target]: cross_entropy(linear(...), targets).
 
     hidden [N, H], weight [V, H], bias [V] or None, targets [N] (int64). Differentiable in hidden, weight
     and bias; with tied weights (weight is also the embedding's) autograd adds up both uses as usual.
+    ``compute_dtype`` (default: the inputs' dtype) is what the GEMMs run in (see the module doc); the
+    gradients come back in the inputs' dtypes. ``chunking`` None: the machine's choice (loss_chunks).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
@@ -72,17 +67,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     tensors = (hidden, weight) + ((bias,) if bias is not None else ())
     if any(t.dtype != hidden.dtype for t in tensors):
         raise ValueError(f"hidden, weight and bias must share one dtype, got {[str(t.dtype) for t in tensors]}")
-    chunking = chunking or default_chunking(hidden.device, hidden.shape[0], weight.shape[0])
+    compute_dtype = compute_dtype or hidden.dtype
+    if chunking is None:
+        chunking = choose_chunking(hidden.device, hidden.shape[0], hidden.shape[1], weight.shape[0], compute_dtype,
+                                   lambda c: _chunked_pass(hidden.detach(), weight.detach(),
+                                                           bias.detach() if bias is not None else None, targets, c,
+                                                           compute_dtype, want_grad=True))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunking)
-    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunking, want_grad=False)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunking, compute_dtype)
+    loss, _ = _chunked_pass(hidden, weight, bias, targets, chunking, compute_dtype, want_grad=False)
     return loss
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunking):
-        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunking, want_grad=True)
+    def forward(ctx, hidden, weight, bias, targets, chunking, compute_dtype):
+        loss, grads = _chunked_pass(hidden, weight, bias, targets, chunking, compute_dtype, want_grad=True)
         ctx.grads = grads
         return loss
 
@@ -96,20 +96,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
             grads = tuple(g.mul_(grad_loss) if g is not None else None for g in grads)
         d_hidden, d_weight, d_bias = (g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
-        return d_hidden, d_weight, d_bias, None, None
+        return d_hidden, d_weight, d_bias, None, None, None
 
 
-def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, want_grad: bool):
-    """(mean loss, (d_hidden, d_weight, d_bias) for a loss gradient of 1, or None); see the module doc.
+def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, compute_dtype: torch.dtype, want_grad: bool):
+    """(mean loss, (d_hidden, d_weight, d_bias) for a loss gradient of 1, or None); see the module doc."""
+    if compute_dtype == torch.float32 and hidden.dtype == torch.float32:
+        return _exact_pass(hidden, weight, bias, targets, chunking, want_grad)
+    return _low_precision_pass(hidden, weight, bias, targets, chunking, compute_dtype, want_grad)
 
-    Per chunk the softmax and its gradient are the very ATen kernels the example runs (log_softmax, its
-    backward given NLL's gradient), so they round as the example does; only the GEMMs' split over chunks
-    and vocabulary blocks changes summation order.
-    """
+
+def _exact_pass(hidden, weight, bias, targets, chunking: Chunking, want_grad: bool):
+    """fp32 throughout; per chunk the softmax and its gradient are the very ATen kernels the example runs
+    (log_softmax, its backward given NLL's gradient), so they round as the example does; only the GEMMs'
+    split over chunks and vocabulary blocks changes summation order."""
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     h, w, b = hidden, weight, bias
-    compute_dtype = hidden.dtype
     rows = min(chunking.tokens, num_tokens)
     losses = torch.empty(num_tokens, device=device, dtype=torch.float32)
     # On CPU one buffer holds a chunk's logits, then (in place) their log-probabilities, then their gradient,
@@ -117,9 +120,6 @@ def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, want_grad: 
     # read (the tests check it). Elsewhere the log-probabilities get a buffer of their own.
     logits = torch.empty(rows, vocab, device=device, dtype=torch.float32)
     log_prob_buffer = logits if device.type == "cpu" else torch.empty_like(logits)
-    low_precision = compute_dtype != torch.float32
-    # In low precision the GEMMs read and write a buffer of their own dtype next to the fp32 one.
-    product = torch.empty_like(logits, dtype=compute_dtype) if low_precision else logits
     if want_grad:
         d_hidden = torch.empty(num_tokens, hidden.shape[1], device=device, dtype=torch.float32)
         d_weight = torch.empty(vocab, weight.shape[1], device=device, dtype=torch.float32)
@@ -133,10 +133,8 @@ def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, want_grad: 
         n, h_chunk, target_index = end - start, h[start:end], targets[start:end, None]
         chunk_logits = logits[:n]
         with phase(DECODER):
-            _logits_into(product[:n], h_chunk, w, b, chunking.vocab_block)
+            _logits_into(chunk_logits, h_chunk, w, b, chunking.vocab_block)
         with phase(LOSS):
-            if low_precision:
-                chunk_logits.copy_(product[:n])
             log_probs = torch._log_softmax(chunk_logits, 1, False, out=log_prob_buffer[:n])
             torch.neg(log_probs.gather(1, target_index).squeeze(1), out=losses[start:end])
             if want_grad:
@@ -146,33 +144,65 @@ def _chunked_pass(hidden, weight, bias, targets, chunking: Chunking, want_grad: 
                 chunk_nll_grad.scatter_(1, target_index, 0.0)
                 if d_bias is not None:
                     d_bias += grad_logits.sum(0)
-                if low_precision:
-                    grad_logits = product[:n].copy_(grad_logits)
         if want_grad:
             with phase(DECODER):
-                _accumulate_gradients(grad_logits, h_chunk, w, d_hidden[start:end], d_weight, first=start == 0)
+                torch.mm(grad_logits, w, out=d_hidden[start:end])
+                if start == 0:
+                    torch.mm(grad_logits.t(), h_chunk, out=d_weight)
+                else:
+                    d_weight.addmm_(grad_logits.t(), h_chunk)
+    loss = losses.mean()
+    return (loss, (d_hidden, d_weight, d_bias)) if want_grad else (loss, None)
+
+
+def _low_precision_pass(hidden, weight, bias, targets, chunking: Chunking, dtype: torch.dtype, want_grad: bool):
+    """GEMMs in ``dtype`` (bf16) with fp32 accumulation, softmax and its gradient in fp32 (see the module doc).
+    Without ``want_grad`` the gradient is still formed per chunk (by the same row kernel) and dropped."""
+    num_tokens, vocab, width = hidden.shape[0], weight.shape[0], hidden.shape[1]
+    device = hidden.device
+    with phase(DECODER):
+        h, w = hidden.to(dtype), weight.to(dtype)
+    bias32 = bias.float() if bias is not None else None
+    rows = min(chunking.tokens, num_tokens)
+    element = torch.finfo(dtype).bits // 8
+    group = num_tokens if want_grad else rows
+    group = max(rows, min(group, LOW_PRECISION_GROUP_BYTES // (vocab * element)))
+    products = torch.empty(group, vocab, device=device, dtype=dtype)
+    losses = torch.empty(num_tokens, device=device, dtype=torch.float32)
+    d_hidden = torch.empty(num_tokens, width, device=device, dtype=torch.float32) if want_grad else None
+    d_weight = torch.zeros(vocab, width, device=device, dtype=torch.float32) if want_grad else None
+    d_bias = torch.zeros(vocab, device=device, dtype=torch.float32) if want_grad and bias is not None else None
+    native = native_applies(products)
+    if not native:  # the PyTorch twin's fp32 buffers: the chunk's logits, and NLL's gradient (kept zero)
+        logits = torch.empty(rows, vocab, device=device, dtype=torch.float32)
+        nll_grad = torch.zeros_like(logits)
+    scale = 1.0 / num_tokens
+    for group_start in range(0, num_tokens, group):
+        group_end = min(group_start + group, num_tokens)
+        for start in range(group_start, group_end, chunking.tokens):
+            end = min(start + chunking.tokens, group_end)
+            product = products[start - group_start:end - group_start]
+            with phase(DECODER):
+                _logits_into(product, h[start:end], w, None, chunking.vocab_block)
+            with phase(LOSS):
+                chunk_targets = targets[start:end]
+                if native:
+                    softmax_xent_rows(product, bias32, chunk_targets, scale, losses[start:end], d_bias)
+                else:
+                    n = end - start
+                    softmax_xent_rows_torch(product, bias32, chunk_targets, scale, losses[start:end], d_bias,
+                                            logits[:n], nll_grad[:n])
+            if want_grad:
+                with phase(DECODER):
+                    d_hidden[start:end] = torch.mm(product, w)
+        if want_grad:
+            with phase(DECODER):
+                d_weight += torch.mm(products[:group_end - group_start].t(), h[group_start:group_end])
     loss = losses.mean()
     if not want_grad:
         return loss, None
     return loss, (d_hidden.to(hidden.dtype), d_weight.to(weight.dtype),
                   d_bias.to(bias.dtype) if d_bias is not None else None)
-
-
-def _accumulate_gradients(grad_logits, h_chunk, w, d_hidden_chunk, d_weight, first: bool) -> None:
-    """d_hidden_chunk = grad_logits @ w; d_weight (+)= grad_logits.T @ h_chunk, accumulated in fp32."""
-    if grad_logits.dtype == torch.float32:
-        torch.mm(grad_logits, w, out=d_hidden_chunk)
-        if first:
-            torch.mm(grad_logits.t(), h_chunk, out=d_weight)
-        else:
-            d_weight.addmm_(grad_logits.t(), h_chunk)
-        return
-    d_hidden_chunk.copy_(torch.mm(grad_logits, w))
-    chunk_d_weight = torch.mm(grad_logits.t(), h_chunk)
-    if first:
-        d_weight.copy_(chunk_d_weight)
-    else:
-        d_weight.add_(chunk_d_weight)
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],

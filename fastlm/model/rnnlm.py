@@ -20,7 +20,8 @@ from fastlm.cells.cudnn import runs_on_cudnn
 from fastlm.config import ModelConfig
 from fastlm.errors import FastlmError
 from fastlm.model.adaptive import AdaptiveDecoder
-from fastlm.model.fused_loss import Chunking, linear_cross_entropy
+from fastlm.model.fused_loss import linear_cross_entropy
+from fastlm.model.loss_chunks import Chunking
 from fastlm.timing import DECODER, DECODER_GRAD, EMBEDDING, RNN, RNN_GRAD, phase, split_when_gradient_reaches
 
 
@@ -78,6 +79,7 @@ class RNNLM(nn.Module):
             emb = self.drop(self.encoder(tokens))
         with phase(RNN):
             output, state = self.rnn(emb, state)
+        self.ran_in["embedding"] = dtype_name(emb.dtype)
         self.ran_in["recurrence"] = dtype_name(output.dtype)
         if self.rnn.backend == "cudnn":
             self.ran_in["recurrence_on_cudnn"] = runs_on_cudnn(output)
@@ -95,14 +97,24 @@ class RNNLM(nn.Module):
                 return self.decoder.log_probs(hidden.reshape(-1, hidden.shape[-1]))
             return self.decoder(hidden).view(-1, self.ntoken)
 
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of ``targets`` [T * B]: log_softmax + NLL as the example, fused."""
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
+             compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Mean negative log-likelihood of ``targets`` [T * B]: log_softmax + NLL as the example, fused.
+
+        ``compute_dtype`` is what the decoder's GEMMs run in (bf16: fastlm.precision); the softmax and the
+        loss stay fp32 and the weights' gradients come back in fp32 either way.
+        """
         flat = hidden.reshape(-1, hidden.shape[-1])
-        self.ran_in["decoder"] = dtype_name(flat.dtype)  # the GEMMs take the hidden state's dtype
+        self.ran_in["decoder"] = dtype_name(compute_dtype)
         if self.adaptive:
             with phase(DECODER):  # the adaptive softmax's clusters and its loss are one module
-                return self.decoder.loss(flat, targets)
-        return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets, self.loss_chunking)
+                if compute_dtype == torch.float32:
+                    return self.decoder.loss(flat, targets)
+                # Linear layers and log-softmax only: autocast runs the GEMMs in bf16, the softmax in fp32.
+                with torch.autocast(flat.device.type, dtype=compute_dtype):
+                    return self.decoder.loss(flat, targets)
+        return linear_cross_entropy(flat, self.decoder.weight, self.decoder.bias, targets, self.loss_chunking,
+                                    compute_dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -50,16 +50,48 @@ def run_step(step_fn, batches, state, timer: PhaseTimer):
 
 
 def how_it_ran(step_fn) -> dict:
-    """What a step really did, for bench rows and profiles: the precision asked for, the dtypes its recurrence
-    and decoder last ran in, both TF32 switches as they stand, and whether a CUDA graph was captured and how
+    """What a step really did, for bench rows and profiles: the precision asked for, the dtypes its embedding,
+    recurrence and decoder GEMMs last ran in (the softmax and loss are always fp32), whether the native CPU loss
+    kernel ran (and why not), both TF32 switches as they stand, and whether a CUDA graph was captured and how
     many steps were replays (with the reason when graphs were asked for and not used)."""
     graphs = getattr(step_fn, "graphs", None)
     requested = graphs is not None or getattr(step_fn, "graphs_skipped", None) is not None
     note = getattr(step_fn, "graphs_skipped", None) or (graphs.failure if graphs is not None else None)
-    ran_in = step_fn.compute_model.ran_in if isinstance(step_fn, TrainStep) else step_fn.model.ran_in
-    return {"precision": step_fn.precision, "recurrence_dtype": ran_in.get("recurrence"),
+    ran_in = step_fn.model.ran_in
+    return {"precision": step_fn.precision, "precision_asked": getattr(step_fn, "precision_asked", step_fn.precision),
+            "precision_reason": getattr(step_fn, "precision_reason", None), "embedding_dtype": ran_in.get("embedding"),
+            "recurrence_dtype": ran_in.get("recurrence"),
             "recurrence_on_cudnn": ran_in.get("recurrence_on_cudnn"),
             "variant_ran": getattr(step_fn.model.rnn, "variant", None),
-            "decoder_dtype": ran_in.get("decoder"), **tf32_flags(), "cuda_graphs_requested": requested,
+            "decoder_dtype": ran_in.get("decoder"), "loss_dtype": "float32", **native_loss_kernel(step_fn),
+            **tf32_flags(), "cuda_graphs_requested": requested,
             "cuda_graph_captures": graphs.captures if graphs is not None else 0,
             "cuda_graph_replays": graphs.replays if graphs is not None else 0, "cuda_graph_note": note}
+
+
+def native_loss_kernel(step_fn) -> dict:
+    """Whether the fused loss ran the native CPU kernel: only the fast step in bf16 on CPU with the full
+    decoder takes it (fastlm.model.cpu_kernels); otherwise the reason."""
+    from fastlm.model.cpu_kernels import native_missing_reason
+
+    model = step_fn.model
+    if not isinstance(step_fn, TrainStep) or step_fn.precision != "bf16":
+        why = "the exact fp32 loss runs ATen's kernels"
+    elif model.adaptive:
+        why = "the adaptive decoder has a loss of its own"
+    elif step_fn.device.type != "cpu":
+        why = f"on {step_fn.device.type} the PyTorch path runs"
+    else:
+        why = native_missing_reason()
+    return {"native_loss_kernel": why is None, "native_loss_kernel_note": why}
+
+
+def precision_line(step_fn) -> str:
+    """The run header's line on precision: what runs in which dtype, and why when ``auto`` chose."""
+    ran = step_fn.precision
+    parts = {"fp32": "exact fp32 throughout (TF32 off)",
+             "tf32": "fp32 tensors, GEMMs and the recurrence may use TF32",
+             "bf16": "decoder GEMMs in bf16 (fp32 accumulation); embedding, recurrence, softmax, weights and "
+                     "update in fp32"}[ran]
+    reason = getattr(step_fn, "precision_reason", None)
+    return f"precision {ran}: {parts}" + (f" ({reason})" if reason else "")

@@ -117,7 +117,7 @@ class GraphedStep:
 
     def _capture(self, inputs, targets, state) -> bool:
         static_state = (map_state(lambda s: s.detach().clone(), state) if state is not None
-                        else self.step.compute_model.init_state(inputs.shape[1]))
+                        else self.step.model.init_state(inputs.shape[1]))
         static_inputs, static_targets = inputs.clone(), targets.clone()
         for p in self.step.params:
             p.grad = None

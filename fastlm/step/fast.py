@@ -6,9 +6,10 @@ What makes ``TrainStep`` fast, with the example's numbers up to float noise:
 - clipping with foreach kernels where the device has them, the SGD update as one foreach call over all
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
   and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
-- ``precision="bf16"``: the forward and backward run in a bf16 copy of the model, clipping and the update
-  on the fp32 masters (fastlm.step.low_precision); fp32 and tf32 differ only in torch's TF32 switches,
-  which the caller sets (fastlm.precision);
+- ``precision="bf16"``: the decoder's three GEMMs (the step's costly part) run in bf16 with fp32
+  accumulation, on bf16 casts made inside the fused loss; the embedding, the recurrence, the softmax, the
+  weights and their gradients, clipping and the update stay fp32 (fastlm.precision says why); fp32 and tf32
+  differ only in torch's TF32 switches, which the caller sets;
 - on CUDA: fixed-shape steps captured once as a CUDA graph and replayed (fastlm.step.cuda_graphs), the
   short last chunk of an epoch running eagerly. The adaptive decoder is never captured: it picks the tokens
   of each cluster with ``nonzero()``, a host synchronisation that capture forbids.
@@ -25,19 +26,18 @@ import torch
 
 from fastlm.distributed import SINGLE, World
 from fastlm.model import RNNLM, detach_state, map_state
-from fastlm.precision import PRECISIONS, compute_dtype
+from fastlm.precision import PRECISIONS, compute_dtype, resolve_precision
 from fastlm.step.base import StepBase
 from fastlm.step.cuda_graphs import GraphedStep
 from fastlm.step.data_parallel import GRAPHS_NOTE, DataParallel
-from fastlm.step.low_precision import LowPrecisionCopy
 from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, OPTIMIZER, PhaseTimer
 
 
 class TrainStep(StepBase):
     """The fast step. ``step(inputs, targets, state, timer) -> (loss as a detached device tensor, state)``.
 
-    ``precision="bf16"`` computes in a bf16 copy of the model (a change of the numbers, opt-in; see the
-    module doc); ``cuda_graphs`` captures and replays full-size steps on a CUDA device (ignored elsewhere,
+    ``precision="bf16"`` runs the decoder's GEMMs in bf16 (a change of the numbers, opt-in; see the module
+    doc); ``cuda_graphs`` captures and replays full-size steps on a CUDA device (ignored elsewhere,
     and for the adaptive decoder: ``graphs_skipped`` says why); ``skip_nonfinite`` makes a step with a
     non-finite loss or gradient a no-op (see the module doc). With a ``world`` of several processes the
     model computes under DistributedDataParallel (fastlm.step.data_parallel).
@@ -47,13 +47,14 @@ class TrainStep(StepBase):
                  cuda_graphs: bool = False, skip_nonfinite: bool = False, world: World = SINGLE):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        device = next(model.parameters()).device
+        self.precision_asked = precision
+        precision, self.precision_reason = resolve_precision(precision, device)
         super().__init__(model, clip, lr, precision)
         self.skip_nonfinite = skip_nonfinite
-        self.device = self.params[0].device
-        dtype = compute_dtype(precision)
-        self.low_precision = LowPrecisionCopy(model, dtype) if dtype != torch.float32 else None
-        self.compute_model = self.low_precision.compute if self.low_precision else model
-        self.data_parallel = DataParallel(self.compute_model, world, self.device) if world.size > 1 else None
+        self.device = device
+        self.decoder_dtype = compute_dtype(precision)
+        self.data_parallel = DataParallel(model, world, self.device) if world.size > 1 else None
         self.graphs = None
         self.graphs_skipped = None  # why CUDA graphs were asked for and not used, else None
         if cuda_graphs and self.device.type == "cuda":
@@ -68,14 +69,11 @@ class TrainStep(StepBase):
 
     def eager(self, inputs, targets, state, timer: PhaseTimer):
         given_state = detach_state(state)
-        model = self.compute_model
+        model = self.model
         with timer.phase(FORWARD):
-            if self.low_precision is not None:
-                self.low_precision.sync_weights()
-                given_state = self.low_precision.state(given_state)
             parallel = self.data_parallel
             hidden, state = parallel.forward(inputs, given_state) if parallel else model(inputs, given_state)
-            loss = model.loss(hidden, targets)
+            loss = model.loss(hidden, targets, self.decoder_dtype)
         with timer.phase(BACKWARD):
             if parallel:
                 parallel.time_the_allreduce(loss, timer)
@@ -86,8 +84,6 @@ class TrainStep(StepBase):
                 parallel.after_backward(timer)
             else:
                 timer.split_rest(EMBEDDING_GRAD)
-            if self.low_precision is not None:
-                self.low_precision.gradients_to_masters()
         with timer.phase(CLIP):
             grad_norm = self.clip_gradients()
             self.finite = torch.isfinite(loss) & torch.isfinite(grad_norm)

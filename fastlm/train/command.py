@@ -28,6 +28,7 @@ from fastlm.distributed import (
     on_rank_zero,
 )
 from fastlm.errors import FastlmError
+from fastlm.step import precision_line
 from fastlm.train.checkpoint import check_writable, load_checkpoint
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
@@ -144,6 +145,7 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
     display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
                     f"{', its weight tied to the embedding' if m.tied else ''})")
+    display.message(precision_line(trainer.step_fn))
     with display:
         result = trainer.fit(run)
     display.message(f"run folder: {run.path}")

@@ -15,7 +15,7 @@ import torch
 from fastlm.cells.math import CELL_MATH
 from fastlm.config import ModelConfig, RunConfig
 from fastlm.errors import FastlmError
-from fastlm.model.fused_loss import default_chunking
+from fastlm.model.loss_chunks import default_chunking
 
 # Weights, gradients, the snapshot of the last good state and the best model loaded for the final test each
 # hold one copy of the parameters.

@@ -1,0 +1,156 @@
+"""The native CPU loss kernel against its PyTorch twin, the bf16 fused loss through either, and the chunk tuner."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm.model.cpu_kernels as cpu_kernels
+import fastlm.model.loss_chunks as loss_chunks
+from fastlm.model.fused_loss import linear_cross_entropy
+from fastlm.model.loss_chunks import Chunking, ChunkTuner
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.native_kernel() is None,
+                                  reason=f"native kernel missing: {cpu_kernels.native_missing_reason()}")
+
+
+def chunk(n, vocab, seed=0, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    product = (torch.randn(n, vocab, generator=g) * spread).bfloat16()
+    bias = torch.randn(vocab, generator=g)
+    targets = torch.randint(vocab, (n,), generator=g)
+    return product, bias, targets
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, vocab, with_bias", [(1, 1, True), (7, 33, True), (5, 1000, False), (64, 4097, True)])
+def test_native_rows_match_the_pytorch_twin(n, vocab, with_bias):
+    product, bias, targets = chunk(n, vocab)
+    bias = bias if with_bias else None
+    outputs = {}
+    for name in ("native", "twin"):
+        p, losses = product.clone(), torch.empty(n)
+        d_bias = torch.zeros(vocab) if with_bias else None
+        if name == "native":
+            cpu_kernels.softmax_xent_rows(p, bias, targets, 0.25, losses, d_bias)
+        else:
+            cpu_kernels.softmax_xent_rows_torch(p, bias, targets, 0.25, losses, d_bias, torch.empty(n, vocab),
+                                                torch.zeros(n, vocab))
+        outputs[name] = (p, losses, d_bias)
+    (p, losses, d_bias), (tp, tlosses, td_bias) = outputs["native"], outputs["twin"]
+    # The loss in fp32 within a few ulps of log(V)-sized values; the bf16 gradient within one bf16 rounding
+    # (unit roundoff 2^-8) of the twin's; the bias gradient (fp32 sums) within fp32 noise.
+    torch.testing.assert_close(losses, tlosses, rtol=1e-6, atol=1e-5)
+    scale = tp.float().abs().max().item()
+    torch.testing.assert_close(p.float(), tp.float(), rtol=2.0 ** -8, atol=2.0 ** -8 * scale * 1e-3)
+    if with_bias:
+        torch.testing.assert_close(d_bias, td_bias, rtol=1e-5, atol=1e-7)
+    # and both are the cross-entropy of the bf16 logits plus the bias, computed plainly
+    logits = product.float() + (bias if bias is not None else 0)
+    torch.testing.assert_close(losses, F.cross_entropy(logits, targets, reduction="none"), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_native_rows_keep_a_nan_loss_nan():
+    product, bias, targets = chunk(3, 50)
+    product[1, 7] = float("nan")
+    losses = torch.empty(3)
+    cpu_kernels.softmax_xent_rows(product, bias, targets, 1.0, losses, None)
+    assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
+
+
+def problem(n=37, width=8, vocab=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, width, generator=g, requires_grad=True),
+            (torch.randn(vocab, width, generator=g) * 0.3).requires_grad_(),
+            torch.randn(vocab, generator=g, requires_grad=True), torch.randint(vocab, (n,), generator=g))
+
+
+def bf16_loss_and_grads(chunking, native: bool, monkeypatch):
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "native_applies", lambda product: False)
+        monkeypatch.setattr("fastlm.model.fused_loss.native_applies", lambda product: False)
+    hidden, weight, bias, targets = problem()
+    loss = linear_cross_entropy(hidden, weight, bias, targets, chunking, compute_dtype=torch.bfloat16)
+    return loss, torch.autograd.grad(loss, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("chunking", [Chunking(10, None), Chunking(64, 128), Chunking(16, 7)])
+def test_bf16_fused_loss_is_within_twice_plain_pytorchs_bf16_error(chunking, monkeypatch):
+    """fp32 inputs, bf16 GEMMs: loss and fp32 gradients against the exact fp32 reference, within 2x the error
+    of plain PyTorch computing the same in bf16 (autocast's way: bf16 product, fp32 softmax)."""
+    hidden, weight, bias, targets = problem()
+    exact = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    exact_grads = torch.autograd.grad(exact, (hidden, weight, bias))
+    plain = F.cross_entropy(F.linear(hidden.bfloat16(), weight.bfloat16()).float() + bias, targets)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight, bias))
+    loss, grads = bf16_loss_and_grads(chunking, cpu_kernels.native_kernel() is not None, monkeypatch)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert abs(loss - exact) <= 2 * abs(plain - exact) + 1e-6
+    for got, p, e in zip(grads, plain_grads, exact_grads, strict=True):
+        assert (got - e).norm() <= 2 * (p - e).norm() + 1e-7
+
+
+@needs_kernel
+def test_bf16_fused_loss_native_and_twin_agree(monkeypatch):
+    native_loss, native_grads = bf16_loss_and_grads(Chunking(16, None), True, monkeypatch)
+    twin_loss, twin_grads = bf16_loss_and_grads(Chunking(16, None), False, monkeypatch)
+    torch.testing.assert_close(native_loss, twin_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(native_grads, twin_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2.0 ** -7, atol=2.0 ** -8 * b.abs().max().item())
+
+
+def test_a_missing_kernel_says_why(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
+    cpu_kernels._load.cache_clear()
+    try:
+        assert cpu_kernels.native_kernel() is None
+        assert "FASTLM_NATIVE_CPU=0" in cpu_kernels.native_missing_reason()
+        assert not cpu_kernels.native_applies(torch.zeros(2, 3, dtype=torch.bfloat16))
+    finally:
+        monkeypatch.delenv(cpu_kernels.DISABLE_VARIABLE)
+        cpu_kernels._load.cache_clear()
+
+
+def test_the_tuner_keeps_the_fastest_split_and_remembers_it_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
+    timings = {Chunking(128, None): 0.001}  # the fastest; every other candidate sleeps longer
+
+    def measure(chunking):
+        import time
+
+        time.sleep(timings.get(chunking, 0.004))
+
+    tuner = ChunkTuner(tmp_path)
+    chosen = tuner.choose(torch.device("cpu"), 700, 200, 33_278, torch.bfloat16, measure)
+    assert chosen == Chunking(128, None)
+    stored = json.loads(tuner.cache_file().read_text())
+    assert [e["chunking"] for e in stored["entries"].values()] == [{"tokens": 128, "vocab_block": None}]
+    # A new process (a new tuner) reads the choice back without timing anything.
+    calls = []
+    again = ChunkTuner(tmp_path).choose(torch.device("cpu"), 700, 200, 33_278, torch.bfloat16, calls.append)
+    assert again == chosen and calls == []
+
+
+def test_the_tuner_leaves_small_shapes_evaluation_and_cuda_on_the_heuristic(tmp_path, monkeypatch):
+    monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
+    tuner, calls = ChunkTuner(tmp_path), []
+    assert tuner.choose("cpu", 50, 8, 300, torch.float32, calls.append) == loss_chunks.default_chunking("cpu", 50, 300)
+    with torch.no_grad():
+        assert tuner.choose("cpu", 700, 200, 33_278, torch.float32, calls.append).tokens == loss_chunks.CPU_CHUNK_TOKENS
+    assert tuner.choose("cuda", 700, 200, 33_278, torch.float32, calls.append) == Chunking(700, None)
+    monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "0")
+    assert tuner.choose("cpu", 700, 200, 33_278, torch.float32, calls.append).tokens == loss_chunks.CPU_CHUNK_TOKENS
+    assert calls == []
+
+
+def test_an_unreadable_tuning_file_is_tuned_again(tmp_path, monkeypatch):
+    monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
+    tuner = ChunkTuner(tmp_path)
+    tuner.cache_file().parent.mkdir(parents=True)
+    tuner.cache_file().write_text("{not json")
+    calls = []
+    tuner.choose("cpu", 700, 200, 33_278, torch.bfloat16, calls.append)
+    assert calls  # timed, and the file is valid again
+    assert json.loads(tuner.cache_file().read_text())["format"] == loss_chunks.FORMAT
