@@ -188,6 +188,9 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--loss-chunk", dest="loss_chunk", type=_int_list, default=None, metavar="TOKENS,BLOCK",
                        help="step: the fused loss's tokens per chunk and vocabulary columns per GEMM (0: all), "
                             "instead of the device's default")
+    bench.add_argument("--compile-baseline", dest="compile_baseline", action=argparse.BooleanOptionalAction,
+                       default=None, help="step: also time the example under torch.compile and bf16 autocast (row "
+                                          "compile-bf16; default: when --precision includes bf16)")
     bench.add_argument("--out", default=None, metavar="FILE.jsonl",
                        help="append results here (default bench/results/<time>-<device>.jsonl)")
 
@@ -403,7 +406,8 @@ def cmd_bench(args) -> int:
     options = BenchOptions(cells=args.cell, backends=args.backend, modes=args.mode,
                            shapes=args.shape, precisions=args.precision, launches=args.launch,
                            variants=args.variant, repeat=args.repeat,
-                           warmup=args.warmup, device=args.device, threads=args.threads, step=step, out=args.out)
+                           warmup=args.warmup, device=args.device, threads=args.threads, step=step, out=args.out,
+                           compile_baseline=args.compile_baseline)
     return run_bench(options)
 
 

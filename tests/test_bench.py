@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.benchmark.cases import EXAMPLE, Case, StepSettings, build_step_call, step_config, zipf_tokens
+from fastlm.benchmark.cases import COMPILE_BF16, EXAMPLE, Case, StepSettings, build_step_call, step_config, zipf_tokens
 from fastlm.benchmark.command import BenchOptions, plan
 from fastlm.benchmark.measure import PeakMemory, Timing, time_calls
 from fastlm.config import RunConfig
@@ -67,6 +67,7 @@ def test_plan_puts_the_baseline_first_and_leaves_interpreted_triton_out_on_cpu()
     assert all(len({(c.precision, c.launch) for c in g}) == 1 for g in cells_groups)
     step = next(g for g in groups if g[0].mode == "step")
     assert step[0] == Case("step", "lstm", EXAMPLE, 5, 2, 4, 4, "fp32")  # the example as it is: fp32
+    assert step[1] == Case("step", "lstm", COMPILE_BF16, 5, 2, 4, 4, "bf16")  # bf16 timed: its compiled twin too
     assert {c.precision for c in step[1:]} == {"fp32", "tf32", "bf16"}
     assert all(c.backend not in ("triton", "compile") for g in groups for c in g)
     assert any("triton" in n for n in notes) and any("compile" in n for n in notes)
@@ -159,13 +160,13 @@ def test_bf16_step_and_cells_rows_say_they_ran_in_bf16(tmp_path):
     out = tmp_path / "bf16.jsonl"
     result = fastlm("bench", "--cell", "lstm", "--backend", "reference", "--mode", "fwdbwd,step", "--shape", "4,3,8,8",
                     "--vocab", 40, "--repeat", 1, "--warmup", 0, "--device", "cpu", "--precision", "bf16,tf32",
-                    "--out", out)
+                    "--no-compile-baseline", "--out", out)
     assert result.returncode == 0, result.stderr
     rows = {(r["mode"], r["backend"], r["precision"]): r for r in map(json.loads, out.read_text().splitlines())}
     assert rows["fwdbwd", "reference", "bf16"]["recurrence_dtype"] == "bfloat16"
     assert rows["fwdbwd", "reference", "tf32"]["recurrence_dtype"] == "float32"
     step = rows["step", "reference", "bf16"]
-    assert (step["recurrence_dtype"], step["decoder_dtype"]) == ("bfloat16", "bfloat16")
+    assert (step["recurrence_dtype"], step["decoder_dtype"]) == ("float32", "bfloat16")
     example = rows["step", EXAMPLE, "fp32"]  # the baseline stays exact fp32
     assert (example["recurrence_dtype"], example["matmul_tf32"], example["cudnn_tf32"]) == ("float32", False, False)
     tf32 = rows["step", "reference", "tf32"]
@@ -214,3 +215,18 @@ def test_cpu_peak_memory_sees_a_transient_allocation():
     if peak.mb is None:
         pytest.skip("this kernel does not let a process reset its peak RSS")
     assert 48 <= peak.mb <= 200
+
+
+@pytest.mark.slow
+def test_the_compiled_bf16_example_is_a_second_baseline(tmp_path):
+    """--precision bf16 adds the example under torch.compile + bf16 autocast; fast rows say their ratio to it."""
+    out = tmp_path / "compiled.jsonl"
+    result = fastlm("bench", "--cell", "gru", "--backend", "cudnn", "--mode", "step", "--shape", "4,3,8,8",
+                    "--vocab", 40, "--repeat", 1, "--warmup", 1, "--device", "cpu", "--precision", "bf16",
+                    "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = {r["backend"]: r for r in map(json.loads, out.read_text().splitlines())}
+    compiled, fast = rows[COMPILE_BF16], rows["cudnn"]
+    assert compiled["decoder_dtype"] == "bfloat16" and compiled["baseline"] == EXAMPLE
+    assert fast["vs_compile_bf16"] == pytest.approx(compiled["median_ms"] / fast["median_ms"])
+    assert "vs_compile_bf16" not in rows[EXAMPLE]

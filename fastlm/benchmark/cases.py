@@ -13,8 +13,9 @@ from seed 0, so every backend of a comparison starts from the same weights and d
   it (so lr 20 and clip 0.25 are the example's defaults) and run by the trainer's loop body, on batches of
   Zipf-distributed token ids (a word-frequency law, so the adaptive decoder sees realistic clusters),
   the hidden state carried from step to step. Backend ``example`` is the PyTorch example's step
-  (fastlm.step.example, always exact fp32); any other is the fast step on that recurrent backend, in the
-  case's precision.
+  (fastlm.step.example, always exact fp32), ``compile-bf16`` the same under torch.compile and bf16 autocast
+  (what a user gets from two lines: a second baseline); any other is the fast step on that recurrent
+  backend, in the case's precision.
 Every call object says how it ran (``facts()``): the dtypes the recurrence (and decoder) really ran in and,
 for the step, whether a CUDA graph was captured and replayed.
 """
@@ -33,10 +34,13 @@ from fastlm.config import RunConfig
 from fastlm.model import RNNLM, Chunking, dtype_name
 from fastlm.precision import compute_dtype
 from fastlm.step import how_it_ran, make_train_step, run_step
+from fastlm.step.example import CompiledBf16ExampleStep
 from fastlm.step.cuda_graphs import on_current_stream_afterwards
 from fastlm.timing import PhaseTimer
 
 EXAMPLE = "example"
+COMPILE_BF16 = "compile-bf16"  # the example's step under torch.compile and bf16 autocast: a second baseline
+BASELINE_STEPS = (EXAMPLE, COMPILE_BF16)
 LAUNCHES = ("eager", "graph")
 BATCHES = 8  # distinct batches a step benchmark cycles through
 GRAPH_WARMUP = 3  # eager calls on a side stream before a capture, as CUDA graph capture asks
@@ -73,7 +77,7 @@ class StepSettings:
 
 def step_config(case: Case, settings: StepSettings, device: torch.device) -> RunConfig:
     """The validated RunConfig of a step case: the base with the case's cell, backend, sizes and precision."""
-    example = case.backend == EXAMPLE
+    example = case.backend in BASELINE_STEPS
     config = RunConfig.from_dict(settings.base.to_dict(), origin="bench")
     config.update({"model": {"cell": case.cell, "backend": "cudnn" if example else case.backend, "emsize": case.E,
                              "nhid": case.H, "variant": case.variant, **({"decoder": "full"} if example else {})},
@@ -152,8 +156,11 @@ def build_step_call(case: Case, settings: StepSettings, device: torch.device) ->
     size = case.T * case.B
     batches = [(i, ids[i * size:(i + 1) * size].view(case.T, case.B), ids[i * size + 1:(i + 1) * size + 1])
                for i in range(BATCHES)]
-    return StepCall(make_train_step(model, config.train), batches, model.init_state(case.B),
-                    PhaseTimer(device, enabled=False))
+    if case.backend == COMPILE_BF16:
+        step = CompiledBf16ExampleStep(model, config.train.clip, config.train.lr)
+    else:
+        step = make_train_step(model, config.train)
+    return StepCall(step, batches, model.init_state(case.B), PhaseTimer(device, enabled=False))
 
 
 class StepCall:

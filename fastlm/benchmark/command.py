@@ -25,6 +25,8 @@ from rich.table import Table
 
 from fastlm import cells
 from fastlm.benchmark.cases import (
+    BASELINE_STEPS,
+    COMPILE_BF16,
     EXAMPLE,
     LAUNCHES,
     Case,
@@ -58,6 +60,8 @@ class BenchOptions:
     threads: Optional[int] = None
     step: StepSettings = field(default_factory=StepSettings)
     out: Optional[str] = None
+    # step: also time the example under torch.compile + bf16 autocast (None: when bf16 is among the precisions)
+    compile_baseline: Optional[bool] = None
 
 
 def default_backends(cell: str, device: torch.device) -> tuple[list[str], list[str]]:
@@ -101,8 +105,10 @@ def plan(options: BenchOptions, device: torch.device) -> tuple[list[list[Case]],
         for mode in options.modes:
             for T, B, E, H in shapes:
                 if mode == "step":
-                    fast = [b for b in backends if b != EXAMPLE]
+                    fast = [b for b in backends if b not in BASELINE_STEPS]
                     cases = [Case(mode, cell, EXAMPLE, T, B, E, H, "fp32")]
+                    if compile_baseline(options):
+                        cases.append(Case(mode, cell, COMPILE_BF16, T, B, E, H, "bf16"))
                     cases += [Case(mode, cell, b, T, B, E, H, p, variant=v) for p in options.precisions
                               for b in fast for v in variants_of(b, options)]
                     groups.append(cases)
@@ -191,7 +197,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with out.open("a", encoding="utf-8") as sink:
         for group in groups:
-            baseline_ms = None
+            baseline_ms = compiled_ms = None
             for case in group:
                 record = {**case_fields(case, options, env), "repeat": repeat, "warmup": warmup, "time": stamp}
                 try:
@@ -201,6 +207,10 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
                     record["error"] = f"{type(error).__name__}: {first_line(error)}"[:300]
                 if case is group[0]:
                     baseline_ms = record.get("median_ms")
+                if case.backend == COMPILE_BF16:
+                    compiled_ms = record.get("median_ms")
+                elif compiled_ms and record.get("median_ms") and case.suite == "step" and case is not group[0]:
+                    record["vs_compile_bf16"] = compiled_ms / record["median_ms"]
                 record["baseline"] = group[0].backend
                 record["baseline_precision"] = group[0].precision  # step rows: the example, exact fp32
                 record["speedup"] = (baseline_ms / record["median_ms"]
@@ -214,6 +224,13 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     if failures:
         console.print(f"[bold red]{failures} case(s) failed[/]: see the error column and {out}")
     return 1 if failures else 0
+
+
+def compile_baseline(options: BenchOptions) -> bool:
+    """Whether step groups get the compile-bf16 row: asked for, or by default when bf16 is timed."""
+    if options.compile_baseline is not None:
+        return options.compile_baseline
+    return "bf16" in options.precisions
 
 
 def _resolve_auto_precision(options: BenchOptions, device: torch.device, console: Console) -> BenchOptions:
@@ -297,6 +314,8 @@ def _precision_cell(r: dict) -> str:
     """The precision asked for, the launch when it is a graph, and a warning when what ran differs."""
     text = r["precision"] + (" graph" if r.get("launch") == "graph" else "")
     want = "bfloat16" if r["precision"] == "bf16" else "float32"
-    if r.get("recurrence_dtype") not in (None, want):
-        text += f" [red](ran {r['recurrence_dtype']})[/]"
+    # The part a precision puts in bf16: a cell's recurrence; a step's decoder GEMMs (its recurrence stays fp32).
+    part = "decoder_dtype" if r.get("suite") == "step" else "recurrence_dtype"
+    if r.get(part) not in (None, want):
+        text += f" [red](ran {r[part]})[/]"
     return text

@@ -46,3 +46,45 @@ class ExampleStep(StepBase):
                 p.data.add_(p.grad, alpha=-self.lr)
         self.total_loss += loss.item()
         return loss.detach(), state
+
+
+class CompiledBf16ExampleStep(ExampleStep):
+    """The example's step as a user would speed it up with two lines of their own: its forward and loss under
+    ``torch.autocast(bfloat16)`` and ``torch.compile`` (Inductor); backward, clipping, the update and the
+    per-step ``.item()`` as the example does. A baseline for `fastlm bench` (backend ``compile-bf16``), not a
+    training step fastlm offers: autocast runs the recurrence in bf16, which changes the model
+    (fastlm.precision). The compiled function is the example's own module code (embedding, dropout, the
+    torch.nn recurrent layers, dropout, Linear, log_softmax, nll_loss), not fastlm's RNNLM forward, whose
+    profiler hooks would break Dynamo's graph."""
+
+    def __init__(self, model: RNNLM, clip: float, lr: float):
+        super().__init__(model, clip, lr, precision="fp32")
+        self.precision = "compile-bf16"
+        self.device_type = next(model.parameters()).device.type
+        self.forward_loss = torch.compile(self._forward_loss)
+
+    def _forward_loss(self, inputs, state, targets):
+        m = self.model
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            output, state = m.rnn(m.drop(m.encoder(inputs)), state)
+            logits = m.decoder(m.drop(output)).view(-1, m.ntoken)
+            loss = F.nll_loss(F.log_softmax(logits, dim=1), targets)
+        return loss, state
+
+    def __call__(self, inputs, targets, state, timer: PhaseTimer):
+        model = self.model
+        model.zero_grad()
+        with timer.phase(FORWARD):
+            loss, state = self.forward_loss(inputs, detach_state(state), targets)
+        # What autocast made of it: the recurrence's dtype is its state's; Linear always runs in bf16.
+        h = state[0] if isinstance(state, tuple) else state
+        model.ran_in.update(embedding="float32", recurrence=str(h.dtype).removeprefix("torch."), decoder="bfloat16")
+        with timer.phase(BACKWARD):
+            loss.backward()
+        with timer.phase(CLIP):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
+        with timer.phase(OPTIMIZER):
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-self.lr)
+        self.total_loss += loss.item()
+        return loss.detach(), state
