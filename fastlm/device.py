@@ -51,6 +51,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide the decoder's GEMM rate (vector width, bf16 dot products, AMX tiles).
+MATRIX_FEATURES = ("fma", "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 @functools.cache
 def git_sha() -> str:
     """The checkout's commit, with "-dirty" when it has uncommitted changes; "unknown" outside git."""
@@ -76,6 +93,7 @@ def describe(device: torch.device) -> dict:
     """Where a result was measured, the same fields in every report."""
     device = torch.device(device)
     return {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+            "cpu_features": [flag for flag in MATRIX_FEATURES if flag in cpu_flags()],
             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "triton": _triton_version(),
             "git_sha": git_sha(), "host": platform.node()}
@@ -99,3 +117,16 @@ def machine_load() -> tuple[float, int]:
     except OSError:
         load = 0.0
     return load, cores
+
+
+def competing_load(threads: int) -> Optional[str]:
+    """Before a timing starts (this process idle): a warning when other work already loads the cores that
+    ``threads`` threads will need, else None. The 1-minute load average counts runnable processes; more than
+    ``cores - threads`` of them, plus a half for background noise, will take time from the ones being timed."""
+    load, cores = machine_load()
+    room = max(0, cores - threads) + 0.5
+    if load <= room:
+        return None
+    return (f"the machine's load average is {load:.1f} on {cores} cores before timing {threads} thread(s): other "
+            f"work competes for the cores, so these timings are noise (wait for a quiet machine, or use fewer "
+            f"--threads)")

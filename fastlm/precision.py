@@ -24,11 +24,10 @@ Only the legacy ``allow_tf32`` flags are read and written: torch refuses to read
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastlm.config import PRECISIONS
+from fastlm.device import cpu_flags
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of bf16 matrix or dot-product units
@@ -76,16 +75,3 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str | 
             return "bf16", f"auto: this CPU has {' and '.join(f.upper().replace('_', '-') for f in found)}"
         return "fp32", "auto: this CPU has neither AMX-BF16 nor AVX512-BF16 (bf16 would be emulated, slower)"
     return "fp32", f"auto: bf16 matrix units are not checked on {device.type}; exact fp32"
-
-
-@functools.cache
-def cpu_flags() -> frozenset:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()

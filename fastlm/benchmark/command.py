@@ -36,7 +36,7 @@ from fastlm.benchmark.cases import (
 )
 from fastlm.benchmark.measure import PeakMemory, time_calls
 from fastlm.config import VARIANTS
-from fastlm.device import describe, device_name, resolve_device
+from fastlm.device import competing_load, describe, device_name, machine_load, resolve_device
 from fastlm.errors import FastlmError, first_line
 from fastlm.precision import PRECISIONS, resolve_precision, set_tf32_flags, tf32_flags, use_precision
 
@@ -190,6 +190,10 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     env = describe(device)
+    busy = competing_load(torch.get_num_threads()) if device.type == "cpu" else None
+    if busy:
+        console.print(f"[bold yellow]warning:[/] {busy}")
+    env["load_before"] = machine_load()[0]
     console.print(f"fastlm bench | {env['device_name']} | torch {env['torch']} | {repeat} timed + {warmup} warm-up "
                   f"calls per case | results -> {out}")
     table = _new_table()

@@ -105,7 +105,8 @@ class RNNLM(nn.Module):
         loss stay fp32 and the weights' gradients come back in fp32 either way.
         """
         flat = hidden.reshape(-1, hidden.shape[-1])
-        self.ran_in["decoder"] = dtype_name(compute_dtype)
+        if torch.is_grad_enabled():  # a training step's (evaluation, under no_grad, is always fp32)
+            self.ran_in["decoder"] = dtype_name(compute_dtype)
         if self.adaptive:
             with phase(DECODER):  # the adaptive softmax's clusters and its loss are one module
                 if compute_dtype == torch.float32:

@@ -17,6 +17,8 @@ from typing import Optional
 
 from rich.table import Table
 
+from fastlm.profile.machine_limits import furthest_line
+from fastlm.profile.machine_limits import rows as limit_rows
 from fastlm.timing import BACKWARD, BACKWARD_PARTS, FORWARD, FORWARD_PARTS, PHASES, STEP, stats
 
 BREAKDOWN_JSON = "breakdown.json"  # the file `fastlm profile` writes summarize()'s result to
@@ -139,12 +141,21 @@ def rich_tables(breakdown: dict) -> list[Table]:
     rows = table_rows(breakdown)
     for index, row in enumerate(rows):
         steps.add_row(*row, end_section=index == len(rows) - 3)
+    tables = [steps]
+    if breakdown.get("limits", {}).get("phases"):
+        distance = Table(title="distance to the machine", title_justify="left",
+                         caption=furthest_line(breakdown["limits"]), caption_justify="left")
+        for header in ("phase", "bound", "achieved", "peak (share)", "ms above"):
+            distance.add_column(header, justify="left" if header in ("phase", "bound") else "right")
+        for row in limit_rows(breakdown["limits"]):
+            distance.add_row(*row)
+        tables.append(distance)
     once = Table(title="one-off costs (not in the step time)", title_justify="left")
     once.add_column("what")
     once.add_column("ms", justify="right")
     for row in one_off_rows(breakdown):
         once.add_row(*row)
-    return [steps, once]
+    return [*tables, once]
 
 
 def how_it_ran_line(ran: dict) -> str:
@@ -154,8 +165,14 @@ def how_it_ran_line(ran: dict) -> str:
               if ran["cuda_graphs_requested"] else "no CUDA graph (turned off, or not on CUDA)")
     if ran.get("cuda_graph_note"):
         graphs += f" ({ran['cuda_graph_note']})"
-    return (f"precision {ran['precision']}: recurrence in {ran['recurrence_dtype']}, "
-            f"decoder in {ran['decoder_dtype']}; TF32 matmul {on_off[ran['matmul_tf32']]}, "
+    reason = f" ({ran['precision_reason']})" if ran.get("precision_reason") else ""
+    native = ""
+    if "native_loss_kernel" in ran:
+        native = ("; loss: native CPU kernel" if ran["native_loss_kernel"]
+                  else f"; loss: PyTorch ops ({ran['native_loss_kernel_note']})")
+    return (f"precision {ran['precision']}{reason}: embedding in {ran.get('embedding_dtype')}, recurrence in "
+            f"{ran['recurrence_dtype']}, decoder GEMMs in {ran['decoder_dtype']}, softmax in "
+            f"{ran.get('loss_dtype', 'float32')}{native}; TF32 matmul {on_off[ran['matmul_tf32']]}, "
             f"TF32 cuDNN {on_off[ran['cudnn_tf32']]}; {graphs}")
 
 
@@ -163,6 +180,10 @@ def markdown(breakdown: dict) -> str:
     lines = [f"# {_title(breakdown)}", "", "| phase | mean ms | median ms | share of step |", "|---|---:|---:|---:|"]
     lines += [f"| {name.replace('  ', '&nbsp;&nbsp;')} | {mean} | {median} | {share} |"
               for name, mean, median, share in table_rows(breakdown)]
+    if breakdown.get("limits", {}).get("phases"):
+        lines += ["", "## Distance to the machine", "", furthest_line(breakdown["limits"]), "",
+                  "| phase | bound | achieved | peak (share) | ms above peak |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {' | '.join(row)} |" for row in limit_rows(breakdown["limits"])]
     lines += ["", "## One-off costs (not in the step time)", "", "| what | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms} |" for name, ms in one_off_rows(breakdown)]
     if breakdown.get("ran"):

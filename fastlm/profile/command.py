@@ -40,11 +40,11 @@ from rich.console import Console
 
 from fastlm.cells import runs_as
 from fastlm.data import resolve_corpus
-from fastlm.device import describe, resolve_device, use_threads
+from fastlm.device import competing_load, describe, machine_load, resolve_device, use_threads
 from fastlm.distributed import SINGLE, World, collective_errors, join, launched_by_torchrun, leave, on_rank_zero
 from fastlm.errors import FastlmError
 from fastlm.profile import breakdown as report
-from fastlm.profile import external_profilers, flowchart
+from fastlm.profile import external_profilers, flowchart, machine_limits
 from fastlm.profile.breakdown import BREAKDOWN_JSON
 from fastlm.step import how_it_ran, run_step
 from fastlm.timing import Clock, nvtx_range_functions
@@ -302,6 +302,10 @@ def profile(config, options: ProfileOptions, out: Path, console: Console, world:
     console.print(f"fastlm profile | {title} | {corpus.source} ({len(corpus.vocab):,} words) | "
                   f"batch {d.batch_size} x bptt {d.bptt} | {options.warmup} warm-up + {options.steps} measured steps",
                   soft_wrap=True)
+    busy = competing_load(torch.get_num_threads()) if device.type == "cpu" else None
+    if busy:
+        console.print(f"[bold yellow]warning:[/] {busy}")
+    load_before = machine_load()[0]
     runner = StepRunner(trainer)
     per_step, step_ms, window_ms = measure(runner, options.warmup, options.steps, one_off)
     breakdown = report.summarize(per_step, step_ms, trainer.timer.parents, trainer.batch_size * d.bptt)
@@ -319,12 +323,18 @@ def profile(config, options: ProfileOptions, out: Path, console: Console, world:
                                   "'decoder_grad' only scales them (--step example shows the example's split)")
     ran = how_it_ran(trainer.step_fn)
     breakdown["ran"] = ran
+    work = machine_limits.phase_work(config.to_dict(), len(corpus.vocab), breakdown["parameters"]["total"], ran,
+                                     config.train.step)
+    breakdown["limits"] = machine_limits.limits(breakdown, machine_limits.cached_peaks(device), work)
     if ran["cuda_graph_replays"]:
         breakdown["notes"].append("the step ran as a CUDA graph replay, as `fastlm train` runs it: the phases inside "
                                   "it cannot be timed apart; --no-cuda-graphs times each one (eagerly, slower)")
     elif ran["cuda_graph_note"]:
         breakdown["notes"].append(f"CUDA graphs were asked for and not used: {ran['cuda_graph_note']}")
     breakdown["notes"] += _one_off_notes(one_off)
+    breakdown["load_before"] = load_before
+    if busy:
+        breakdown["notes"].append(f"timings unreliable: {busy}")
     artifacts = {"breakdown_json": BREAKDOWN_JSON, "breakdown_md": BREAKDOWN_MD, "flow_svg": FLOW_SVG,
                  "flow_png": FLOW_PNG}
     if options.trace_steps:

@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
+from fastlm.profile.machine_limits import furthest_line  # noqa: E402
 from fastlm.timing import (  # noqa: E402
     BACKWARD,
     CLIP,
@@ -165,6 +166,9 @@ def _title(breakdown: dict) -> str:
     for name in _combined(breakdown):
         entry = breakdown["phases"][name]
         title += f"\n{name} timed as one: {100 * entry['share']:.1f}%  {entry['mean_ms']:,.2f} ms"
+    furthest = furthest_line(breakdown.get("limits", {}))
+    if furthest:
+        title += f"\n{furthest}"
     return title
 
 
