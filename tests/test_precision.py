@@ -188,6 +188,7 @@ def _validation_ppl_after_300_steps(corpus, tmp_path, device, cell, precision):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two 300-step runs: ~2-3 minutes on a quiet 2-core CPU, far more on a busy one
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_bf16_trains_the_same_model_on_cpu(wikitext2_dir, tmp_path, cell):
     """bf16 keeps the model: validation perplexity within 1% of exact fp32's after 300 steps (runs in CI)."""
