@@ -69,8 +69,12 @@ MUTATIONS = (
              (("for start in range(0, num_tokens, chunking.tokens):",
                "for start in range(0, num_tokens - num_tokens % chunking.tokens, chunking.tokens):"),
               # The skipped tokens count as zero loss and zero gradient (not as uninitialised memory).
-              ("losses = torch.empty(num_tokens,", "losses = torch.zeros(num_tokens,"),
-              ("d_hidden = torch.empty(num_tokens,", "d_hidden = torch.zeros(num_tokens,")), ANCHOR),
+              ("losses = torch.empty(num_tokens, device=device, dtype=torch.float32)\n    # On CPU one buffer",
+               "losses = torch.zeros(num_tokens, device=device, dtype=torch.float32)\n    # On CPU one buffer"),
+              ("        d_hidden = torch.empty(num_tokens, hidden.shape[1], device=device, dtype=torch.float32)\n"
+               "        d_weight = torch.empty(",
+               "        d_hidden = torch.zeros(num_tokens, hidden.shape[1], device=device, dtype=torch.float32)\n"
+               "        d_weight = torch.empty(")), ANCHOR),
     Mutation("clip_changed", "gradients clipped at 0.251 instead of 0.25",
              "fastlm/step/fast.py",
              (("clip_grad_norm_(self.params, self.clip,", "clip_grad_norm_(self.params, self.clip * 1.004,"),),
