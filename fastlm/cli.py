@@ -18,7 +18,9 @@ TRAIN_FLAGS = {
     "variant": ("model", "variant"),
     "data": ("data", "data"), "batch_size": ("data", "batch_size"), "eval_batch_size": ("data", "eval_batch_size"),
     "bptt": ("data", "bptt"), "data_mode": ("data", "data_mode"),
-    "lr": ("train", "lr"), "clip": ("train", "clip"), "epochs": ("train", "epochs"), "seed": ("train", "seed"),
+    "lr": ("train", "lr"), "clip": ("train", "clip"), "optimizer": ("train", "optimizer"),
+    "weight_decay": ("train", "weight_decay"), "betas": ("train", "betas"), "epochs": ("train", "epochs"),
+    "seed": ("train", "seed"),
     "log_interval": ("train", "log_interval"), "device": ("train", "device"), "max_steps": ("train", "max_steps"),
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
     "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
@@ -66,6 +68,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
     t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")
+    t.add_argument("--optimizer", default=S, choices=("sgd", "adamw"),
+                   help="sgd (default): the example's p -= lr * grad; adamw: torch's AdamW (fused kernels where the "
+                        "device has them; give it a small --lr, e.g. 1e-3)")
+    t.add_argument("--use-optimizer", dest="optimizer", action="store_const", const="adamw", default=S,
+                   help="the PyTorch example's spelling of --optimizer adamw")
+    t.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
+                   help="decoupled weight decay for adamw (0.01), L2 for sgd (0)")
+    t.add_argument("--betas", type=_float_pair, default=S, metavar="B1,B2", help="AdamW's betas (0.9,0.999)")
     t.add_argument("--epochs", type=int, default=S, help="epochs (40)")
     t.add_argument("--seed", type=int, default=S, help="random seed (1111)")
     t.add_argument("--log-interval", dest="log_interval", type=int, default=S, help="batches per log line (200)")
@@ -133,6 +143,16 @@ def _int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_pair(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, e.g. 0.9,0.999; got {text!r}")
+    return values
 
 
 def _shape(text: str) -> tuple:

@@ -5,7 +5,8 @@ What makes ``TrainStep`` fast, with the example's numbers up to float noise:
 - the fused, chunked decoder + cross-entropy of fastlm.model.fused_loss (through ``RNNLM.loss``);
 - clipping with foreach kernels where the device has them, the SGD update as one foreach call over all
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
-  and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
+  and gradients dropped (set to None) instead of zeroed, so no pass over their memory; AdamW (opt-in)
+  through torch's fused kernels where the device has them (fastlm.step.optimizer);
 - ``precision="bf16"``: the forward and backward run in a bf16 copy of the model, clipping and the update
   on the fp32 masters (fastlm.step.low_precision); fp32 and tf32 differ only in torch's TF32 switches,
   which the caller sets (fastlm.precision);
@@ -24,12 +25,14 @@ from __future__ import annotations
 import torch
 
 from fastlm.distributed import SINGLE, World
+from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, detach_state, map_state
 from fastlm.precision import PRECISIONS, compute_dtype
 from fastlm.step.base import StepBase
 from fastlm.step.cuda_graphs import GraphedStep
 from fastlm.step.data_parallel import GRAPHS_NOTE, DataParallel
 from fastlm.step.low_precision import LowPrecisionCopy
+from fastlm.step.optimizer import OptimizerSpec, implementation
 from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, OPTIMIZER, PhaseTimer
 
 
@@ -44,10 +47,14 @@ class TrainStep(StepBase):
     """
 
     def __init__(self, model: RNNLM, clip: float, lr: float, *, precision: str = "fp32",
-                 cuda_graphs: bool = False, skip_nonfinite: bool = False, world: World = SINGLE):
+                 cuda_graphs: bool = False, skip_nonfinite: bool = False, world: World = SINGLE,
+                 optimizer: OptimizerSpec = OptimizerSpec()):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        super().__init__(model, clip, lr, precision)
+        super().__init__(model, clip, lr, precision, optimizer)
+        if skip_nonfinite and not (self.plain_sgd or implementation(self.optimizer, False) == "fused"):
+            raise FastlmError(f"--skip-nonfinite with --optimizer {optimizer.name} needs torch's fused kernels, "
+                              f"which skip a step on the device; torch has none for {self.params[0].device.type}")
         self.skip_nonfinite = skip_nonfinite
         self.device = self.params[0].device
         dtype = compute_dtype(precision)
@@ -60,6 +67,7 @@ class TrainStep(StepBase):
             self.graphs_skipped = GRAPHS_NOTE if self.data_parallel else graph_blocker(model)
             if self.graphs_skipped is None:
                 self.graphs = GraphedStep(self)
+                capturable(self.optimizer)
 
     def __call__(self, inputs, targets, state, timer: PhaseTimer):
         if self.graphs is not None:
@@ -106,11 +114,19 @@ class TrainStep(StepBase):
 
     @torch.no_grad()
     def update(self) -> None:
-        """p -= lr * grad over all parameters at once, then drop the gradients (no pass over memory).
+        """p -= lr * grad over all parameters at once, then drop the gradients (no pass over memory); or
+        torch's optimizer step (AdamW, SGD with weight decay).
 
         With ``skip_nonfinite`` the gradients of a non-finite step are zeroed first, in place and on the
-        device (a fill, not a product: 0 * NaN is NaN); they are dropped right after anyway.
+        device (a fill, not a product: 0 * NaN is NaN); they are dropped right after anyway. torch's fused
+        optimizer is told instead (``found_inf``), and leaves weights, moments and step count untouched.
         """
+        if not self.plain_sgd:
+            if self.skip_nonfinite:
+                self.optimizer.found_inf = (~self.finite).float()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         params = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in params]
         if self.skip_nonfinite:
@@ -120,6 +136,16 @@ class TrainStep(StepBase):
         torch._foreach_add_(params, grads, alpha=-self.lr)
         for p in self.params:
             p.grad = None
+
+
+def capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Lets torch's optimizer (AdamW, SGD with weight decay) be captured in the step's CUDA graph: its step
+    counts live on the device and it checks nothing on the host. The few eager steps (warm-up, the short last
+    chunk of an epoch) run correctly with the same setting; torch's warning that an uncaptured capturable step
+    may be slower is expected here, so it is turned off."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    optimizer._warned_capturable_if_run_uncaptured = True
 
 
 def graph_blocker(model: RNNLM) -> str | None:

@@ -28,6 +28,7 @@ from fastlm.distributed import (
     on_rank_zero,
 )
 from fastlm.errors import FastlmError
+from fastlm.step.optimizer import describe as describe_optimizer
 from fastlm.train.checkpoint import check_writable, load_checkpoint
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
@@ -124,6 +125,8 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
             folder = RunFolder.new(run_dir, overwrite)
             folder.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
                                  "data_mode_used": corpus.mode, "parameters": counts, "processes": world.size,
+                                 "optimizer_ran": describe_optimizer(trainer.step_fn.optimizer,
+                                                                     trainer.step_fn.plain_sgd),
                                  **describe(device)})
         on_rank_zero(new_folder, world)
         run = RunFolder(run_dir, create=world.main)
@@ -141,6 +144,7 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
     processes = f" x {world.size} processes" if world.size > 1 else ""
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
                     f"{device}{processes} | {corpus.source} ({len(corpus.vocab):,} words, {corpus.mode}) | {where}")
+    display.message(optimizer_line(trainer.step_fn))
     display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
                     f"{', its weight tied to the embedding' if m.tied else ''})")
@@ -148,3 +152,11 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
         result = trainer.fit(run)
     display.message(f"run folder: {run.path}")
     return result.exit_status
+
+
+def optimizer_line(step_fn) -> str:
+    """The run header's line on the update: the optimizer and its kernels, and the lr schedule it follows."""
+    ran = describe_optimizer(step_fn.optimizer, step_fn.plain_sgd)
+    betas = f", betas {ran['betas'][0]:g},{ran['betas'][1]:g}" if "betas" in ran else ""
+    return (f"optimizer: {ran['optimizer']} ({ran['optimizer_impl']}), lr {step_fn.lr:g}, weight decay "
+            f"{ran['weight_decay']:g}{betas} | lr /= 4 after each epoch whose validation does not improve")
