@@ -123,6 +123,9 @@ def _add_train_parser(sub) -> None:
                             "--max-steps/--max-minutes budget, a signal, a crash)")
     train.add_argument("--overwrite", action="store_true",
                        help="start a new run in a --run-dir that holds one, replacing its files")
+    train.add_argument("--onnx-export", dest="onnx_export", metavar="PATH", default=None,
+                       help="at the end, also write the best model as ONNX there (as fastlm export; needs the "
+                            "[onnx] extra)")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="train on N processes of this machine (one per GPU, or CPU processes with gloo): "
                             "starts torchrun for you; on several machines run torchrun yourself (README)")
@@ -136,6 +139,15 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=1111, help="random seed (1111)")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     gen.add_argument("--outf", "--out", dest="out", default=None, help="write here instead of stdout (UTF-8)")
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="write a run's best model as ONNX (needs the [onnx] extra)",
+                            description="Writes the best model of a run (its best.pt) as an ONNX file: tokens [T, B] "
+                                        "and the hidden state in, log-probabilities [T, B, V] and the new state out, "
+                                        "T and B free.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by fastlm train")
+    export.add_argument("--onnx", required=True, metavar="PATH", help="where to write the ONNX file")
 
 
 def _int_list(text: str) -> list[int]:
@@ -268,8 +280,8 @@ def _add_report_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastlm", description="Train, profile and benchmark word-level RNN language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for add_parser in (_add_train_parser, _add_generate_parser, _add_profile_parser, _add_bench_parser,
-                       _add_sweep_parser, _add_report_parser):
+    for add_parser in (_add_train_parser, _add_generate_parser, _add_export_parser, _add_profile_parser,
+                       _add_bench_parser, _add_sweep_parser, _add_report_parser):
         add_parser(sub)
     return parser
 
@@ -300,6 +312,12 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None):
 def cmd_train(args) -> int:
     from fastlm.train.command import run_training
 
+    if args.onnx_export is not None:  # said before training, not after it
+        from fastlm.train.checkpoint import check_writable
+        from fastlm.train.onnx_export import check_onnx_installed
+
+        check_onnx_installed()
+        check_writable(args.onnx_export, "--onnx-export")
     if args.nproc is not None:
         if args.resume is None:  # what the number of processes must fit, said before torchrun starts
             check_for_processes(config_from_args(args), args.nproc)
@@ -309,8 +327,9 @@ def cmd_train(args) -> int:
             raise FastlmError("--resume takes the run's own configuration; drop --config")
         if args.overwrite:
             raise FastlmError("--resume continues the run in its folder and --overwrite replaces it; choose one")
-        return run_training(None, resume_dir=args.resume, overrides=overrides_from_args(args))
-    return run_training(config_from_args(args), overwrite=args.overwrite)
+        return run_training(None, resume_dir=args.resume, overrides=overrides_from_args(args),
+                            onnx_export=args.onnx_export)
+    return run_training(config_from_args(args), overwrite=args.overwrite, onnx_export=args.onnx_export)
 
 
 def check_for_processes(config, nproc: int) -> None:
@@ -393,6 +412,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fastlm.train.onnx_export import export_run
+
+    best = export_run(args.run_dir, args.onnx)
+    print(f"exported {best} to {args.onnx} (ONNX)")
+    return 0
+
+
 def cmd_profile(args) -> int:
     from fastlm.profile.command import ProfileOptions, run_profile
 
@@ -462,7 +489,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "profile": cmd_profile,
+            "bench": cmd_bench,
             "sweep": cmd_sweep, "report": cmd_report}
 
 

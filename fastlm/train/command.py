@@ -30,6 +30,7 @@ from fastlm.distributed import (
 from fastlm.errors import FastlmError
 from fastlm.step.optimizer import describe as describe_optimizer
 from fastlm.train.checkpoint import check_writable, load_checkpoint
+from fastlm.train.onnx_export import export_run
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
 from fastlm.train.trainer import Trainer
@@ -89,9 +90,10 @@ def _check_budgets_leave_work(config: RunConfig, payload: dict, run_dir: Path) -
 
 
 def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None,
-                 overwrite: bool = False) -> int:
+                 overwrite: bool = False, onnx_export: str | None = None) -> int:
     """Runs `fastlm train`, in one process or as one rank of a torchrun launch (fastlm.distributed); returns
-    the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
+    the exit status (0, or 130/143 after SIGINT/SIGTERM). ``onnx_export``: also write the run's best model there
+    as ONNX at the end (fastlm.train.onnx_export)."""
     payload = changed = None
     if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
         config, payload, changed = resume_config(Path(resume_dir), overrides or {})
@@ -100,12 +102,12 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
         world, device_choice = join(device_choice, config.train.dist_timeout)
     try:
         with collective_errors(world):
-            return _train(config, world, device_choice, resume_dir, payload, changed, overwrite)
+            return _train(config, world, device_choice, resume_dir, payload, changed, overwrite, onnx_export)
     finally:
         leave()
 
 
-def _train(config, world, device_choice, resume_dir, payload, changed, overwrite) -> int:
+def _train(config, world, device_choice, resume_dir, payload, changed, overwrite, onnx_export) -> int:
     m = config.model
     run_dir = on_rank_zero(lambda: config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"), world)
     if payload is None:  # before the corpus loads: say so at once
@@ -150,6 +152,12 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
                     f"{', its weight tied to the embedding' if m.tied else ''})")
     with display:
         result = trainer.fit(run)
+    if onnx_export is not None and world.main:
+        if run.best.is_file():
+            export_run(run.path, onnx_export)
+            display.message(f"best model exported to {onnx_export} (ONNX)")
+        else:
+            display.message("no best model yet (no epoch finished its validation): nothing exported to ONNX")
     display.message(f"run folder: {run.path}")
     return result.exit_status
 
