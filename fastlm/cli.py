@@ -79,7 +79,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=int, default=S, help="epochs (40)")
     t.add_argument("--seed", type=int, default=S, help="random seed (1111)")
     t.add_argument("--log-interval", dest="log_interval", type=int, default=S, help="batches per log line (200)")
-    t.add_argument("--device", default=S, help="auto (default), cpu or cuda")
+    t.add_argument("--device", default=S,
+                   help="auto (default: torch's current accelerator, CUDA, XPU or MPS, else the CPU), cpu, cuda, xpu, "
+                        "mps (cuda:1 for one of several)")
+    t.add_argument("--accel", dest="device", action="store_const", const="auto", default=S,
+                   help="the PyTorch example's spelling of --device auto")
     t.add_argument("--max-steps", dest="max_steps", type=int, default=S,
                    help="pause once the run has done this many steps in all (resume to go on)")
     t.add_argument("--max-minutes", dest="max_minutes", type=float, default=S,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -153,8 +154,9 @@ class RunConfig:
             _positive("--max-minutes", t.max_minutes)
         _positive("--save-minutes", t.save_minutes)
         _positive("--dist-timeout", t.dist_timeout)
-        if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
-            raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
+        if not re.fullmatch(r"auto|cpu|(cuda|xpu|mps)(:\d+)?", str(t.device)):
+            raise FastlmError(f"--device must be auto, cpu, or an accelerator: cuda, xpu or mps (cuda:1 for one of "
+                              f"several), got {t.device!r}")
         _one_of("--step", t.step, ("fast", "example"))
         _one_of("--state", t.state, ("carry", "reset"))
         _one_of("--precision", t.precision, PRECISIONS)

@@ -17,7 +17,7 @@ from rich.console import Console
 from fastlm.cells import runs_as
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
-from fastlm.device import describe, resolve_device, use_threads
+from fastlm.device import describe, device_notes, resolve_device, use_threads
 from fastlm.distributed import (
     SINGLE,
     collective_errors,
@@ -143,6 +143,8 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
                                "step": trainer.global_step, "changed": changed, "processes": world.size})
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
+    for note in device_notes(device, device_choice, config.train.cuda_graphs):
+        display.message(note)
     processes = f" x {world.size} processes" if world.size > 1 else ""
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
                     f"{device}{processes} | {corpus.source} ({len(corpus.vocab):,} words, {corpus.mode}) | {where}")

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fastlm.cells import check_runs_on
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer
 from fastlm.device import machine_load
@@ -90,6 +91,7 @@ class Trainer:
         check_run_fits(share, len(corpus.vocab), device)
         use_precision(t.precision)  # the TF32 switches (process-wide); the step does the rest of the precision
         torch.manual_seed(t.seed)
+        check_runs_on(config.model.backend, device.type)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
         self.step_fn = make_train_step(self.model, t, world)
         if world.rank:  # the same initial weights on every rank (above), but dropout masks of its own
