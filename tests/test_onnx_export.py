@@ -7,10 +7,14 @@ its recurrent loop, its log-softmax), so the two differ by rounding in another o
 magnitude over these shapes (measured), where a wrong gate order, weight or state wiring is off by 1e-2 to 1.
 """
 
+import os
+import sys
+
 import pytest
 import torch
 
 from fastlm.config import ModelConfig
+from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
 from fastlm.train.onnx_export import export_model
 from tests.helpers import one_line_error, run_cli
@@ -64,8 +68,6 @@ def test_onnxruntime_computes_fastlms_log_probs_and_state(cell, tied, backend, t
 
 
 def test_the_adaptive_decoder_is_refused_in_one_line(tmp_path):
-    from fastlm.errors import FastlmError
-
     model = RNNLM(VOCAB, ModelConfig(emsize=32, nhid=32, decoder="adaptive", cutoffs=[10, 30]))
     with pytest.raises(FastlmError, match="adaptive cannot be exported"):
         export_model(model, tmp_path / "model.onnx")
@@ -94,10 +96,24 @@ def test_export_of_a_folder_without_a_best_model_is_one_line(tmp_path):
 
 
 def test_without_onnx_installed_the_commands_say_how_to_install_it(tmp_path, monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     status, _, err = run_cli("train", "--data", "generated", "--dry-run", "--run-dir", tmp_path / "run",
                              "--onnx-export", tmp_path / "model.onnx")
     assert 'pip install -e ".[onnx]"' in one_line_error(status, err)
     assert not (tmp_path / "run").exists()  # refused before training, not after it
+
+
+def test_an_unwritable_path_is_one_line_and_leaves_nothing_behind(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    model = RNNLM(VOCAB, ModelConfig(emsize=HIDDEN, nhid=HIDDEN))
+    with pytest.raises(FastlmError, match="cannot write the ONNX file"):
+        export_model(model, tmp_path / "a-file" / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_the_exported_file_has_the_umasks_permissions(tmp_path):
+    export_model(RNNLM(VOCAB, ModelConfig(emsize=HIDDEN, nhid=HIDDEN)), tmp_path / "model.onnx")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

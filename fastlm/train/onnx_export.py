@@ -19,8 +19,8 @@ layers to ONNX's recurrent operators with both axes free. torch marks it depreca
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +32,7 @@ from torch import nn
 from fastlm.cells.math import CELL_MATH
 from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM
-from fastlm.train.checkpoint import load_checkpoint
+from fastlm.train.checkpoint import check_writable, load_checkpoint
 from fastlm.train.generate import model_from_checkpoint
 
 INSTALL = 'pip install -e ".[onnx]" (or pip install onnx onnxruntime)'
@@ -81,13 +81,10 @@ def export_model(model: RNNLM, path: str | Path) -> None:
     axes = {"tokens": {0: "seq", 1: "batch"}, "log_probs": {0: "seq", 1: "batch"},
             **{name: {1: "batch"} for name in state_names}, **{f"{name}_out": {1: "batch"} for name in state_names}}
     path = Path(path)
+    # Written beside its place and renamed into it (created as any file is, with the umask's permissions).
+    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise FastlmError(f"cannot write the ONNX file {path}: {error.strerror or error}") from None
-    os.close(fd)
-    try:
         with warnings.catch_warnings(), torch.no_grad():
             # The choice of exporter is the module doc's (and so are its deprecation notices); torch's advice to
             # pass the initial state as an input (for other batch sizes) is what this graph does; the tracer's
@@ -96,18 +93,19 @@ def export_model(model: RNNLM, path: str | Path) -> None:
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
             warnings.filterwarnings("ignore", message=".*define the initial states.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(chunk, example, temporary, dynamo=False, opset_version=OPSET,
+            torch.onnx.export(chunk, example, str(temporary), dynamo=False, opset_version=OPSET,
                               input_names=["tokens", *state_names],
                               output_names=["log_probs", *[f"{name}_out" for name in state_names]],
                               dynamic_axes=axes)
-        onnx.checker.check_model(temporary)
+        onnx.checker.check_model(str(temporary))
         os.replace(temporary, path)
     except OSError as error:
         raise FastlmError(f"cannot write the ONNX file {path}: {error.strerror or error}") from None
     except Exception as error:  # the exporter's and checker's many error types: one line naming the file
         raise FastlmError(f"ONNX export to {path} failed: {first_line(error)}") from None
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone after the rename, or never made
+            temporary.unlink(missing_ok=True)
 
 
 def export_run(run_dir: str | Path, path: str | Path) -> Path:
@@ -117,6 +115,7 @@ def export_run(run_dir: str | Path, path: str | Path) -> Path:
         raise FastlmError(f"{run_dir} has no best.pt (no epoch of it has finished its validation yet, or it is not "
                           f"a fastlm run folder): nothing to export")
     check_onnx_installed()
+    check_writable(path, "--onnx")
     export_model(model_from_checkpoint(load_checkpoint(best), best, backend="cudnn"), path)
     return best
 
