@@ -112,6 +112,25 @@ def test_a_skipped_adamw_step_leaves_weights_moments_and_step_counts_alone():
     assert int(step.optimizer.state[model.decoder.weight]["step"]) == len(data) - 1
 
 
+@pytest.mark.gpu
+def test_adamw_captured_in_a_cuda_graph_trains_the_eager_steps_weights():
+    """Graphed steps replay the fused AdamW update (capturable); an lr change drops and recaptures the graph."""
+    results = []
+    for graphs in (False, True):
+        model = new_model().cuda()
+        step = TrainStep(model, 0.25, LR, cuda_graphs=graphs, optimizer=SPEC)
+        state = model.init_state(B)
+        for index, (inputs, targets) in enumerate(batches() * 2):
+            if index == 6:
+                step.lr /= 4
+            _, state = step(inputs.cuda(), targets.cuda(), state, PhaseTimer("cuda", enabled=False))
+        results.append((model.state_dict(), step))
+    (eager, _), (graphed, step) = results
+    assert step.graphs.replays > 0 and step.graphs.captures == 2
+    for name, value in eager.items():
+        torch.testing.assert_close(graphed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------------------------ stop and resume
 
 CORPUS = toy_corpus(lines=(150, 40, 40))  # 15 batches an epoch at batch 8, bptt 12
