@@ -204,3 +204,21 @@ def test_a_sweep_can_vary_the_optimizer():
     configs = [point.config(small_config(), {}) for point in points(grid.check())]
     assert [(c.train.optimizer, c.train.lr) for c in configs] == [("sgd", 20.0), ("sgd", 0.001), ("adamw", 20.0),
                                                                   ("adamw", 0.001)]
+
+
+def test_sgd_with_weight_decay_is_torchs_sgd():
+    """--weight-decay with sgd: torch's SGD (L2 added to the gradient), fused, against its for-loop kernels."""
+    model, reference_model = new_model(), new_model()
+    reference = torch.optim.SGD(list(reference_model.parameters()), lr=0.5, weight_decay=0.1, foreach=False)
+    step = TrainStep(model, 0.25, 0.5, optimizer=OptimizerSpec("sgd", weight_decay=0.1))
+    assert how_it_ran(step)["optimizer_impl"] == "fused" and how_it_ran(step)["weight_decay"] == 0.1
+    state = reference_model.init_state(B)
+    for inputs, targets in batches():
+        reference.zero_grad()
+        hidden, state = reference_model(inputs, detach_state(state))
+        F.nll_loss(F.log_softmax(reference_model.decode(hidden), dim=1), targets).backward()
+        torch.nn.utils.clip_grad_norm_(list(reference_model.parameters()), 0.25)
+        reference.step()
+    got = run(step, model)
+    for name, value in reference_model.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -2,8 +2,8 @@
 
 - ``sgd`` without weight decay is the example's update, ``p -= lr * grad``: the fast step does it itself as one
   foreach call (fastlm.step.fast), and the torch SGD object only holds the lr for the schedule and checkpoints.
-- ``sgd`` with weight decay, and ``adamw``, run torch's optimizer. AdamW takes torch's fused kernels where torch
-  has them for the device (CPU, CUDA, MPS, XPU in torch 2.13), else its foreach ones. The fused kernels also
+- ``sgd`` with weight decay, and ``adamw``, run torch's optimizer, with torch's fused kernels where torch has
+  them for the device (CPU, CUDA, MPS, XPU in torch 2.13), else its foreach ones. The fused kernels also
   skip a step on the device when told its gradients were not finite (``found_inf``), which --skip-nonfinite
   needs: a skipped AdamW step must leave the moments and the step count as they were, not only the weights.
 
@@ -47,12 +47,13 @@ class OptimizerSpec:
 
 
 def build_optimizer(params: list, spec: OptimizerSpec, lr: float) -> torch.optim.Optimizer:
-    if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=spec.weight_decay or 0.0)
-    if spec.name != "adamw":
+    if spec.name not in ("sgd", "adamw"):
         raise FastlmError(f"--optimizer must be sgd or adamw, got {spec.name!r}")
-    device = params[0].device
-    kind = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
+    kind = "fused" if params[0].device.type in _get_fused_kernels_supported_devices() else "foreach"
+    if spec.plain_sgd:  # the step updates the weights itself; this object holds the lr
+        return torch.optim.SGD(params, lr=lr)
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=spec.weight_decay, **{kind: True})
     weight_decay = ADAMW_WEIGHT_DECAY if spec.weight_decay is None else spec.weight_decay
     return torch.optim.AdamW(params, lr=lr, betas=spec.betas or (0.9, 0.999), weight_decay=weight_decay,
                              **{kind: True})
