@@ -12,7 +12,7 @@ from fastlm.model import RNNLM, detach_state
 from fastlm.step import how_it_ran
 from fastlm.step.example import ExampleStep
 from fastlm.step.fast import TrainStep
-from fastlm.step.optimizer import OptimizerSpec
+from fastlm.step.optimizer import OptimizerSpec, load_state
 from fastlm.sweep.grid import Grid, add_setting, points
 from fastlm.timing import PhaseTimer
 from fastlm.train.command import resume_config
@@ -222,3 +222,21 @@ def test_sgd_with_weight_decay_is_torchs_sgd():
     got = run(step, model)
     for name, value in reference_model.state_dict().items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_checkpoints_optimizer_state_keeps_this_devices_kernels():
+    """A run saved where AdamW ran other kernels (foreach, or capturable under CUDA graphs) resumes here with this
+    device's (fused on CPU), and the same moments and step counts."""
+    model = new_model()
+    elsewhere = torch.optim.AdamW(list(model.parameters()), lr=LR, foreach=True, capturable=False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    elsewhere.step()
+    saved = elsewhere.state_dict()
+    saved["param_groups"][0]["capturable"] = True  # as a CUDA-graphed run saves it
+    step = TrainStep(model, 0.25, LR, optimizer=SPEC)
+    load_state(step.optimizer, saved)
+    group = step.optimizer.param_groups[0]
+    assert group["fused"] and not group["foreach"] and not group["capturable"]
+    for p in model.parameters():
+        assert torch.equal(step.optimizer.state[p]["exp_avg"], elsewhere.state[p]["exp_avg"])
