@@ -105,9 +105,10 @@ def test_a_skipped_adamw_step_leaves_weights_moments_and_step_counts_alone():
         moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in step.optimizer.state.items()}
         _, state = step(batch[:-1], batch[1:].reshape(-1), state, PhaseTimer("cpu", enabled=False))
         assert bool(step.finite) == (index != bad)
-        same_weights = all(torch.equal(before[name].nan_to_num(), p.nan_to_num()) for name, p in model.named_parameters())
-        same_moments = bool(moments) and all(torch.equal(moments[id(p)][k], v) for p, s in step.optimizer.state.items()
-                                             for k, v in s.items())
+        same_weights = all(torch.equal(before[name].nan_to_num(), p.nan_to_num())
+                           for name, p in model.named_parameters())
+        same_moments = bool(moments) and all(torch.equal(moments[id(p)][k], v)
+                                             for p, s in step.optimizer.state.items() for k, v in s.items())
         assert same_weights == same_moments == (index == bad), index
     assert int(step.optimizer.state[model.decoder.weight]["step"]) == len(data) - 1
 
