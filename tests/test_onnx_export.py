@@ -74,6 +74,13 @@ def test_the_adaptive_decoder_is_refused_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_refuses_to_export_an_adaptive_decoder_before_training(tmp_path):
+    status, _, err = run_cli("train", "--data", "generated", "--dry-run", "--decoder", "adaptive", "--run-dir",
+                             tmp_path / "run", "--onnx-export", tmp_path / "model.onnx")
+    assert "adaptive cannot be exported" in one_line_error(status, err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_then_export_round_trip_through_the_command_line(tmp_path):
     """`fastlm train --onnx-export` and `fastlm export RUN_DIR --onnx` write the same model: the run's best."""
     run, trained, exported = tmp_path / "run", tmp_path / "trained.onnx", tmp_path / "exported.onnx"

@@ -30,7 +30,7 @@ from fastlm.distributed import (
 from fastlm.errors import FastlmError
 from fastlm.step.optimizer import describe as describe_optimizer
 from fastlm.train.checkpoint import check_writable, load_checkpoint
-from fastlm.train.onnx_export import export_run
+from fastlm.train.onnx_export import check_exportable, export_run
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
 from fastlm.train.trainer import Trainer
@@ -114,6 +114,8 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
         on_rank_zero(lambda: check_free_for_a_new_run(run_dir, overwrite), world)
     if config.train.save:
         on_rank_zero(lambda: check_writable(config.train.save, "--save"), world)
+    if onnx_export is not None:  # said before training, not after it
+        check_exportable(config.model)
     device = resolve_device(device_choice)
     use_threads(config.train.threads)
     # One progress display and one log: rank 0's. The others keep theirs in memory.

@@ -47,6 +47,13 @@ def check_onnx_installed() -> None:
         raise FastlmError(f"ONNX export needs the onnx package, which is not installed; {INSTALL}") from None
 
 
+def check_exportable(config) -> None:
+    """FastlmError for a model configuration (ModelConfig) that has no ONNX form here: the adaptive decoder."""
+    if config.decoder == "adaptive":
+        raise FastlmError("--decoder adaptive cannot be exported to ONNX (its clusters pick their tokens with "
+                          "data-dependent shapes); export a run with the full decoder")
+
+
 class ChunkModel(nn.Module):
     """An RNNLM on torch.nn's recurrent layers, as the exported graph: tokens and state in, log-probabilities and
     state out (see the module doc). Evaluation mode: dropout is the identity."""
@@ -68,9 +75,7 @@ def export_model(model: RNNLM, path: str | Path) -> None:
     import onnx
 
     config = model.config
-    if config.decoder == "adaptive":
-        raise FastlmError("--decoder adaptive cannot be exported to ONNX (its clusters pick their tokens with "
-                          "data-dependent shapes); export a run with the full decoder")
+    check_exportable(config)
     torch_nn = RNNLM(model.ntoken, _on_torch_nn(config))
     torch_nn.load_state_dict({name: value.detach().float().cpu() for name, value in model.state_dict().items()})
     chunk = ChunkModel(torch_nn.eval())
