@@ -19,7 +19,9 @@ TRAIN_FLAGS = {
     "variant": ("model", "variant"),
     "data": ("data", "data"), "batch_size": ("data", "batch_size"), "eval_batch_size": ("data", "eval_batch_size"),
     "bptt": ("data", "bptt"), "data_mode": ("data", "data_mode"),
-    "lr": ("train", "lr"), "clip": ("train", "clip"), "epochs": ("train", "epochs"), "seed": ("train", "seed"),
+    "lr": ("train", "lr"), "clip": ("train", "clip"), "optimizer": ("train", "optimizer"),
+    "weight_decay": ("train", "weight_decay"), "betas": ("train", "betas"), "epochs": ("train", "epochs"),
+    "seed": ("train", "seed"),
     "log_interval": ("train", "log_interval"), "device": ("train", "device"), "max_steps": ("train", "max_steps"),
     "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
     "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
@@ -67,10 +69,22 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
     t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")
+    t.add_argument("--optimizer", default=S, choices=("sgd", "adamw"),
+                   help="sgd (default): the example's p -= lr * grad; adamw: torch's AdamW (fused kernels where the "
+                        "device has them; give it a small --lr, e.g. 1e-3)")
+    t.add_argument("--use-optimizer", dest="optimizer", action="store_const", const="adamw", default=S,
+                   help="the PyTorch example's spelling of --optimizer adamw")
+    t.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
+                   help="decoupled weight decay for adamw (0.01), L2 for sgd (0)")
+    t.add_argument("--betas", type=_float_pair, default=S, metavar="B1,B2", help="AdamW's betas (0.9,0.999)")
     t.add_argument("--epochs", type=int, default=S, help="epochs (40)")
     t.add_argument("--seed", type=int, default=S, help="random seed (1111)")
     t.add_argument("--log-interval", dest="log_interval", type=int, default=S, help="batches per log line (200)")
-    t.add_argument("--device", default=S, help="auto (default), cpu or cuda")
+    t.add_argument("--device", default=S,
+                   help="auto (default: torch's current accelerator, CUDA, XPU or MPS, else the CPU), cpu, cuda, xpu, "
+                        "mps (cuda:1 for one of several)")
+    t.add_argument("--accel", dest="device", action="store_const", const="auto", default=S,
+                   help="the PyTorch example's spelling of --device auto")
     t.add_argument("--max-steps", dest="max_steps", type=int, default=S,
                    help="pause once the run has done this many steps in all (resume to go on)")
     t.add_argument("--max-minutes", dest="max_minutes", type=float, default=S,
@@ -115,6 +129,9 @@ def _add_train_parser(sub) -> None:
                             "--max-steps/--max-minutes budget, a signal, a crash)")
     train.add_argument("--overwrite", action="store_true",
                        help="start a new run in a --run-dir that holds one, replacing its files")
+    train.add_argument("--onnx-export", dest="onnx_export", metavar="PATH", default=None,
+                       help="at the end, also write the best model as ONNX there (as fastlm export; needs the "
+                            "[onnx] extra)")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="train on N processes of this machine (one per GPU, or CPU processes with gloo): "
                             "starts torchrun for you; on several machines run torchrun yourself (README)")
@@ -130,11 +147,30 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--outf", "--out", dest="out", default=None, help="write here instead of stdout (UTF-8)")
 
 
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="write a run's best model as ONNX (needs the [onnx] extra)",
+                            description="Writes the best model of a run (its best.pt) as an ONNX file: tokens [T, B] "
+                                        "and the hidden state in, log-probabilities [T, B, V] and the new state out, "
+                                        "T and B free.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by fastlm train")
+    export.add_argument("--onnx", required=True, metavar="PATH", help="where to write the ONNX file")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_pair(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, e.g. 0.9,0.999; got {text!r}")
+    return values
 
 
 def _shape(text: str) -> tuple:
@@ -254,8 +290,8 @@ def _add_report_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastlm", description="Train, profile and benchmark word-level RNN language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for add_parser in (_add_train_parser, _add_generate_parser, _add_profile_parser, _add_bench_parser,
-                       _add_sweep_parser, _add_report_parser):
+    for add_parser in (_add_train_parser, _add_generate_parser, _add_export_parser, _add_profile_parser,
+                       _add_bench_parser, _add_sweep_parser, _add_report_parser):
         add_parser(sub)
     return parser
 
@@ -286,6 +322,12 @@ def config_from_args(args: argparse.Namespace, preset: dict | None = None):
 def cmd_train(args) -> int:
     from fastlm.train.command import run_training
 
+    if args.onnx_export is not None:  # said before training, not after it
+        from fastlm.train.checkpoint import check_writable
+        from fastlm.train.onnx_export import check_onnx_installed
+
+        check_onnx_installed()
+        check_writable(args.onnx_export, "--onnx-export")
     if args.nproc is not None:
         if args.resume is None:  # what the number of processes must fit, said before torchrun starts
             check_for_processes(config_from_args(args), args.nproc)
@@ -295,8 +337,9 @@ def cmd_train(args) -> int:
             raise FastlmError("--resume takes the run's own configuration; drop --config")
         if args.overwrite:
             raise FastlmError("--resume continues the run in its folder and --overwrite replaces it; choose one")
-        return run_training(None, resume_dir=args.resume, overrides=overrides_from_args(args))
-    return run_training(config_from_args(args), overwrite=args.overwrite)
+        return run_training(None, resume_dir=args.resume, overrides=overrides_from_args(args),
+                            onnx_export=args.onnx_export)
+    return run_training(config_from_args(args), overwrite=args.overwrite, onnx_export=args.onnx_export)
 
 
 def check_for_processes(config, nproc: int) -> None:
@@ -379,6 +422,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fastlm.train.onnx_export import export_run
+
+    best = export_run(args.run_dir, args.onnx)
+    print(f"exported {best} to {args.onnx} (ONNX)")
+    return 0
+
+
 def cmd_profile(args) -> int:
     from fastlm.profile.command import ProfileOptions, run_profile
 
@@ -449,7 +500,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "profile": cmd_profile,
+            "bench": cmd_bench,
             "sweep": cmd_sweep, "report": cmd_report}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,8 @@ PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 
 # The recurrent cells fastlm knows, in one place (fastlm.cells.math holds their math, in this order).
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# The optimizers (fastlm.step.optimizer builds them): "sgd" is the example's p -= lr * grad.
+OPTIMIZERS = ("sgd", "adamw")
 # The kernel variants a backend may offer (today the triton backend's); "auto" is every backend's default.
 VARIANTS = ("auto", "per-step", "persistent")
 
@@ -58,6 +61,9 @@ class DataConfig:
 class TrainConfig:
     lr: float = 20.0
     clip: float = 0.25
+    optimizer: str = "sgd"  # or "adamw" (the example's --use-optimizer): fastlm.step.optimizer
+    weight_decay: Optional[float] = None  # None: the optimizer's own default (SGD 0, AdamW 0.01, as torch)
+    betas: Optional[list] = None  # AdamW's [beta1, beta2]; None: torch's [0.9, 0.999]
     epochs: int = 40
     seed: int = 1111
     log_interval: int = 200
@@ -139,6 +145,7 @@ class RunConfig:
         _one_of("--data-mode", d.data_mode, ("auto", "memory", "stream"))
         _positive("--lr", t.lr)
         _positive("--clip", t.clip)
+        _check_optimizer(t)
         _at_least("--epochs", t.epochs, 1)
         _at_least("--log-interval", t.log_interval, 1)
         if t.max_steps is not None:
@@ -147,8 +154,9 @@ class RunConfig:
             _positive("--max-minutes", t.max_minutes)
         _positive("--save-minutes", t.save_minutes)
         _positive("--dist-timeout", t.dist_timeout)
-        if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
-            raise FastlmError(f"--device must be auto, cpu or cuda, got {t.device!r}")
+        if not re.fullmatch(r"auto|cpu|(cuda|xpu|mps)(:\d+)?", str(t.device)):
+            raise FastlmError(f"--device must be auto, cpu, or an accelerator: cuda, xpu or mps (cuda:1 for one of "
+                              f"several), got {t.device!r}")
         _one_of("--step", t.step, ("fast", "example"))
         _one_of("--state", t.state, ("carry", "reset"))
         _one_of("--precision", t.precision, PRECISIONS)
@@ -164,6 +172,23 @@ class RunConfig:
             raise FastlmError("--step example is the PyTorch example's loop as it is: it needs --backend cudnn, "
                               "--decoder full, --precision fp32 or tf32 and no --skip-nonfinite")
         return self
+
+
+def _check_optimizer(t: TrainConfig) -> None:
+    _one_of("--optimizer", t.optimizer, OPTIMIZERS)
+    if t.weight_decay is not None and (isinstance(t.weight_decay, bool) or not isinstance(t.weight_decay, (int, float))
+                                       or not 0 <= t.weight_decay < float("inf")):
+        raise FastlmError(f"--weight-decay must be a finite number of at least 0, got {t.weight_decay!r}")
+    if t.betas is None:
+        return
+    if t.optimizer != "adamw":
+        raise FastlmError(f"--betas are AdamW's; add --optimizer adamw or drop --betas (the optimizer is "
+                          f"{t.optimizer})")
+    betas = list(t.betas) if isinstance(t.betas, (list, tuple)) else None
+    if (betas is None or len(betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float))
+                                                 or not 0 <= b < 1 for b in betas)):
+        raise FastlmError(f"--betas takes two numbers in [0, 1), e.g. 0.9,0.999; got {t.betas!r}")
+    t.betas = [float(b) for b in betas]
 
 
 def _upgraded(values: dict) -> dict:

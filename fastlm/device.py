@@ -1,6 +1,8 @@
 """Which device a run uses, and the one description of it that every report carries.
 
-``resolve_device`` turns the ``--device`` flag into a torch.device. ``describe`` is what bench JSON lines,
+``resolve_device`` turns the ``--device`` flag into a torch.device: ``auto`` takes torch's current accelerator
+(``torch.accelerator``: CUDA, XPU, MPS, ...) and the CPU without one; ``device_notes`` says how the choice was
+made and which CUDA-only parts of fastlm are off on the device that runs. ``describe`` is what bench JSON lines,
 ``breakdown.json`` and run folders say about where they were measured: the device (``cpu``, ``cuda:0``), its
 human name, the thread count, torch/CUDA/triton versions, the git commit and the host.
 """
@@ -20,14 +22,43 @@ import torch
 from fastlm.errors import FastlmError
 
 
+def accelerator_type() -> Optional[str]:
+    """The type of torch's current accelerator ("cuda", "xpu", "mps", ...), None when there is none."""
+    if not hasattr(torch, "accelerator"):  # torch before 2.6 knew CUDA alone this way
+        return "cuda" if torch.cuda.is_available() else None
+    if not torch.accelerator.is_available():
+        return None
+    return torch.accelerator.current_accelerator().type
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` takes CUDA when present; asking for CUDA where there is none is a one-line error."""
+    """``auto`` takes torch's current accelerator, else the CPU; asking for an accelerator this machine lacks is
+    a one-line error."""
+    present = accelerator_type()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FastlmError(f"--device {name} was asked for but this torch build or machine has no CUDA device; "
+        return torch.device(present or "cpu")
+    device = torch.device(name)
+    if device.type != "cpu" and device.type != present:
+        raise FastlmError(f"--device {name} was asked for but this torch build or machine has no {device.type} "
+                          f"device ({f'its accelerator is {present}' if present else 'it has no accelerator'}); "
                           f"use --device cpu or auto")
-    return torch.device(name)
+    return device
+
+
+def device_notes(device: torch.device, asked: str, cuda_graphs: bool) -> list[str]:
+    """For the run header: how ``--device asked`` became ``device``, and the CUDA-only parts that are off there
+    (with why), so a run on another accelerator says what it did not do."""
+    how = ("--device auto: torch.accelerator's current accelerator" if asked == "auto" and device.type != "cpu"
+           else "--device auto: torch sees no accelerator" if asked == "auto" else f"--device {asked}")
+    notes = [f"device: {device} ({how})"]
+    if device.type in ("cpu", "cuda"):
+        return notes
+    off = ["cuDNN (torch.nn's own kernels run the recurrence)", "pinned-memory batch copies on a side stream",
+           "device-event phase timing (phases read the host clock, so they show launches; the step totals of a "
+           "log window are whole)"]
+    if cuda_graphs:
+        off.insert(1, "CUDA graphs (steps run eagerly)")
+    return notes + [f"off on {device.type} (CUDA only): " + "; ".join(off)]
 
 
 def device_name(device: torch.device) -> str:

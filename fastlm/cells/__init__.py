@@ -12,6 +12,7 @@ from fastlm.cells.registry import (
     CELLS,
     available,
     build,
+    check_runs_on,
     register,
     registered,
     runs_as,
@@ -19,5 +20,5 @@ from fastlm.cells.registry import (
     variants,
 )
 
-__all__ = ["CELLS", "BACKENDS", "available", "build", "register", "registered", "runs_as", "unavailable_reason",
-           "variants"]
+__all__ = ["CELLS", "BACKENDS", "available", "build", "check_runs_on", "register", "registered", "runs_as",
+           "unavailable_reason", "variants"]

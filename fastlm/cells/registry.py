@@ -74,8 +74,19 @@ _RUNS_AS = {
 
 
 def runs_as(backend: str, device_type: str) -> str:
-    """How ``backend`` computes on a device of ``device_type`` ("cpu", "cuda"), in words for reports."""
+    """How ``backend`` computes on a device of ``device_type`` ("cpu", "cuda", or another accelerator), in words
+    for reports."""
+    if backend == "cudnn" and device_type not in ("cpu", "cuda"):
+        return f"torch.nn on {device_type} (its own kernels; cuDNN is CUDA's)"
     return _RUNS_AS.get((backend, device_type), backend)
+
+
+def check_runs_on(backend: str, device_type: str) -> None:
+    """FastlmError when ``backend`` cannot run on a device of ``device_type``: the Triton kernels are compiled
+    for CUDA or interpreted on the CPU, and fastlm has not tried them on other accelerators."""
+    if backend == "triton" and device_type not in ("cpu", "cuda"):
+        raise FastlmError(f"--backend triton runs compiled on CUDA or interpreted on the CPU, not on {device_type}; "
+                          f"use --backend cudnn (torch.nn's layers) there")
 
 
 def available() -> list[tuple[str, str]]:

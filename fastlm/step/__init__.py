@@ -15,6 +15,8 @@ from fastlm.model import RNNLM
 from fastlm.precision import tf32_flags
 from fastlm.step.example import ExampleStep
 from fastlm.step.fast import TrainStep
+from fastlm.step.optimizer import OptimizerSpec
+from fastlm.step.optimizer import describe as describe_optimizer
 from fastlm.timing import DATA, PhaseTimer, active_timer
 
 __all__ = ["ExampleStep", "TrainStep", "make_train_step", "run_step", "how_it_ran"]
@@ -28,10 +30,11 @@ def make_train_step(model: RNNLM, train_config, world: World = SINGLE) -> TrainS
         if world.size > 1:
             raise FastlmError("--step example is the PyTorch example's loop in one process; use --step fast with "
                               "several processes")
-        return ExampleStep(model, train_config.clip, train_config.lr, precision=train_config.precision)
+        return ExampleStep(model, train_config.clip, train_config.lr, precision=train_config.precision,
+                           optimizer=OptimizerSpec.of(train_config))
     return TrainStep(model, train_config.clip, train_config.lr, precision=train_config.precision,
                      cuda_graphs=train_config.cuda_graphs, skip_nonfinite=train_config.skip_nonfinite > 0,
-                     world=world)
+                     world=world, optimizer=OptimizerSpec.of(train_config))
 
 
 def run_step(step_fn, batches, state, timer: PhaseTimer):
@@ -52,8 +55,9 @@ def run_step(step_fn, batches, state, timer: PhaseTimer):
 def how_it_ran(step_fn) -> dict:
     """What a step really did, for bench rows and profiles: the precision asked for, the dtypes its embedding,
     recurrence and decoder GEMMs last ran in (the softmax and loss are always fp32), whether the native CPU loss
-    kernel ran (and why not), both TF32 switches as they stand, and whether a CUDA graph was captured and how
-    many steps were replays (with the reason when graphs were asked for and not used)."""
+    kernel ran (and why not), both TF32 switches as they stand, whether a CUDA graph was captured and how
+    many steps were replays (with the reason when graphs were asked for and not used), and the optimizer
+    with its kernels (fastlm.step.optimizer.describe)."""
     graphs = getattr(step_fn, "graphs", None)
     requested = graphs is not None or getattr(step_fn, "graphs_skipped", None) is not None
     note = getattr(step_fn, "graphs_skipped", None) or (graphs.failure if graphs is not None else None)
@@ -66,7 +70,8 @@ def how_it_ran(step_fn) -> dict:
             "decoder_dtype": ran_in.get("decoder"), "loss_dtype": "float32", **native_loss_kernel(step_fn),
             **tf32_flags(), "cuda_graphs_requested": requested,
             "cuda_graph_captures": graphs.captures if graphs is not None else 0,
-            "cuda_graph_replays": graphs.replays if graphs is not None else 0, "cuda_graph_note": note}
+            "cuda_graph_replays": graphs.replays if graphs is not None else 0, "cuda_graph_note": note,
+            **describe_optimizer(step_fn.optimizer, step_fn.plain_sgd)}
 
 
 def native_loss_kernel(step_fn) -> dict:

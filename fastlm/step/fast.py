@@ -5,11 +5,12 @@ What makes ``TrainStep`` fast, with the example's numbers up to float noise:
 - the fused, chunked decoder + cross-entropy of fastlm.model.fused_loss (through ``RNNLM.loss``);
 - clipping with foreach kernels where the device has them, the SGD update as one foreach call over all
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
-  and gradients dropped (set to None) instead of zeroed, so no pass over their memory;
+  and gradients dropped (set to None) instead of zeroed, so no pass over their memory; AdamW (opt-in)
+  through torch's fused kernels where the device has them (fastlm.step.optimizer);
 - ``precision="bf16"``: the decoder's three GEMMs (the step's costly part) run in bf16 with fp32
   accumulation, on bf16 casts made inside the fused loss; the embedding, the recurrence, the softmax, the
-  weights and their gradients, clipping and the update stay fp32 (fastlm.precision says why); fp32 and tf32
-  differ only in torch's TF32 switches, which the caller sets;
+  weights and their gradients, clipping and the optimizer's update stay fp32 (fastlm.precision says why);
+  fp32 and tf32 differ only in torch's TF32 switches, which the caller sets;
 - on CUDA: fixed-shape steps captured once as a CUDA graph and replayed (fastlm.step.cuda_graphs), the
   short last chunk of an epoch running eagerly. The adaptive decoder is never captured: it picks the tokens
   of each cluster with ``nonzero()``, a host synchronisation that capture forbids.
@@ -25,11 +26,13 @@ from __future__ import annotations
 import torch
 
 from fastlm.distributed import SINGLE, World
+from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, detach_state, map_state
 from fastlm.precision import PRECISIONS, compute_dtype, resolve_precision
 from fastlm.step.base import StepBase
 from fastlm.step.cuda_graphs import GraphedStep
 from fastlm.step.data_parallel import GRAPHS_NOTE, DataParallel
+from fastlm.step.optimizer import OptimizerSpec, implementation
 from fastlm.timing import BACKWARD, CLIP, EMBEDDING_GRAD, FORWARD, OPTIMIZER, PhaseTimer
 
 
@@ -44,13 +47,17 @@ class TrainStep(StepBase):
     """
 
     def __init__(self, model: RNNLM, clip: float, lr: float, *, precision: str = "fp32",
-                 cuda_graphs: bool = False, skip_nonfinite: bool = False, world: World = SINGLE):
+                 cuda_graphs: bool = False, skip_nonfinite: bool = False, world: World = SINGLE,
+                 optimizer: OptimizerSpec = OptimizerSpec()):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         device = next(model.parameters()).device
         self.precision_asked = precision
         precision, self.precision_reason = resolve_precision(precision, device)
-        super().__init__(model, clip, lr, precision)
+        super().__init__(model, clip, lr, precision, optimizer)
+        if skip_nonfinite and not (self.plain_sgd or implementation(self.optimizer, False) == "fused"):
+            raise FastlmError(f"--skip-nonfinite with --optimizer {optimizer.name} needs torch's fused kernels, "
+                              f"which skip a step on the device; torch has none for {device.type}")
         self.skip_nonfinite = skip_nonfinite
         self.device = device
         self.decoder_dtype = compute_dtype(precision)
@@ -61,6 +68,7 @@ class TrainStep(StepBase):
             self.graphs_skipped = GRAPHS_NOTE if self.data_parallel else graph_blocker(model)
             if self.graphs_skipped is None:
                 self.graphs = GraphedStep(self)
+                capturable(self.optimizer)
 
     def __call__(self, inputs, targets, state, timer: PhaseTimer):
         if self.graphs is not None:
@@ -102,11 +110,19 @@ class TrainStep(StepBase):
 
     @torch.no_grad()
     def update(self) -> None:
-        """p -= lr * grad over all parameters at once, then drop the gradients (no pass over memory).
+        """p -= lr * grad over all parameters at once, then drop the gradients (no pass over memory); or
+        torch's optimizer step (AdamW, SGD with weight decay).
 
         With ``skip_nonfinite`` the gradients of a non-finite step are zeroed first, in place and on the
-        device (a fill, not a product: 0 * NaN is NaN); they are dropped right after anyway.
+        device (a fill, not a product: 0 * NaN is NaN); they are dropped right after anyway. torch's fused
+        optimizer is told instead (``found_inf``), and leaves weights, moments and step count untouched.
         """
+        if not self.plain_sgd:
+            if self.skip_nonfinite:
+                self.optimizer.found_inf = (~self.finite).float()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         params = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in params]
         if self.skip_nonfinite:
@@ -116,6 +132,16 @@ class TrainStep(StepBase):
         torch._foreach_add_(params, grads, alpha=-self.lr)
         for p in self.params:
             p.grad = None
+
+
+def capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Lets torch's optimizer (AdamW, SGD with weight decay) be captured in the step's CUDA graph: its step
+    counts live on the device and it checks nothing on the host. The few eager steps (warm-up, the short last
+    chunk of an epoch) run correctly with the same setting; torch's warning that an uncaptured capturable step
+    may be slower is expected here, so it is turned off."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    optimizer._warned_capturable_if_run_uncaptured = True
 
 
 def graph_blocker(model: RNNLM) -> str | None:

@@ -139,6 +139,7 @@ def check_vocabulary(payload: dict, corpus, path) -> None:
                           f"pass the same --data as the run used")
 
 
-def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """About how large one checkpoint of this model is (weights; SGD keeps no per-parameter state)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def checkpoint_bytes(model: torch.nn.Module, optimizer_copies: int = 0) -> int:
+    """About how large one checkpoint of this model is: weights, and ``optimizer_copies`` more of them for the
+    optimizer's per-parameter state (AdamW's two moments; SGD keeps none)."""
+    return (1 + optimizer_copies) * sum(p.numel() * p.element_size() for p in model.parameters())

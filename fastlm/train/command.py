@@ -17,7 +17,7 @@ from rich.console import Console
 from fastlm.cells import runs_as
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
-from fastlm.device import describe, resolve_device, use_threads
+from fastlm.device import describe, device_notes, resolve_device, use_threads
 from fastlm.distributed import (
     SINGLE,
     collective_errors,
@@ -29,7 +29,9 @@ from fastlm.distributed import (
 )
 from fastlm.errors import FastlmError
 from fastlm.step import precision_line
+from fastlm.step.optimizer import describe as describe_optimizer
 from fastlm.train.checkpoint import check_writable, load_checkpoint
+from fastlm.train.onnx_export import check_exportable, export_run
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
 from fastlm.train.trainer import Trainer
@@ -89,9 +91,10 @@ def _check_budgets_leave_work(config: RunConfig, payload: dict, run_dir: Path) -
 
 
 def run_training(config: RunConfig, resume_dir: str | None = None, overrides: dict | None = None,
-                 overwrite: bool = False) -> int:
+                 overwrite: bool = False, onnx_export: str | None = None) -> int:
     """Runs `fastlm train`, in one process or as one rank of a torchrun launch (fastlm.distributed); returns
-    the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
+    the exit status (0, or 130/143 after SIGINT/SIGTERM). ``onnx_export``: also write the run's best model there
+    as ONNX at the end (fastlm.train.onnx_export)."""
     payload = changed = None
     if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
         config, payload, changed = resume_config(Path(resume_dir), overrides or {})
@@ -100,18 +103,20 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
         world, device_choice = join(device_choice, config.train.dist_timeout)
     try:
         with collective_errors(world):
-            return _train(config, world, device_choice, resume_dir, payload, changed, overwrite)
+            return _train(config, world, device_choice, resume_dir, payload, changed, overwrite, onnx_export)
     finally:
         leave()
 
 
-def _train(config, world, device_choice, resume_dir, payload, changed, overwrite) -> int:
+def _train(config, world, device_choice, resume_dir, payload, changed, overwrite, onnx_export) -> int:
     m = config.model
     run_dir = on_rank_zero(lambda: config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"), world)
     if payload is None:  # before the corpus loads: say so at once
         on_rank_zero(lambda: check_free_for_a_new_run(run_dir, overwrite), world)
     if config.train.save:
         on_rank_zero(lambda: check_writable(config.train.save, "--save"), world)
+    if onnx_export is not None:  # said before training, not after it
+        check_exportable(config.model)
     device = resolve_device(device_choice)
     use_threads(config.train.threads)
     # One progress display and one log: rank 0's. The others keep theirs in memory.
@@ -125,6 +130,8 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
             folder = RunFolder.new(run_dir, overwrite)
             folder.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
                                  "data_mode_used": corpus.mode, "parameters": counts, "processes": world.size,
+                                 "optimizer_ran": describe_optimizer(trainer.step_fn.optimizer,
+                                                                     trainer.step_fn.plain_sgd),
                                  **describe(device)})
         on_rank_zero(new_folder, world)
         run = RunFolder(run_dir, create=world.main)
@@ -139,14 +146,31 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
                                "step": trainer.global_step, "changed": changed, "processes": world.size})
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
+    for note in device_notes(device, device_choice, config.train.cuda_graphs):
+        display.message(note)
     processes = f" x {world.size} processes" if world.size > 1 else ""
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
                     f"{device}{processes} | {corpus.source} ({len(corpus.vocab):,} words, {corpus.mode}) | {where}")
+    display.message(optimizer_line(trainer.step_fn))
     display.message(f"parameters: {counts['total']:,} (embedding {counts['embedding']:,}, recurrent "
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
                     f"{', its weight tied to the embedding' if m.tied else ''})")
     display.message(precision_line(trainer.step_fn))
     with display:
         result = trainer.fit(run)
+    if onnx_export is not None and world.main:
+        if run.best.is_file():
+            export_run(run.path, onnx_export)
+            display.message(f"best model exported to {onnx_export} (ONNX)")
+        else:
+            display.message("no best model yet (no epoch finished its validation): nothing exported to ONNX")
     display.message(f"run folder: {run.path}")
     return result.exit_status
+
+
+def optimizer_line(step_fn) -> str:
+    """The run header's line on the update: the optimizer and its kernels, and the lr schedule it follows."""
+    ran = describe_optimizer(step_fn.optimizer, step_fn.plain_sgd)
+    betas = f", betas {ran['betas'][0]:g},{ran['betas'][1]:g}" if "betas" in ran else ""
+    return (f"optimizer: {ran['optimizer']} ({ran['optimizer_impl']}), lr {step_fn.lr:g}, weight decay "
+            f"{ran['weight_decay']:g}{betas} | lr /= 4 after each epoch whose validation does not improve")

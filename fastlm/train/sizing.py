@@ -20,6 +20,8 @@ from fastlm.model.loss_chunks import default_chunking
 # Weights, gradients, the snapshot of the last good state and the best model loaded for the final test each
 # hold one copy of the parameters.
 COPIES_WHILE_TRAINING = 4
+# AdamW's two moments per parameter, and their copies in that snapshot (SGD keeps no per-parameter state).
+OPTIMIZER_COPIES = {"sgd": 0, "adamw": 4}
 FLOAT_BYTES = 4
 
 
@@ -65,7 +67,8 @@ def available_bytes(device: torch.device) -> int:
 
 def check_run_fits(config: RunConfig, vocab_size: int, device: torch.device) -> None:
     m, d = config.model, config.data
-    weights = COPIES_WHILE_TRAINING * FLOAT_BYTES * parameter_count(m, vocab_size)
+    copies = COPIES_WHILE_TRAINING + OPTIMIZER_COPIES[config.train.optimizer]
+    weights = copies * FLOAT_BYTES * parameter_count(m, vocab_size)
     activations = FLOAT_BYTES * activation_count(config, vocab_size, device)
     free = available_bytes(device)
     if weights + activations > free:

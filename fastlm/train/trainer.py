@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fastlm.cells import check_runs_on
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer
 from fastlm.device import machine_load
@@ -41,6 +42,8 @@ from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM, map_state
 from fastlm.precision import use_precision
 from fastlm.step import make_train_step, run_step
+from fastlm.step.optimizer import detached_state
+from fastlm.step.optimizer import load_state as load_optimizer_state
 from fastlm.timing import ALLREDUCE, PHASES, STEP, PhaseTimer
 from fastlm.train import checkpoint
 from fastlm.train.checkpoint import load_checkpoint, save_checkpoint
@@ -88,6 +91,7 @@ class Trainer:
         check_run_fits(share, len(corpus.vocab), device)
         use_precision(t.precision)  # the TF32 switches (process-wide); the step does the rest of the precision
         torch.manual_seed(t.seed)
+        check_runs_on(config.model.backend, device.type)
         self.model = RNNLM(len(corpus.vocab), config.model).to(device)
         self.step_fn = make_train_step(self.model, t, world)
         if world.rank:  # the same initial weights on every rank (above), but dropout masks of its own
@@ -116,15 +120,16 @@ class Trainer:
         """The checkpoint of the current state; ``copy`` detaches it from tensors training will update.
         With several processes every rank must call it at the same point (it gathers their hidden states and
         random states), and rank 0's is the one saved."""
-        model = self.model.state_dict()
-        if copy:
+        model, optimizer = self.model.state_dict(), self.step_fn.optimizer.state_dict()
+        if copy:  # AdamW's moments too: the optimizer goes on updating them in place
             model = {name: tensor.detach().clone() for name, tensor in model.items()}
+            optimizer = detached_state(optimizer)
         hidden = self.state
         if self.world.size > 1 and hidden is not None:  # the whole batch's state: every rank's columns
             hidden = map_state(lambda s: gather_columns(s, self.world), hidden)
         rng = checkpoint.rng_state()
         ranks = {"rng_ranks": gather_objects(rng, self.world)} if self.world.size > 1 else {}
-        return {"model": model, "optimizer": self.step_fn.optimizer.state_dict(),
+        return {"model": model, "optimizer": optimizer,
                 "config": self.config.to_dict(), "vocab": list(self.corpus.vocab.idx2word),
                 "vocab_digest": self.corpus.vocab.digest(), "epoch": self.epoch,
                 "batches_done": self.batches_done, "step": self.global_step, "lr": self.step_fn.lr,
@@ -153,7 +158,7 @@ class Trainer:
         checkpoint.check_vocabulary(payload, self.corpus, path)
         try:
             self.model.load_state_dict(payload["model"])
-            self.step_fn.optimizer.load_state_dict(payload["optimizer"])
+            load_optimizer_state(self.step_fn.optimizer, payload["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise FastlmError(f"checkpoint {path} does not fit this model: {first_line(e)}") from None
         self.step_fn.lr = payload["lr"]
@@ -179,7 +184,8 @@ class Trainer:
         on_rank_zero(self._check_room_here, self.world)  # rank 0 writes; every rank hears if it cannot
 
     def _check_room_here(self) -> None:
-        needed = 3 * checkpoint.checkpoint_bytes(self.model)  # best + last + the temporary file of a write
+        moments = 2 if self.config.train.optimizer == "adamw" else 0  # AdamW's exp_avg and exp_avg_sq
+        needed = 3 * checkpoint.checkpoint_bytes(self.model, moments)  # best + last + the temporary file of a write
         free = shutil.disk_usage(self.run.path).free
         if free < needed:
             raise FastlmError(f"run folder {self.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "
