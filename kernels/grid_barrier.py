@@ -39,7 +39,10 @@ only valid when all P programs are resident at once; a program that never got an
 The kernels run at most one program per SM, and the caller (fastlm.cells.triton) checks at launch that
 P <= the SM count (torch.cuda.get_device_properties(...).multi_processor_count; ``grid_reason``) and that
 one program's registers and shared memory, read from the compiled kernel, fit an SM (``resources_reason``;
-the limits from ``device_limits``); otherwise it falls back to the per-step kernels and records why.
+the limits from ``device_limits``); otherwise it falls back to the per-step kernels and records why. The
+launch itself is cooperative where Triton offers it (``launch_options``), so that should the check ever be
+wrong, the driver refuses the launch instead of starting programs that wait for others. The same checks run
+in CI on kernels compiled ahead of time for a 132-SM sm_90 and a 108-SM sm_80 part (tests/test_triton_aot.py).
 Kernels on other streams (NCCL's in data-parallel training) can delay our programs' start, never prevent
 it, unless they themselves wait on this launch.
 
@@ -110,6 +113,29 @@ def first_patience():
     return tl.full([], BARRIER_POLLS, tl.int32)
 
 
+@functools.cache
+def cooperative_launch_accepted() -> bool:
+    """Whether this Triton's CUDA launcher takes ``launch_cooperative_grid`` (a CUDA compile option in Triton
+    3.6 and 3.9, read from its option fields rather than assumed from the version)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__
+
+
+def launch_options(config) -> dict:
+    """The keyword arguments a persistent kernel is launched (and compiled, for the co-residency check) with,
+    for ``config`` (a PersistentConfig): its modes and tiles (``config.meta()``) and, with a grid barrier,
+    ``launch_cooperative_grid=True`` where Triton takes it. A cooperative launch (cuLaunchKernelEx with the
+    cooperative attribute) makes the driver refuse a grid whose programs cannot all be resident at once,
+    an error at launch instead of programs waiting for others that never start."""
+    meta = config.meta()
+    if not config.single_program and cooperative_launch_accepted():
+        meta["launch_cooperative_grid"] = True
+    return meta
+
+
 def barrier_buffer(device) -> torch.Tensor:
     """A zeroed barrier state for one launch: [SYNC_WORDS] int32."""
     return torch.zeros(SYNC_WORDS, dtype=torch.int32, device=device)
@@ -178,4 +204,18 @@ def resources_reason(resources: dict, limits: dict) -> Optional[str]:
     if resources["shared_bytes"] > limits["max_shared_mem"]:
         return (f"one program needs {resources['shared_bytes']} bytes of shared memory, more than the "
                 f"{limits['max_shared_mem']} of an SM")
+    return None
+
+
+def coresidency_reason(programs: int, resources: dict, limits: dict) -> Optional[str]:
+    """None when a grid of ``programs`` programs of kernels that need ``resources`` ({kernel name:
+    ``kernel_resources``}) is resident all at once on a device with ``limits`` (``device_limits``): one program
+    per SM (``grid_reason``) and each program fits an SM (``resources_reason``); else why not."""
+    reason = grid_reason(programs, limits)
+    if reason is not None:
+        return reason
+    for name, needs in resources.items():
+        reason = resources_reason(needs, limits)
+        if reason is not None:
+            return f"{name}: {reason}"
     return None
