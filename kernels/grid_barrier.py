@@ -46,10 +46,12 @@ in CI on kernels compiled ahead of time for a 132-SM sm_90 and a 108-SM sm_80 pa
 Kernels on other streams (NCCL's in data-parallel training) can delay our programs' start, never prevent
 it, unless they themselves wait on this launch.
 
-Timeout. A wait gives up after BARRIER_POLLS polls (each an L2 round trip and two CTA barriers, so well
-over 10 s; long enough for kernels on other streams to make way): it sets word 1, and the program runs on
-without waiting at its later barriers (its results are void already; waiting again would only multiply the
-delay by T). ``check_barrier``, enqueued after the launch, turns a set word 1 into a device-side assert
+Timeout. A wait gives up after BARRIER_POLLS polls (2^24, each an L2 round trip and two CTA barriers: a few
+seconds, within the GPU check's smoke part). A cooperative launch starts every program at once, so a sound
+wait lasts about one step of the slowest program, microseconds; the bound is for a broken one, whose error
+must come before a time limit kills the process and the message with it. A wait that gives up sets word 1,
+and the program runs on without waiting at its later barriers (its results are void already; waiting again
+would only multiply the delay by T). ``check_barrier``, enqueued after the launch, turns a set word 1 into a device-side assert
 (asynchronous: no host sync), so a broken co-residency assumption ends as a CUDA error instead of a hung
 process or silently wrong numbers.
 
@@ -68,7 +70,7 @@ import triton.language as tl
 from fastlm.kernels.common import INTERPRETED
 
 SYNC_WORDS = 2  # [arrivals, timed out]
-BARRIER_POLLS = tl.constexpr(1 << 26)
+BARRIER_POLLS = tl.constexpr(1 << 24)
 
 
 @triton.jit
