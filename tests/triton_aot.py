@@ -31,9 +31,9 @@ import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_cooperative_grid")  # reported with each compile
+
 
 @dataclass(frozen=True)
 class Case:
@@ -105,7 +105,7 @@ def _drive(case: Case) -> None:
     """Runs the launches of ``case`` (see Case) on CPU tensors."""
     import torch
 
-    from fastlm.cells.triton_tiles import LaunchConfig, heuristic_config, persistent_config, TileKey
+    from fastlm.cells.triton_tiles import LaunchConfig, TileKey, heuristic_config, persistent_config
     from fastlm.kernels import gru, lstm, persistent_gru, persistent_lstm
 
     gates = {"lstm": 4, "gru": 3}[case.cell]
@@ -116,7 +116,7 @@ def _drive(case: Case) -> None:
         forward = getattr(module, f"{case.cell}_forward_persistent_steps")
         backward = getattr(module, f"{case.cell}_backward_persistent_steps")
     else:
-        key = TileKey(f"{case.cell}_forward", case.batch, case.hidden, case.dtype, case.tf32)
+        key = TileKey(f"{case.cell}_forward", case.batch, case.hidden, case.dtype, case.tf32)  # backward's alike
         config = heuristic_config(key) if case.tiles is None else LaunchConfig(*case.tiles)
         module = {"lstm": lstm, "gru": gru}[case.cell]
         forward = getattr(module, f"{case.cell}_forward_steps")
@@ -150,11 +150,11 @@ def launches(cases: list[Case], arch: int) -> list[dict]:
     from triton.backends.compiler import GPUTarget
 
     found: dict[str, dict] = {}
-    current: list[str] = []
+    current = {}  # the case being driven
 
     def record(kernel, signature, constexprs, attrs, options):
         if "HAS_NEXT" in kernel.arg_names and not constexprs[(kernel.arg_names.index("HAS_NEXT"),)] \
-                and not current[1].subsets:
+                and not current["case"].subsets:
             return  # the last backward step of a case without subsets
         key = repr((kernel.fn.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()),
                     sorted(options.__dict__.items())))
@@ -162,12 +162,12 @@ def launches(cases: list[Case], arch: int) -> list[dict]:
             "kernel": kernel.fn.__name__, "cases": [], "compile": (kernel, signature, constexprs, attrs, options),
             "constexprs": {kernel.arg_names[path[0]]: value for path, value in constexprs.items()},
             "options": {name: getattr(options, name, None) for name in LAUNCH_OPTIONS}})
-        if current[0] not in entry["cases"]:
-            entry["cases"].append(current[0])
+        if current["case"].label() not in entry["cases"]:
+            entry["cases"].append(current["case"].label())
 
     with _launches_recorded(GPUTarget("cuda", arch, 32), record):
         for case in cases:
-            current[:] = [case.label(), case]
+            current["case"] = case
             _drive(case)
     return list(found.values())
 
