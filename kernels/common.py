@@ -35,6 +35,7 @@ ulp) and division (IEEE) are accurate already, so interpreted kernels get tl.exp
 which pair is used is decided once, at import, from how triton wrapped this module's functions.
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -89,6 +90,38 @@ def _tanh_interpreted(x):
 
 # The interpreter cannot run libdevice; compiled kernels need it for accuracy (see the module docstring).
 INTERPRETED = isinstance(mma, InterpretedFunction)
+
+
+def _numpy_refuses_one_element_index() -> bool:
+    """Whether numpy (>= 2.4) refuses int() of a one-element array that is not 0-dimensional."""
+    try:
+        int(np.zeros(1, dtype=np.int32))
+    except TypeError:
+        return True
+    return False
+
+
+def _index_scalar_arguments_by_their_element() -> None:
+    """Makes the interpreter turn a kernel's scalar arguments into Python ints by their one element.
+
+    The interpreter holds a scalar argument (T, B, H) as a numpy array of shape (1,), and a kernel's
+    ``range(0, H, BLOCK_K)`` asks it for an int: Triton 3.6 does int(array), which numpy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"), so every kernel with a loop failed;
+    later Triton takes the one element (.item()), as this does. Installed in the interpreter's own patch
+    scope, which puts triton.language back after each launch."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_and_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_tensor_and_index
+
+
+if INTERPRETED and _numpy_refuses_one_element_index():
+    _index_scalar_arguments_by_their_element()
 exp = _exp_interpreted if INTERPRETED else _exp_libdevice
 tanh = _tanh_interpreted if INTERPRETED else _tanh_libdevice
 

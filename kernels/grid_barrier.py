@@ -39,14 +39,19 @@ only valid when all P programs are resident at once; a program that never got an
 The kernels run at most one program per SM, and the caller (fastlm.cells.triton) checks at launch that
 P <= the SM count (torch.cuda.get_device_properties(...).multi_processor_count; ``grid_reason``) and that
 one program's registers and shared memory, read from the compiled kernel, fit an SM (``resources_reason``;
-the limits from ``device_limits``); otherwise it falls back to the per-step kernels and records why.
+the limits from ``device_limits``); otherwise it falls back to the per-step kernels and records why. The
+launch itself is cooperative where Triton offers it (``launch_options``), so that should the check ever be
+wrong, the driver refuses the launch instead of starting programs that wait for others. The same checks run
+in CI on kernels compiled ahead of time for a 132-SM sm_90 and a 108-SM sm_80 part (tests/test_triton_aot.py).
 Kernels on other streams (NCCL's in data-parallel training) can delay our programs' start, never prevent
 it, unless they themselves wait on this launch.
 
-Timeout. A wait gives up after BARRIER_POLLS polls (each an L2 round trip and two CTA barriers, so well
-over 10 s; long enough for kernels on other streams to make way): it sets word 1, and the program runs on
-without waiting at its later barriers (its results are void already; waiting again would only multiply the
-delay by T). ``check_barrier``, enqueued after the launch, turns a set word 1 into a device-side assert
+Timeout. A wait gives up after BARRIER_POLLS polls (2^24, each an L2 round trip and two CTA barriers: a few
+seconds, within the GPU check's smoke part). A cooperative launch starts every program at once, so a sound
+wait lasts about one step of the slowest program, microseconds; the bound is for a broken one, whose error
+must come before a time limit kills the process and the message with it. A wait that gives up sets word 1,
+and the program runs on without waiting at its later barriers (its results are void already; waiting again
+would only multiply the delay by T). ``check_barrier``, enqueued after the launch, turns a set word 1 into a device-side assert
 (asynchronous: no host sync), so a broken co-residency assumption ends as a CUDA error instead of a hung
 process or silently wrong numbers.
 
@@ -65,7 +70,7 @@ import triton.language as tl
 from fastlm.kernels.common import INTERPRETED
 
 SYNC_WORDS = 2  # [arrivals, timed out]
-BARRIER_POLLS = tl.constexpr(1 << 26)
+BARRIER_POLLS = tl.constexpr(1 << 24)
 
 
 @triton.jit
@@ -108,6 +113,29 @@ def first_patience():
     """How many polls the first barrier of a launch may wait: BARRIER_POLLS, as an int32 scalar (a value the
     time loop carries and grid_sync may lower to 0)."""
     return tl.full([], BARRIER_POLLS, tl.int32)
+
+
+@functools.cache
+def cooperative_launch_accepted() -> bool:
+    """Whether this Triton's CUDA launcher takes ``launch_cooperative_grid`` (a CUDA compile option in Triton
+    3.6 and 3.9, read from its option fields rather than assumed from the version)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__
+
+
+def launch_options(config) -> dict:
+    """The keyword arguments a persistent kernel is launched (and compiled, for the co-residency check) with,
+    for ``config`` (a PersistentConfig): its modes and tiles (``config.meta()``) and, with a grid barrier,
+    ``launch_cooperative_grid=True`` where Triton takes it. A cooperative launch (cuLaunchKernelEx with the
+    cooperative attribute) makes the driver refuse a grid whose programs cannot all be resident at once,
+    an error at launch instead of programs waiting for others that never start."""
+    meta = config.meta()
+    if not config.single_program and cooperative_launch_accepted():
+        meta["launch_cooperative_grid"] = True
+    return meta
 
 
 def barrier_buffer(device) -> torch.Tensor:
@@ -178,4 +206,18 @@ def resources_reason(resources: dict, limits: dict) -> Optional[str]:
     if resources["shared_bytes"] > limits["max_shared_mem"]:
         return (f"one program needs {resources['shared_bytes']} bytes of shared memory, more than the "
                 f"{limits['max_shared_mem']} of an SM")
+    return None
+
+
+def coresidency_reason(programs: int, resources: dict, limits: dict) -> Optional[str]:
+    """None when a grid of ``programs`` programs of kernels that need ``resources`` ({kernel name:
+    ``kernel_resources``}) is resident all at once on a device with ``limits`` (``device_limits``): one program
+    per SM (``grid_reason``) and each program fits an SM (``resources_reason``); else why not."""
+    reason = grid_reason(programs, limits)
+    if reason is not None:
+        return reason
+    for name, needs in resources.items():
+        reason = resources_reason(needs, limits)
+        if reason is not None:
+            return f"{name}: {reason}"
     return None

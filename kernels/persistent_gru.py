@@ -21,7 +21,13 @@ from fastlm.kernels.common import (
     tile_offsets,
     weight_tile,
 )
-from fastlm.kernels.grid_barrier import barrier_state, check_barrier, first_patience, step_barrier
+from fastlm.kernels.grid_barrier import (
+    barrier_state,
+    check_barrier,
+    first_patience,
+    launch_options,
+    step_barrier,
+)
 from fastlm.kernels.gru import gru_cell_update, gru_gate_gradients, gru_recurrent_chunks
 
 
@@ -146,7 +152,7 @@ def gru_forward_persistent_steps(gi, wt, b_hn, h0, y, saved, config, allow_tf32)
     sync, barrier = barrier_state(gi, config, T)
     gru_forward_persistent[(config.programs,)](
         gi, wt, b_hn, h0, y, gi if saved is None else saved, sync, T, B, H, SAVE=saved is not None,
-        ALLOW_TF32=allow_tf32, **config.meta())
+        ALLOW_TF32=allow_tf32, **launch_options(config))
     if barrier:
         check_barrier(sync)
 
@@ -157,7 +163,7 @@ def gru_backward_persistent_steps(dgh, w_hh, dy, saved, h0, y, dhz, dn, config, 
     check_offsets(B, H, 4)
     sync, barrier = barrier_state(dgh, config, T)
     gru_backward_persistent[(config.programs,)](
-        dgh, w_hh, dy, saved, h0, y, dhz, dn, sync, T, B, H, ALLOW_TF32=allow_tf32, **config.meta())
+        dgh, w_hh, dy, saved, h0, y, dhz, dn, sync, T, B, H, ALLOW_TF32=allow_tf32, **launch_options(config))
     if barrier:
         check_barrier(sync)
 
@@ -170,6 +176,6 @@ def gru_persistent_compiled(B, H, dtype, device, config, allow_tf32):
 
     x, fp32, sync = tensor(dtype), tensor(torch.float32), tensor(torch.int32)
     grid = (config.programs,)
-    meta = dict(ALLOW_TF32=allow_tf32, **config.meta())
+    meta = dict(ALLOW_TF32=allow_tf32, **launch_options(config))
     return {"forward": gru_forward_persistent.warmup(x, x, x, x, x, x, sync, 2, B, H, SAVE=True, grid=grid, **meta),
             "backward": gru_backward_persistent.warmup(x, x, x, x, x, x, fp32, x, sync, 2, B, H, grid=grid, **meta)}

@@ -49,7 +49,13 @@ from fastlm.kernels.common import (
     tile_offsets,
     weight_tile,
 )
-from fastlm.kernels.grid_barrier import barrier_state, check_barrier, first_patience, step_barrier
+from fastlm.kernels.grid_barrier import (
+    barrier_state,
+    check_barrier,
+    first_patience,
+    launch_options,
+    step_barrier,
+)
 from fastlm.kernels.lstm import lstm_cell_update, lstm_gate_gradients, lstm_recurrent_chunks
 
 
@@ -182,7 +188,7 @@ def lstm_forward_persistent_steps(gi, wt, h0, y, c0, cs, gates, config, allow_tf
     sync, barrier = barrier_state(gi, config, T)
     lstm_forward_persistent[(config.programs,)](
         gi, wt, h0, y, c0, cs, gi if gates is None else gates, sync, T, B, H, SAVE_GATES=gates is not None,
-        ALLOW_TF32=allow_tf32, **config.meta())
+        ALLOW_TF32=allow_tf32, **launch_options(config))
     if barrier:
         check_barrier(sync)
 
@@ -193,7 +199,7 @@ def lstm_backward_persistent_steps(dgates, w_hh, dy, dh_n, gates, c0, cs, dc, co
     check_offsets(B, H, 4)
     sync, barrier = barrier_state(dgates, config, T)
     lstm_backward_persistent[(config.programs,)](
-        dgates, w_hh, dy, dh_n, gates, c0, cs, dc, sync, T, B, H, ALLOW_TF32=allow_tf32, **config.meta())
+        dgates, w_hh, dy, dh_n, gates, c0, cs, dc, sync, T, B, H, ALLOW_TF32=allow_tf32, **launch_options(config))
     if barrier:
         check_barrier(sync)
 
@@ -207,7 +213,7 @@ def lstm_persistent_compiled(B, H, dtype, device, config, allow_tf32):
 
     x, fp32, sync = tensor(dtype), tensor(torch.float32), tensor(torch.int32)
     grid = (config.programs,)
-    meta = dict(ALLOW_TF32=allow_tf32, **config.meta())
+    meta = dict(ALLOW_TF32=allow_tf32, **launch_options(config))
     return {"forward": lstm_forward_persistent.warmup(x, x, x, x, fp32, fp32, x, sync, 2, B, H, SAVE_GATES=True,
                                                       grid=grid, **meta),
             "backward": lstm_backward_persistent.warmup(x, x, x, x, x, fp32, fp32, fp32, sync, 2, B, H, grid=grid,

@@ -200,11 +200,12 @@ def test_the_compile_for_the_check_binds_each_kernels_arguments(cell, monkeypatc
 
     module = {"lstm": persistent_lstm, "gru": persistent_gru}[cell]
     config = persistent_config(20, 40, 4, "float32", False, interpreted=False)
-    launch_only = {"grid", "num_warps", "num_stages"}
+    launch_only = {"grid", "num_warps", "num_stages", "launch_cooperative_grid"}
 
     def fake_warmup(kernel):
         def warmup(*args, **kwargs):
             assert kwargs["grid"] == (config.programs,) and kwargs["num_stages"] == 1
+            assert kwargs["launch_cooperative_grid"] is True  # the launch's options: compiled into the kernel
             inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in launch_only})
             return kernel.fn.__name__
         return warmup
@@ -214,6 +215,16 @@ def test_the_compile_for_the_check_binds_each_kernels_arguments(cell, monkeypatc
         monkeypatch.setattr(kernel, "warmup", fake_warmup(kernel), raising=False)
     compiled = getattr(module, f"{cell}_persistent_compiled")(20, 40, torch.float32, "cpu", config, False)
     assert compiled == {"forward": f"{cell}_forward_persistent", "backward": f"{cell}_backward_persistent"}
+
+
+def test_only_launches_with_a_grid_barrier_are_cooperative():
+    """A cooperative launch makes the driver refuse a grid that cannot be resident at once; one program needs
+    no barrier and launches as any kernel."""
+    from fastlm.kernels.grid_barrier import launch_options
+
+    multi, single = (PersistentConfig(LaunchConfig(16, 16, 16), programs, False) for programs in (3, 1))
+    assert launch_options(multi) == {**multi.meta(), "launch_cooperative_grid": True}
+    assert launch_options(single) == single.meta() and "launch_cooperative_grid" not in single.meta()
 
 
 # --- building and reporting ----------------------------------------------------------------------------------

@@ -199,11 +199,7 @@ def _check_residency(cell, config, batch, hidden, dtype, tf32, device, limits) -
         resources = {f"{cell}_{direction}": barrier.kernel_resources(kernel) for direction, kernel in compiled.items()}
     except OutOfResources as error:
         return f"one program does not fit an SM ({first_line(error)})", {}
-    for name, needs in resources.items():
-        reason = barrier.resources_reason(needs, limits)
-        if reason is not None:
-            return f"{name}: {reason}", resources
-    return None, resources
+    return barrier.coresidency_reason(config.programs, resources, limits), resources
 
 
 def allow_tf32(dtype: torch.dtype, interpreted: bool) -> bool:
