@@ -25,7 +25,7 @@ TRAIN_FLAGS = {
     "step": ("train", "step"), "precision": ("train", "precision"), "cuda_graphs": ("train", "cuda_graphs"),
     "skip_nonfinite": ("train", "skip_nonfinite"), "steps_per_epoch": ("train", "steps_per_epoch"),
     "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"), "state": ("train", "state"),
-    "dist_timeout": ("train", "dist_timeout"),
+    "dist_timeout": ("train", "dist_timeout"), "lr_rule": ("train", "lr_rule"),
 }
 
 
@@ -65,6 +65,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "memory); auto (default) streams above 128 MiB of text")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
+    t.add_argument("--lr-rule", dest="lr_rule", default=S, choices=("example", "noise"),
+                   help="when to divide the lr by 4 after an epoch: example (default) when validation did not "
+                        "improve; noise only when it got worse by more than its standard error (short epochs)")
     t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")
     t.add_argument("--epochs", type=int, default=S, help="epochs (40)")
     t.add_argument("--seed", type=int, default=S, help="random seed (1111)")
