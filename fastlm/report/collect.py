@@ -240,5 +240,6 @@ def run_entry(source: Source, varied: list[str], where=str) -> dict:
         "seconds_per_epoch": statistics.fmean(train_seconds) if train_seconds else None,
         "tokens_per_s": statistics.median(rates) if rates else None,
         "timing_unreliable": any(record.get("timing_unreliable") for record in logs),
+        "max_load": max((record["load"] for record in logs if record.get("load") is not None), default=None),
         "diverged": diverged.get("message") if diverged else None,
     }

@@ -42,7 +42,7 @@ REPORT_MD = "report.md"
 PLOTS = "plots"
 # What the report keeps of each sweep.json: its path (relative to the report), design, budget, preset, the
 # command that started it and the wall time its invocations took.
-SWEEP_FIELDS = ("path", "grid", "baseline", "budget", "quick", "preset", "command", "wall_seconds")
+SWEEP_FIELDS = ("path", "grid", "baseline", "budget", "quick", "preset", "command", "wall_seconds", "jobs")
 
 
 def study_baseline(sweeps: list[dict], varied: list[str]) -> Optional[dict]:

@@ -108,6 +108,9 @@ def sweep_notes(sweeps: list[dict]) -> list[str]:
                          f"(sweep {where})")
         if budget.get("max_steps"):
             notes.append(f"budget: at most {budget['max_steps']} steps per run (sweep {where})")
+        if sweep.get("jobs", 1) > 1:
+            notes.append(f"sweep {where} trained up to {sweep['jobs']} points at once: each point's training time "
+                         f"was measured with the others running beside it")
         if sweep.get("preset"):
             notes.append(f"sweep {where} ran the --{sweep['preset']['name']} preset: {sweep['preset']['why']}")
         elif sweep.get("quick"):  # a sweep file written before the presets

@@ -52,12 +52,13 @@ def field_findings(report: dict, field: str) -> list[str]:
     rows = field_groups(report["runs"], field, report["cells"], report["baseline"])
     if len(rows) < 2:
         return [f"{field}: fewer than two values to compare; no finding."]
-    values = [row["value"] for row in rows]
     lines = []
     for cell in report["cells"]:
-        stats = [row["cells"][cell] for row in rows]
-        if not any(s["best_val_ppl"] for s in stats):
+        # The values this cell has results at (an unfinished study may lack some).
+        found = [(row["value"], row["cells"][cell]) for row in rows if row["cells"][cell]["best_val_ppl"]]
+        if len(found) < 2:
             continue
+        values, stats = [value for value, _ in found], [stats for _, stats in found]
         trend = ", ".join(f"{ppl(s['best_val_ppl'])} at {field} {v}" for s, v in zip(stats, values))
         first, last = stats[0], stats[-1]
         change_ppl = compare(first["best_val_ppl"], last["best_val_ppl"])
@@ -68,9 +69,9 @@ def field_findings(report: dict, field: str) -> list[str]:
                           f"({change_time['relative']:+.0%})")
         lines.append(f"{cell_label(cell)}: validation perplexity {trend}. From {field} {values[0]} to {values[-1]}: "
                      f"{verdict(change_ppl, 'perplexity', PPL_WORDS)}{time_words}.")
-    for row, value in zip(rows, values):
-        lines += [f"At {field} {value}: {sentence}." for sentence in pair_sentences(row)]
-    return lines
+    for row in rows:
+        lines += [f"At {field} {row['value']}: {sentence}." for sentence in pair_sentences(row)]
+    return lines or [f"{field}: no cell has results at two of its values yet; no finding."]
 
 
 def tally(groups: list[dict]) -> list[str]:
@@ -105,9 +106,10 @@ def tally(groups: list[dict]) -> list[str]:
 
 def summary(report: dict, groups: list[dict], baseline: Optional[dict]) -> list[str]:
     lines = []
-    base = find_group(groups, baseline) if baseline is not None else None
-    if base is not None:
-        lines.append(f"At the baseline ({setting_text(baseline)}): " + "; ".join(pair_sentences(base)) + ".")
+    base = find_group(groups, baseline or {}) if baseline is not None or not report["varied"] else None
+    if base is not None and base["comparisons"]:
+        where = f"At the baseline ({setting_text(baseline)})" if baseline else "Over the runs"
+        lines.append(f"{where}: " + "; ".join(pair_sentences(base)) + ".")
     lines += tally(groups)
     flagged = sorted({name for group in groups for cell in group["cells"].values() for name in cell["flagged"]})
     if flagged:

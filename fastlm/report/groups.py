@@ -30,8 +30,8 @@ def cell_group(runs: list[dict]) -> dict:
 
 
 def comparisons(cells: dict) -> list[dict]:
-    """Each pair of the cells present (in the report's order), the second against the first."""
-    present = [cell for cell, group in cells.items() if group["runs"]]
+    """Each pair of the cells with results here (in the report's order), the second against the first."""
+    present = [cell for cell, group in cells.items() if group["best_val_ppl"]]
     return [{"cells": [a, b], "val_ppl": compare(cells[a]["best_val_ppl"], cells[b]["best_val_ppl"]),
              "train_seconds": compare(cells[a]["train_seconds"], cells[b]["train_seconds"])}
             for a, b in combinations(present, 2)]

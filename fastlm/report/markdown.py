@@ -119,8 +119,9 @@ def field_lines(report: dict, field: str) -> list[str]:
     header = [field] + [f"{cell_label(cell)} {column}" for cell in report["cells"] for column in (*COLUMNS, "runs")]
     rows = [[str(row["value"])] + [text for cell in report["cells"] for text in summary_cells(row["cells"][cell])]
             for row in report["tables"]["fields"][field]]
-    return [f"## By {field}", "", f"Means over the runs with each {field}, failed runs left out (and counted).", "",
-            *table(header, rows)]
+    over = (f"Means over the runs with each {field}, the other settings at the baseline" if report.get("baseline")
+            else f"Means over the runs with each {field}")
+    return [f"## By {field}", "", f"{over}, failed runs left out (and counted).", "", *table(header, rows)]
 
 
 def unfinished_lines(runs: list[dict]) -> list[str]:
@@ -162,7 +163,7 @@ def study_lines(report: dict) -> list[str]:
     """What was run: the design, the seeds, the preset's choices, the wall time."""
     lines = []
     seeds = sorted({run["seed"] for run in report["runs"] if run["seed"] is not None})
-    if report.get("baseline") is not None:
+    if report.get("baseline"):
         lines.append(f"One setting varied at a time around the baseline {setting_text(report['baseline'])}; "
                      f"{len(seeds)} seed(s) per point ({', '.join(map(str, seeds))}).")
     for sweep in report["sweeps"]:
@@ -171,6 +172,10 @@ def study_lines(report: dict) -> list[str]:
                       f"Why these settings: {sweep['preset']['axes_why']}"]
         if sweep.get("wall_seconds"):
             lines.append(f"The sweep in {sweep['path']} took {sweep['wall_seconds'] / 60:,.1f} minutes of wall time.")
+    loads = [run["max_load"] for run in report["runs"] if run.get("max_load") is not None]
+    if loads:
+        lines.append(f"The machine's load average reached {max(loads):.1f} while the runs trained (runs whose timings "
+                     f"it made unreliable are named under Conditions).")
     return lines
 
 

@@ -121,6 +121,8 @@ def draw_learning_curves(ax, rows: list[dict], cell: str, field: str) -> None:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no run has finished an epoch yet", ha="center", transform=ax.transAxes)
 
 
 def field_figure(plt, report: dict, field: str):
@@ -135,7 +137,7 @@ def field_figure(plt, report: dict, field: str):
     for ax, cell in zip(axes[2:], cells):
         ax.sharey(axes[2])  # the cells' curves on one scale, side by side
         draw_learning_curves(ax, rows, cell, field)
-    where = (" (other settings at the baseline)" if report.get("baseline") else "")
+    where = " (other settings at the baseline)" if report.get("baseline") else ""
     fig.suptitle(f"{cells_phrase(cells) or 'no runs'} by {field}{where}")
     fig.tight_layout()
     return fig

@@ -69,6 +69,8 @@ def run_sweep(options: SweepOptions, console=None) -> int:
     runner = Runner(options.out, devices, options.jobs, state["budget"], on_change=save, on_tick=progress.update)
     signals = _Interrupts(runner)
     started = time.monotonic()
+    if todo:  # how many points trained side by side: their training times were measured so
+        state["jobs"] = max(state.get("jobs", 1), options.jobs)
     with signals:
         runner.run(todo)
     # The study's wall time, over every invocation that ran points (a resumed sweep adds its own).
