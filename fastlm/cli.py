@@ -28,7 +28,7 @@ TRAIN_FLAGS = {
     "step": ("train", "step"), "precision": ("train", "precision"), "cuda_graphs": ("train", "cuda_graphs"),
     "skip_nonfinite": ("train", "skip_nonfinite"), "steps_per_epoch": ("train", "steps_per_epoch"),
     "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"), "state": ("train", "state"),
-    "dist_timeout": ("train", "dist_timeout"),
+    "dist_timeout": ("train", "dist_timeout"), "lr_rule": ("train", "lr_rule"),
 }
 
 
@@ -68,6 +68,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "memory); auto (default) streams above 128 MiB of text")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
+    t.add_argument("--lr-rule", dest="lr_rule", default=S, choices=("example", "noise"),
+                   help="when to divide the lr by 4 after an epoch: example (default) when validation did not "
+                        "improve; noise only when it got worse by more than its standard error (short epochs)")
     t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")
     t.add_argument("--optimizer", default=S, choices=("sgd", "adamw"),
                    help="sgd (default): the example's p -= lr * grad; adamw: torch's AdamW (fused kernels where the "
@@ -268,15 +271,24 @@ def _add_sweep_parser(sub) -> None:
                    help="an axis of the grid: any training setting and its values (repeatable), e.g. nlayers=1,2")
     s.add_argument("--set-cell", dest="cell_settings", action="append", default=[], metavar="CELL:FIELD=VALUE",
                    help="a setting for one cell's points only (repeatable), e.g. gru:lr=5")
-    s.add_argument("--grid", metavar="FILE.toml", default=None, help="cells, [axes] and [per_cell.CELL] from a file")
-    s.add_argument("--jobs", type=int, default=1, help="points trained at once (1)")
+    s.add_argument("--grid", metavar="FILE.toml", default=None,
+                   help="cells, [axes], [per_cell.CELL], design and seeds from a file")
+    s.add_argument("--design", choices=("ofat", "grid"), default=None,
+                   help="ofat (default): a baseline (the train flags' values) and one setting varied at a time; "
+                        "grid: every combination")
+    s.add_argument("--seeds", default=None, metavar="N|S1,S2",
+                   help="train every point with N seeds (from --seed on) or with the seeds listed: replicates whose "
+                        "spread the report compares the cells' differences with")
+    s.add_argument("--jobs", type=int, default=None, help="points trained at once (1; a preset's own)")
     s.add_argument("--devices", type=_names, default=None, metavar="DEV[,DEV]",
                    help="devices the jobs take in turn, e.g. cuda:0,cuda:1 (default: --device)")
     s.add_argument("--max-minutes-per-run", dest="max_minutes_per_run", type=float, default=None, metavar="M",
                    help="pause each point after M minutes of each invocation (its report then says so)")
     s.add_argument("--quick", action="store_true",
-                   help="LSTM against GRU over nlayers 1,2, nhid 100,200 and bptt 20,35 with 3 short epochs "
-                        "(40 batches, evaluated on 20): minutes on a 2-core CPU; flags still override")
+                   help="the LSTM-vs-GRU study in <= 20 minutes on a 2-core CPU (fastlm.sweep.presets says what it "
+                        "runs); flags still override")
+    s.add_argument("--standard", action="store_true",
+                   help="the same study with longer training, <= 2 hours on a 2-core CPU; flags still override")
 
 
 def _add_report_parser(sub) -> None:
@@ -465,25 +477,37 @@ def cmd_bench(args) -> int:
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
-    from fastlm.sweep.command import QUICK_GRID, QUICK_TRAIN, SweepOptions, run_sweep
-    from fastlm.sweep.grid import Grid, add_cell_setting, add_setting, grid_from_toml
+    import shlex
+
+    from fastlm.sweep.command import SweepOptions, run_sweep
+    from fastlm.sweep.grid import Grid, add_cell_setting, add_setting, grid_from_toml, parse_seeds
+    from fastlm.sweep.presets import PRESETS
 
     if hasattr(args, "run_dir"):
         raise FastlmError("--run-dir is not a sweep flag: each point gets a folder under --out")
     if hasattr(args, "max_minutes"):
         raise FastlmError("--max-minutes is per run in a sweep: use --max-minutes-per-run")
-    if args.quick and args.grid:
-        raise FastlmError("--quick is a grid of its own; drop it or --grid")
-    grid = grid_from_toml(args.grid) if args.grid else Grid(**QUICK_GRID) if args.quick else Grid()
+    if args.quick and args.standard:
+        raise FastlmError("--quick and --standard are two presets; choose one")
+    preset = PRESETS["quick" if args.quick else "standard"] if args.quick or args.standard else None
+    if preset and args.grid:
+        raise FastlmError("a preset (--quick, --standard) is a grid of its own; drop it or --grid")
+    grid = grid_from_toml(args.grid) if args.grid else preset.grid() if preset else Grid(design="ofat")
     if args.cells:
         grid.cells = args.cells
+    if args.design:
+        grid.design = args.design
     for text in args.axes:
         add_setting(grid, text)
     for text in args.cell_settings:
         add_cell_setting(grid, text)
-    base = config_from_args(args, preset={"train": QUICK_TRAIN} if args.quick else None)
-    options = SweepOptions(out=Path(args.out), grid=grid, base=base, jobs=args.jobs, devices=args.devices or [],
-                           max_minutes_per_run=args.max_minutes_per_run, quick=args.quick)
+    base = config_from_args(args, preset=preset.settings if preset else None)
+    if args.seeds is not None:
+        grid.seeds = parse_seeds(args.seeds, base.train.seed)
+    options = SweepOptions(out=Path(args.out), grid=grid, base=base, jobs=args.jobs if args.jobs is not None else
+                           preset.jobs if preset else 1, devices=args.devices or [],
+                           max_minutes_per_run=args.max_minutes_per_run, preset=preset.describe() if preset else None,
+                           command=shlex.join(["fastlm", *args.argv]))
     return run_sweep(options)
 
 

@@ -30,6 +30,8 @@ CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 OPTIMIZERS = ("sgd", "adamw")
 # The kernel variants a backend may offer (today the triton backend's); "auto" is every backend's default.
 VARIANTS = ("auto", "per-step", "persistent")
+# When the lr is annealed (fastlm.train.lr_rule says why; kept here too so that reading a config imports no torch).
+LR_RULES = ("example", "noise")
 
 
 @dataclass
@@ -82,6 +84,7 @@ class TrainConfig:
     eval_batches: Optional[int] = None  # evaluate on the first this many batches of valid and test
     threads: Optional[int] = None  # torch's CPU threads (None: torch's default)
     state: str = "carry"  # "reset": every chunk starts from a zero hidden state (the ablation of carrying it)
+    lr_rule: str = "example"  # when to anneal: "example" (no improvement) or "noise" (fastlm.train.lr_rule)
     dist_timeout: float = 300.0  # several processes: seconds a collective waits for a missing process
 
 
@@ -160,6 +163,7 @@ class RunConfig:
         _one_of("--step", t.step, ("fast", "example"))
         _one_of("--state", t.state, ("carry", "reset"))
         _one_of("--precision", t.precision, PRECISIONS)
+        _one_of("--lr-rule", t.lr_rule, LR_RULES)
         if not isinstance(t.cuda_graphs, bool):
             raise FastlmError(f"cuda_graphs must be true or false, got {t.cuda_graphs!r}")
         _at_least("--skip-nonfinite", t.skip_nonfinite, 0)

@@ -163,6 +163,8 @@ def test_jobs_share_the_cores_and_run_points_side_by_side(data, tmp_path):
     for entry in sweep_state(out)["points"]:
         config = json.loads((out / entry["run_dir"] / "config.json").read_text())
         assert config["train"]["threads"] == max(1, cores // 2) and entry["status"] == "done"
+    notes = json.loads((out / "report.json").read_text())["conditions"]["notes"]
+    assert any("up to 2 points at once" in note for note in notes)  # their training times were measured side by side
 
 
 def test_points_paused_by_their_budget_go_on_when_the_budget_grows(data, tmp_path):

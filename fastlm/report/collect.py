@@ -9,6 +9,7 @@ from here, so that each can be recomputed from the run folder it names. Nothing 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ SWEEP_JSON = "sweep.json"
 FAILED = ("failed", "diverged")  # statuses whose figures are left out of the means
 # Config fields that differ between runs without making them different experiments: where a run lives and
 # saves, and what it ran on (the conditions say that). The cell is the report's other dimension.
-NOT_VARIED = {"cell", "run_dir", "save", "device", "threads"}
+NOT_VARIED = {"cell", "run_dir", "save", "device", "threads", "seed"}  # seeds are replicates, not settings
 SECTIONS = ("model", "data", "train")
 
 
@@ -101,6 +102,12 @@ def flat_config(config: Optional[dict]) -> dict:
     return {name: value for section in SECTIONS for name, value in config.get(section, {}).items()}
 
 
+def seed_of(source: Source) -> Optional[int]:
+    if source.point and source.point.get("seed") is not None:
+        return source.point["seed"]
+    return flat_config(source.config).get("seed")
+
+
 def cell_of(source: Source) -> Optional[str]:
     if source.point:
         return source.point.get("cell")
@@ -156,8 +163,8 @@ def epoch_rows(records: list[dict]) -> list[dict]:
     for record in records:
         if record.get("kind") == "epoch":
             rows[record["epoch"]] = {name: record.get(name) for name in
-                                     ("epoch", "val_ppl", "train_seconds", "eval_seconds", "seconds", "lr_next",
-                                      "best")}
+                                     ("epoch", "val_ppl", "val_noise", "train_seconds", "eval_seconds", "seconds",
+                                      "lr_next", "best")}
     return [rows[epoch] for epoch in sorted(rows)]
 
 
@@ -176,8 +183,38 @@ def settings_of(source: Source, varied: list[str]) -> dict:
     return {name: point[name] if name in point else config.get(name) for name in varied}
 
 
-def run_entry(source: Source, varied: list[str]) -> dict:
-    """A run's figures, each from its config.json and metrics.jsonl (see the README's "What a run leaves")."""
+# A log window whose training loss is this much (nats) above the lowest of the windows before it: a spike (the
+# perplexity more than doubled), not the ups and downs of SGD.
+SPIKE_NATS = math.log(2.0)
+
+
+def warning_flags(epochs: list[dict], logs: list[dict]) -> list[str]:
+    """Why a run's figures need a second look: validation that rose beyond its noise after an epoch (the same
+    test as fastlm.train.lr_rule's noise rule; without a recorded noise, any rise), and training-loss spikes."""
+    flags, best = [], None
+    for epoch in epochs:
+        ppl = epoch["val_ppl"]
+        if ppl is None:
+            continue
+        limit = best * math.exp(epoch.get("val_noise") or 0.0) if best is not None else None
+        if limit is not None and ppl > limit:
+            flags.append(f"validation perplexity rose at epoch {epoch['epoch']} ({best:,.1f} -> {ppl:,.1f})")
+        best = ppl if best is None else min(best, ppl)
+    lowest = None
+    for log in logs:
+        loss = log.get("loss")
+        if loss is None or not math.isfinite(loss):
+            continue
+        if lowest is not None and loss > lowest + SPIKE_NATS:
+            flags.append(f"training loss spiked at step {log.get('step')} ({lowest:.2f} -> {loss:.2f} nats)")
+            break  # the first spike says it; the rest follow from it
+        lowest = loss if lowest is None else min(lowest, loss)
+    return flags
+
+
+def run_entry(source: Source, varied: list[str], where=str) -> dict:
+    """A run's figures, each from its config.json and metrics.jsonl (see the README's "What a run leaves");
+    ``where`` writes a folder's path as the report names it."""
     records, config = source.records, source.config or {}
     epochs = epoch_rows(records)
     logs = [record for record in records if record.get("kind") == "log"]
@@ -190,8 +227,9 @@ def run_entry(source: Source, varied: list[str]) -> dict:
     train_seconds = [epoch["train_seconds"] for epoch in epochs if epoch["train_seconds"] is not None]
     val_ppls = [epoch["val_ppl"] for epoch in epochs if epoch["val_ppl"] is not None]
     return {
-        "name": source.name, "run_dir": str(source.run_dir), "sweep": str(source.sweep) if source.sweep else None,
-        "cell": cell_of(source), "settings": settings_of(source, varied), "status": status, "reason": reason,
+        "name": source.name, "run_dir": where(source.run_dir), "sweep": where(source.sweep) if source.sweep else None,
+        "cell": cell_of(source), "settings": settings_of(source, varied), "seed": seed_of(source),
+        "status": status, "reason": reason, "flags": warning_flags(epochs, logs),
         "parameters": config.get("parameters"), "epochs": epochs,
         "best_val_ppl": min(val_ppls) if val_ppls else None,
         "test_ppl": test.get("test_ppl") if test else None,
@@ -202,5 +240,6 @@ def run_entry(source: Source, varied: list[str]) -> dict:
         "seconds_per_epoch": statistics.fmean(train_seconds) if train_seconds else None,
         "tokens_per_s": statistics.median(rates) if rates else None,
         "timing_unreliable": any(record.get("timing_unreliable") for record in logs),
+        "max_load": max((record["load"] for record in logs if record.get("load") is not None), default=None),
         "diverged": diverged.get("message") if diverged else None,
     }

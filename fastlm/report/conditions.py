@@ -9,11 +9,14 @@ on the runs that diverged, failed or did not finish.
 
 from __future__ import annotations
 
+import re
+from pathlib import PurePosixPath
+
 from fastlm.report.collect import FAILED, NOT_VARIED, Source, flat_config, planned_epochs, value_key
 
 MACHINE = ("device", "device_name", "threads", "torch", "cuda", "cudnn", "triton", "git_sha", "host")
-SETTINGS = ("backend", "precision", "step", "seed", "data_source", "epochs", "steps_per_epoch", "eval_batches",
-            "batch_size", "eval_batch_size")
+SETTINGS = ("backend", "precision", "step", "decoder", "seed", "data_source", "epochs", "steps_per_epoch",
+            "eval_batches", "batch_size", "eval_batch_size", "lr_rule")
 INCOMPLETE = ("pending", "running", "interrupted")
 
 
@@ -25,9 +28,19 @@ def distinct(values) -> list:
     return list(seen.values())
 
 
+def without_paths(text):
+    """A description with each absolute path cut to its last part: a report names no folder of the machine it
+    was made on ("Wikitext-2 from FASTLM_WIKITEXT2=wikitext-2")."""
+    if not isinstance(text, str):
+        return text
+    return re.sub(r"(?<![\w.])/[^\s,;:()'\"]+", lambda match: PurePosixPath(match.group()).name or "/", text)
+
+
 def setting(source: Source, name: str):
     """One condition of a run, from its config.json."""
-    if name in MACHINE or name == "data_source":
+    if name == "data_source":
+        return without_paths(source.config.get(name))
+    if name in MACHINE:
         return source.config.get(name)
     if name == "epochs":
         return planned_epochs(source.config)
@@ -95,7 +108,12 @@ def sweep_notes(sweeps: list[dict]) -> list[str]:
                          f"(sweep {where})")
         if budget.get("max_steps"):
             notes.append(f"budget: at most {budget['max_steps']} steps per run (sweep {where})")
-        if sweep.get("quick"):
+        if sweep.get("jobs", 1) > 1:
+            notes.append(f"sweep {where} trained up to {sweep['jobs']} points at once: each point's training time "
+                         f"was measured with the others running beside it")
+        if sweep.get("preset"):
+            notes.append(f"sweep {where} ran the --{sweep['preset']['name']} preset: {sweep['preset']['why']}")
+        elif sweep.get("quick"):  # a sweep file written before the presets
             notes.append(f"sweep {where} ran with --quick: a small grid of short epochs that finishes in minutes, "
                          f"not a full-length comparison")
     return notes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from fastlm.report.conditions import MACHINE, SETTINGS
+from fastlm.report.findings import setting_text
 from fastlm.report.tables import cell_label, cells_phrase
 
 MISSING = "—"
@@ -19,10 +20,12 @@ LABELS = {"device": "device", "device_name": "device name", "threads": "CPU thre
           "backend": "backend",
           "precision": "precision", "step": "training step", "seed": "seed", "data_source": "data",
           "epochs": "epochs", "steps_per_epoch": "batches per epoch", "eval_batches": "evaluation batches",
-          "batch_size": "batch size", "eval_batch_size": "evaluation batch size", "lr": "initial lr"}
+          "batch_size": "batch size", "eval_batch_size": "evaluation batch size", "lr": "initial lr",
+          "decoder": "decoder", "lr_rule": "lr rule (when to divide it by 4)"}
 PRECISION = {"fp32": "fp32, exact (TF32 off)", "tf32": "tf32 (fp32 with TF32 GEMMs and recurrence)",
              "bf16": "bf16 with fp32 master weights"}
-WHEN_NONE = {"steps_per_epoch": "full passes over the training split", "eval_batches": "the whole splits"}
+WHEN_NONE = {"steps_per_epoch": "full passes over the training split", "eval_batches": "the whole splits",
+             "lr_rule": "example"}
 COLUMNS = ("best val ppl", "val ppl after each epoch", "test ppl", "s/epoch", "tokens/s", "parameters")
 
 
@@ -116,8 +119,9 @@ def field_lines(report: dict, field: str) -> list[str]:
     header = [field] + [f"{cell_label(cell)} {column}" for cell in report["cells"] for column in (*COLUMNS, "runs")]
     rows = [[str(row["value"])] + [text for cell in report["cells"] for text in summary_cells(row["cells"][cell])]
             for row in report["tables"]["fields"][field]]
-    return [f"## By {field}", "", f"Means over the runs with each {field}, failed runs left out (and counted).", "",
-            *table(header, rows)]
+    over = (f"Means over the runs with each {field}, the other settings at the baseline" if report.get("baseline")
+            else f"Means over the runs with each {field}")
+    return [f"## By {field}", "", f"{over}, failed runs left out (and counted).", "", *table(header, rows)]
 
 
 def unfinished_lines(runs: list[dict]) -> list[str]:
@@ -145,10 +149,83 @@ def title(report: dict) -> str:
     return f"# fastlm report: {cells}{over}"
 
 
+def spread_text(stats, digits: int = 0, unit: str = "") -> str:
+    """"412 +- 9 (403-421)"; one run: its value."""
+    if stats is None:
+        return MISSING
+    text = f"{stats['mean']:,.{digits}f}{unit}"
+    if stats["n"] > 1:
+        text += f" +- {stats['std']:,.{digits}f} ({stats['min']:,.{digits}f}-{stats['max']:,.{digits}f})"
+    return text
+
+
+def study_lines(report: dict) -> list[str]:
+    """What was run: the design, the seeds, the preset's choices, the wall time."""
+    lines = []
+    seeds = sorted({run["seed"] for run in report["runs"] if run["seed"] is not None})
+    if report.get("baseline"):
+        lines.append(f"One setting varied at a time around the baseline {setting_text(report['baseline'])}; "
+                     f"{len(seeds)} seed(s) per point ({', '.join(map(str, seeds))}).")
+    for sweep in report["sweeps"]:
+        if sweep.get("preset"):
+            lines += [f"Preset --{sweep['preset']['name']}: {sweep['preset']['why']}",
+                      f"Why these settings: {sweep['preset']['axes_why']}"]
+        if sweep.get("wall_seconds"):
+            lines.append(f"The sweep in {sweep['path']} took {sweep['wall_seconds'] / 60:,.1f} minutes of wall time.")
+    loads = [run["max_load"] for run in report["runs"] if run.get("max_load") is not None]
+    if loads:
+        lines.append(f"The machine's load average reached {max(loads):.1f} while the runs trained (runs whose timings "
+                     f"it made unreliable are named under Conditions).")
+    return lines
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = ["## Summary", "", *study_lines(report), ""]
+    lines += [f"- {sentence}" for sentence in report["findings"]["summary"]]
+    commands = [sweep["command"] for sweep in report["sweeps"] if sweep.get("command")]
+    if commands:
+        lines += ["", "Reproduce with:", "", "```", *commands, "```"]
+    return lines + [""]
+
+
+def findings_lines(report: dict) -> list[str]:
+    lines = ["## Findings", "",
+             "Validation perplexity is each run's best (the model it keeps), training time its epochs' training "
+             "seconds in all; +- is the standard error of a difference over the seeds. A difference is beyond "
+             "seed noise when it exceeds twice that and the seeds' ranges do not overlap.", ""]
+    for field, sentences in report["findings"]["fields"].items():
+        lines += [f"### {field}", "", *[f"- {sentence}" for sentence in sentences], ""]
+    return lines
+
+
+def groups_lines(report: dict) -> list[str]:
+    header = [*report["varied"]] + [f"{cell_label(cell)} {column}" for cell in report["cells"]
+                                    for column in ("best val ppl", "training s", "seeds")] + ["flagged"]
+    rows = []
+    for group in report["groups"]:
+        cells = group["cells"]
+        flagged = [name for cell in cells.values() for name in cell["flagged"]]
+        rows.append([str(group["settings"].get(field)) for field in report["varied"]]
+                    + [text for cell in report["cells"] for text in (
+                        spread_text(cells[cell]["best_val_ppl"], 1), spread_text(cells[cell]["train_seconds"], 0),
+                        str(len(cells[cell]["seeds"])) + (f" ({len(cells[cell]['failed'])} failed)"
+                                                          if cells[cell]["failed"] else ""))]
+                    + [", ".join(flagged) or ""])
+    return ["## Points over seeds", "", "Mean +- standard deviation (min-max) over each point's seeds.", "",
+            *table(header, rows), ""]
+
+
+def flagged_lines(runs: list[dict]) -> list[str]:
+    flagged = [f"- `{run['name']}`: {'; '.join(run['flags'])}" for run in runs if run["flags"]]
+    return ["## Flagged runs", "", *(flagged or ["No run's validation rose beyond its noise and no loss spiked."]),
+            ""]
+
+
 def render(report: dict) -> str:
     """report.md's text; ``report["plots"]`` (paths relative to the report) is linked when present."""
     lines = [title(report), "", f"{len(report['runs'])} runs from {', '.join(report['sources'])}.", "",
-             *conditions_lines(report["conditions"]), *points_lines(report)]
+             *summary_lines(report), *findings_lines(report), *conditions_lines(report["conditions"]),
+             *groups_lines(report), *flagged_lines(report["runs"]), *points_lines(report)]
     for field in report["varied"]:
         lines += field_lines(report, field)
     lines += unfinished_lines(report["runs"])

@@ -73,8 +73,17 @@ def field_values(runs: list[dict], field: str) -> list:
     return sorted(seen.values(), key=sort_key)
 
 
-def field_table(runs: list[dict], field: str, cells: list[str]) -> list[dict]:
+def at_baseline(run: dict, baseline: Optional[dict], but: str) -> bool:
+    """The run has every varied field but ``but`` at its baseline value (no baseline: any run does)."""
+    return baseline is None or all(value_key(run["settings"].get(name)) == value_key(value)
+                                   for name, value in baseline.items() if name != but and name in run["settings"])
+
+
+def field_table(runs: list[dict], field: str, cells: list[str], baseline: Optional[dict] = None) -> list[dict]:
+    """A row per value of ``field``: with a baseline, over the runs whose other fields are at the baseline (the
+    one-factor-at-a-time reading); without, over all the runs with that value."""
     rows = []
+    runs = [run for run in runs if at_baseline(run, baseline, field)]
     for value in field_values(runs, field):
         matching = [run for run in runs if value_key(run["settings"].get(field)) == value_key(value)]
         rows.append({"value": value, "cells": {cell: cell_summary([run for run in matching if run["cell"] == cell])
@@ -82,8 +91,9 @@ def field_table(runs: list[dict], field: str, cells: list[str]) -> list[dict]:
     return rows
 
 
-def field_tables(runs: list[dict], varied: list[str], cells: list[str]) -> dict[str, list[dict]]:
-    return {field: field_table(runs, field, cells) for field in varied}
+def field_tables(runs: list[dict], varied: list[str], cells: list[str],
+                 baseline: Optional[dict] = None) -> dict[str, list[dict]]:
+    return {field: field_table(runs, field, cells, baseline) for field in varied}
 
 
 def point_entry(run: dict) -> dict:

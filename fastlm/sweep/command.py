@@ -30,11 +30,6 @@ FORMAT, VERSION = "fastlm-sweep", 1
 FINISHED = ("done", "failed")
 BUDGET_FIELDS = ("max_steps", "max_minutes")
 
-# --quick: an LSTM-vs-GRU grid over three fields that a 2-core CPU finishes on Wikitext-2 in minutes. Its epochs
-# are short (--steps-per-epoch) and evaluated on the first batches of valid and test (--eval-batches); the
-# report says so.
-QUICK_GRID = {"cells": ["lstm", "gru"], "axes": {"nlayers": [1, 2], "nhid": [100, 200], "bptt": [20, 35]}}
-QUICK_TRAIN = {"epochs": 3, "steps_per_epoch": 40, "eval_batches": 20, "log_interval": 20}
 
 
 @dataclass
@@ -45,7 +40,8 @@ class SweepOptions:
     jobs: int = 1
     devices: list[str] = field(default_factory=list)  # default: the base's device
     max_minutes_per_run: Optional[float] = None
-    quick: bool = False
+    preset: Optional[dict] = None  # the preset's description (fastlm.sweep.presets), or None
+    command: Optional[str] = None  # the command line that started it, for the report to quote
 
 
 def run_sweep(options: SweepOptions, console=None) -> int:
@@ -58,7 +54,7 @@ def run_sweep(options: SweepOptions, console=None) -> int:
         raise FastlmError(f"--max-minutes-per-run must be positive, got {options.max_minutes_per_run}")
     devices = options.devices or [base.train.device]
     _share_cores(base, devices, options.jobs)
-    planned = points(grid)
+    planned = points(grid, base)
     configs = {point.name: point.config(base, grid.per_cell) for point in planned}  # refuses bad settings now
     state = _open(options.out, grid, base, planned, options)
     entries = {entry["name"]: entry for entry in state["points"]}
@@ -72,8 +68,13 @@ def run_sweep(options: SweepOptions, console=None) -> int:
 
     runner = Runner(options.out, devices, options.jobs, state["budget"], on_change=save, on_tick=progress.update)
     signals = _Interrupts(runner)
+    started = time.monotonic()
+    if todo:  # how many points trained side by side: their training times were measured so
+        state["jobs"] = max(state.get("jobs", 1), options.jobs)
     with signals:
         runner.run(todo)
+    # The study's wall time, over every invocation that ran points (a resumed sweep adds its own).
+    state["wall_seconds"] = state.get("wall_seconds", 0.0) + (time.monotonic() - started if todo else 0.0)
     _write(options.out, state)
     progress.finish()
     _write_report(options.out, progress)
@@ -115,7 +116,7 @@ def _open(out: Path, grid: Grid, base: RunConfig, planned, options: SweepOptions
         state = json.loads(path.read_text(encoding="utf-8"))
         if state.get("format") != FORMAT:
             raise FastlmError(f"{path} is not a fastlm sweep file; choose another --out")
-        before = _identity(state["grid"], state["base"])
+        before = _identity(Grid.from_dict(state["grid"]).to_dict(), state["base"])
         if before != identity:
             raise FastlmError(f"{out} holds a sweep over another grid or base settings "
                               f"({_difference(before, identity)}); run the same command to continue it, or "
@@ -125,10 +126,12 @@ def _open(out: Path, grid: Grid, base: RunConfig, planned, options: SweepOptions
     if out.exists() and any(out.iterdir()):
         raise FastlmError(f"{out} exists and is not a sweep folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    entries = [{"name": p.name, "cell": p.cell, "settings": p.settings, "run_dir": f"points/{p.name}",
-                "status": "pending", "reason": None, "exit_status": None} for p in planned]
+    entries = [{"name": p.name, "cell": p.cell, "settings": p.settings, "seed": base.train.seed if p.seed is None else p.seed,
+                "run_dir": f"points/{p.name}", "status": "pending", "reason": None, "exit_status": None}
+               for p in planned]
     state = {"format": FORMAT, "version": VERSION, "grid": grid.to_dict(), "base": base.to_dict(),
-             "budget": budget, "quick": options.quick, "points": entries}
+             "baseline": grid.baseline(base), "budget": budget,
+             "preset": options.preset, "command": options.command, "points": entries}
     _write(out, state)
     return state
 

@@ -47,6 +47,7 @@ from fastlm.step.optimizer import load_state as load_optimizer_state
 from fastlm.timing import ALLREDUCE, PHASES, STEP, PhaseTimer
 from fastlm.train import checkpoint
 from fastlm.train.checkpoint import load_checkpoint, save_checkpoint
+from fastlm.train.lr_rule import anneals, validation_noise
 from fastlm.train.progress import TrainDisplay, perplexity
 from fastlm.train.run_folder import RunFolder
 from fastlm.train.signals import StopRequest
@@ -114,6 +115,7 @@ class Trainer:
         self.epoch_train_seconds = 0.0  # spent training the current epoch, across pauses and resumes
         self._warned_load = False
         self.last_val_loss: Optional[float] = None  # of the latest epoch end in this process
+        self.last_eval_noise: Optional[float] = None  # standard error of the latest evaluation (fastlm.train.lr_rule)
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, copy: bool = False) -> dict:
@@ -242,7 +244,8 @@ class Trainer:
         self.model.eval()
         limit = self.evaluation_batches(stream, batches)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
+        squares = torch.zeros((), device=self.device, dtype=torch.float64)  # of batch losses: the noise
+        count = batches_seen = 0
         state = self.model.init_state(self.eval_batch_size)
         with torch.no_grad(), self.display.evaluating(split, limit) as advance:
             for index, inputs, targets in stream.iterate(0, limit):
@@ -252,15 +255,21 @@ class Trainer:
                 if self.config.train.state == "reset":
                     state = self.model.init_state(self.eval_batch_size)
                 hidden, state = self.model(inputs, state)
-                total += self.model.loss(hidden, targets).double() * targets.numel()
+                batch_loss = self.model.loss(hidden, targets).double()
+                total += batch_loss * targets.numel()
+                squares += batch_loss * batch_loss * targets.numel()
                 count += targets.numel()
+                batches_seen += 1
                 advance(index + 1)
         self.model.train()
         if self.world.size > 1:
-            sums = torch.stack([total, torch.tensor(float(count), device=self.device, dtype=torch.float64)])
-            total, count = sum_(sums, self.world).tolist()
-            return total / count
-        return total.item() / count
+            sums = torch.stack([total, squares, torch.tensor(float(count), device=self.device, dtype=torch.float64)])
+            total, squares, count = sum_(sums, self.world).tolist()
+            batches_seen *= self.world.size  # each rank's share of a batch counts as a batch of its own
+        else:
+            total, squares = total.item(), squares.item()
+        self.last_eval_noise = validation_noise(total, squares, count, batches_seen)
+        return total / count
 
     def evaluation_batches(self, stream: BatchStreamer, batches: Optional[int] = None) -> int:
         """How many of a split's batches an evaluation takes: ``batches`` or --eval-batches, at most the split
@@ -386,13 +395,14 @@ class Trainer:
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "val_loss": val_loss,
                   "val_ppl": perplexity(val_loss), "seconds": train_seconds + eval_seconds,
-                  "train_seconds": train_seconds, "eval_seconds": eval_seconds, "best": improved}
+                  "train_seconds": train_seconds, "eval_seconds": eval_seconds, "best": improved,
+                  "val_noise": self.last_eval_noise}
         self.epoch, self.batches_done, self.epoch_train_seconds = self.epoch + 1, 0, 0.0
         if improved:
             self.best_val_loss = val_loss
             payload = self._payload()
             on_rank_zero(lambda: save_checkpoint(self.run.best, payload), self.world)
-        else:
+        elif anneals(self.config.train.lr_rule, val_loss, self.best_val_loss, self.last_eval_noise):
             self.step_fn.lr /= 4.0
         record["lr_next"] = self.step_fn.lr
         self._append_metrics(record)
