@@ -145,6 +145,9 @@ class RunConfig:
             _at_least("--max-steps", t.max_steps, 1)
         if t.max_minutes is not None:
             _positive("--max-minutes", t.max_minutes)
+        for flag, value in (("--run-dir", t.run_dir), ("--save", t.save)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise FastlmError(f"{flag} must name a path, got {value!r}")
         _positive("--save-minutes", t.save_minutes)
         _positive("--dist-timeout", t.dist_timeout)
         if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):

@@ -10,6 +10,7 @@ A new run is refused a folder that already holds a run, unless ``--overwrite``.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -29,8 +30,15 @@ from fastlm.distributed import (
 )
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import check_writable, load_checkpoint
+from fastlm.train.lock import FolderLock
 from fastlm.train.progress import TrainDisplay
-from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
+from fastlm.train.run_folder import (
+    RunFolder,
+    check_free_for_a_new_run,
+    final_test_recorded,
+    never_saved,
+    unique_run_dir,
+)
 from fastlm.train.trainer import Trainer
 
 RESUME_MAY_CHANGE = {
@@ -51,6 +59,9 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
     ``--resume run_dir`` with these flag overrides."""
     last = Path(run_dir) / "last.pt"
     if not last.is_file():
+        if never_saved(run_dir):
+            raise FastlmError(f"cannot resume {run_dir}: its run stopped before its first checkpoint, so there is "
+                              f"nothing to continue; start it again with its flags and --run-dir {run_dir}")
         raise FastlmError(f"cannot resume {run_dir}: it has no last.pt (is it a fastlm run folder?)")
     payload = load_checkpoint(last)
     config = RunConfig.from_dict(payload["config"], origin=f"checkpoint {last}")
@@ -62,12 +73,18 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
                 flag = "--" + name.replace("_", "-")
                 raise FastlmError(f"{flag} {value} differs from the run being resumed ({run_dir} was trained with "
                                   f"{saved[section][name]}); drop the flag or start a new run")
+    other = overrides.get("train", {}).get("run_dir")
+    if other is not None and os.path.abspath(other) != os.path.abspath(run_dir):
+        raise FastlmError(f"--resume {run_dir} continues the run in its own folder, and --run-dir {other} names "
+                          f"another: drop --run-dir (to continue the run elsewhere, copy its folder and resume the "
+                          f"copy)")
     for name in BUDGETS:
         setattr(config.train, name, None)
     config.update(overrides, origin="command line")
     config.train.run_dir = str(run_dir)
     config.validate()
-    _check_budgets_leave_work(config, payload, run_dir)
+    if not _only_the_test_is_missing(config, payload, run_dir):
+        _check_budgets_leave_work(config, payload, run_dir)
     changed = {name: [saved["train"][name], value] for name, value in overrides.get("train", {}).items()
                if name not in ("run_dir", *BUDGETS) and saved["train"][name] != value}
     # Model flags that differ were refused above; the data's place may move.
@@ -76,12 +93,21 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
     return config, payload, changed
 
 
+def _only_the_test_is_missing(config: RunConfig, payload: dict, run_dir: Path) -> bool:
+    """The run trained all its epochs but was killed before it tested its best model (its metrics hold no test
+    record at its last step): resuming it finishes that, and trains nothing."""
+    done_epochs = payload["epoch"] - 1
+    planned = 1 if config.train.dry_run else config.train.epochs
+    return done_epochs == planned and payload["batches_done"] == 0 and not final_test_recorded(run_dir, payload["step"])
+
+
 def _check_budgets_leave_work(config: RunConfig, payload: dict, run_dir: Path) -> None:
     """A resume whose --epochs or --max-steps is already reached would do nothing: say so instead."""
     done_epochs, steps = payload["epoch"] - 1, payload["step"]
     if config.train.epochs <= done_epochs:
-        raise FastlmError(f"{run_dir} has finished {done_epochs} epoch(s), so --epochs {config.train.epochs} leaves "
-                          f"nothing to train; give --epochs {done_epochs + 1} or more")
+        tested = " and tested its best model" if final_test_recorded(run_dir, steps) else ""
+        raise FastlmError(f"{run_dir} has finished {done_epochs} epoch(s){tested}, so --epochs {config.train.epochs} "
+                          f"leaves nothing to train; give --epochs {done_epochs + 1} or more")
     if config.train.max_steps is not None and config.train.max_steps <= steps:
         raise FastlmError(f"{run_dir} has done {steps} steps, so --max-steps {config.train.max_steps} leaves nothing "
                           f"to train; give --max-steps {steps + 1} or more (it counts all steps), or none")
@@ -92,21 +118,41 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
     """Runs `fastlm train`, in one process or as one rank of a torchrun launch (fastlm.distributed); returns
     the exit status (0, or 130/143 after SIGINT/SIGTERM)."""
     payload = changed = None
-    if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
-        config, payload, changed = resume_config(Path(resume_dir), overrides or {})
-    world, device_choice = SINGLE, config.train.device
-    if launched_by_torchrun():
-        world, device_choice = join(device_choice, config.train.dist_timeout)
+    lock = None
+    if resume_dir is not None and not Path(resume_dir).is_dir():
+        raise FastlmError(f"cannot resume {resume_dir}: there is no such folder")
+    # One writer per run folder: the process that writes it (rank 0 of several) holds its lock from before it
+    # reads anything in it until the run ends.
+    run_dir = None
+    if _writes_the_run_folder():
+        m = config.model if config is not None else None
+        run_dir = resume_dir or config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}")
+        lock = FolderLock(run_dir).acquire()
     try:
-        with collective_errors(world):
-            return _train(config, world, device_choice, resume_dir, payload, changed, overwrite)
+        if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
+            config, payload, changed = resume_config(Path(resume_dir), overrides or {})
+        world, device_choice = SINGLE, config.train.device
+        if launched_by_torchrun():
+            world, device_choice = join(device_choice, config.train.dist_timeout)
+        try:
+            with collective_errors(world):
+                return _train(config, world, device_choice, run_dir, resume_dir, payload, changed, overwrite)
+        finally:
+            leave()
     finally:
-        leave()
+        if lock is not None:
+            lock.release()
 
 
-def _train(config, world, device_choice, resume_dir, payload, changed, overwrite) -> int:
+def _writes_the_run_folder() -> bool:
+    """One process, or rank 0 of a torchrun launch (read from torchrun's environment, before joining)."""
+    return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
+
+
+def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, overwrite) -> int:
     m = config.model
-    run_dir = on_rank_zero(lambda: config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"), world)
+    held = run_dir  # rank 0's (it holds the folder's lock); the others learn it here
+    run_dir = on_rank_zero(lambda: str(held), world)
     if payload is None:  # before the corpus loads: say so at once
         on_rank_zero(lambda: check_free_for_a_new_run(run_dir, overwrite), world)
     if config.train.save:

@@ -33,13 +33,24 @@ def unique_run_dir(root: str | Path, label: str) -> Path:
 RUN_FILES = ("config.json", "metrics.jsonl", "best.pt", "last.pt")
 
 
+CHECKPOINTS = ("best.pt", "last.pt")
+
+
 def check_free_for_a_new_run(path: str | Path, overwrite: bool) -> None:
-    """Refuses ``path`` when it holds a run, unless ``overwrite``; touches nothing."""
+    """Refuses ``path`` when it holds a run, unless ``overwrite``; touches nothing. A run that ended before its
+    first checkpoint (nothing to resume) does not hold the folder: a new run replaces its files. (A run still
+    going holds the folder's lock, fastlm.train.lock, so it is never taken for such a one.)"""
     path = Path(path)
     held = [name for name in RUN_FILES if (path / name).exists()]
-    if held and not overwrite:
+    if held and not overwrite and any(name in held for name in CHECKPOINTS):
         raise FastlmError(f"{path} already holds a run ({', '.join(held)}): continue it with --resume {path}, choose "
                           f"another --run-dir, or pass --overwrite to replace it")
+
+
+def never_saved(path: str | Path) -> bool:
+    """``path`` holds the files of a run that stopped before its first checkpoint."""
+    path = Path(path)
+    return (path / "config.json").exists() and not any((path / name).exists() for name in CHECKPOINTS)
 
 
 class RunFolder:
@@ -49,7 +60,7 @@ class RunFolder:
         files (nothing else in the folder)."""
         path = Path(path)
         check_free_for_a_new_run(path, overwrite)
-        for name in RUN_FILES:
+        for name in RUN_FILES:  # another run's (--overwrite), or one's that ended before its first checkpoint
             (path / name).unlink(missing_ok=True)
         for partial in path.glob(".*.pt.*.tmp"):  # a checkpoint write that a crash cut short
             partial.unlink()
@@ -86,3 +97,27 @@ class RunFolder:
         config.setdefault("resumes", []).append({key: value for key, value in record.items() if key != "kind"})
         self.write_config(config)
         self.append_metrics(record)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """metrics.jsonl's records: a missing file is none, and a line that is not a JSON object (cut short by a
+    kill, or damaged) is skipped, as are bytes that are not UTF-8."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("kind"), str):
+            records.append(record)
+    return records
+
+
+def final_test_recorded(path: str | Path, step: int) -> bool:
+    """The run in ``path`` recorded the test of its best model at ``step`` (its last checkpoint's)."""
+    return any(record["kind"] == "test" and record.get("step") == step
+               for record in read_records(Path(path) / "metrics.jsonl"))
