@@ -50,15 +50,21 @@ def describe_os_error(error: OSError) -> str:
     return f"{where}: {reason}" if where is not None else f"{reason}"
 
 
-def check_output_file(path, flag: str) -> Path:
-    """Refuses, before any work, an output file that cannot be created: a folder, a missing parent folder, a
-    parent that is a file, or one that may not be written. Returns the path."""
+def check_output_file(path, flag: str, create_parents: bool = False) -> Path:
+    """Refuses, before any work, an output file that cannot be created: a folder, a missing parent folder (made
+    instead with ``create_parents``), a parent that is a file, or one that may not be written. Returns the path."""
     path = Path(path)
     if str(path) == "":
         raise FastlmError(f"{flag} is empty: name a file")
     if path.is_dir():
         raise FastlmError(f"{flag} {path}: it is a folder, not a file: name a file")
     parent = path.parent
+    if create_parents:
+        existing = next((p for p in (parent, *parent.parents) if p.exists() or p.is_symlink()), None)
+        if existing is not None and not existing.is_dir():
+            raise FastlmError(f"{flag} {path}: {existing} is not a folder")
+        with writing(parent, flag, "cannot create"):
+            parent.mkdir(parents=True, exist_ok=True)
     if not parent.exists():
         raise FastlmError(f"{flag} {path}: its folder {parent} does not exist: create it first or choose another path")
     if not parent.is_dir():

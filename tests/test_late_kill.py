@@ -43,7 +43,7 @@ def test_sigkill_during_the_final_test_then_resume_gives_the_uninterrupted_test_
     result = subprocess.run([sys.executable, "-c", KILLED_IN_FINAL_TEST, *map(str, train), "--run-dir", str(killed)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr
-    assert len(records(killed, "epoch")) == 2 and not records(killed, "test"), "killed after the epochs, before the test"
+    assert len(records(killed, "epoch")) == 2 and not records(killed, "test"), "killed before its test"
 
     resumed = subprocess.run([sys.executable, "-m", "fastlm", "train", "--resume", str(killed)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)

@@ -30,9 +30,10 @@ def test_two_trainings_in_one_folder_the_second_is_refused_naming_the_first(toy_
                               "--epochs", "1000", "--run-dir", str(run)], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.jsonl").exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").exists():  # the folder is made: the run is past its start-up
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first run did not start in time"
             time.sleep(0.1)
         for args in (("train", "--data", toy_data, *SMALL, "--run-dir", run, "--overwrite"),
                      ("train", "--data", toy_data, *SMALL, "--run-dir", run),

@@ -29,7 +29,7 @@ from fastlm.distributed import (
     on_rank_zero,
 )
 from fastlm.errors import FastlmError
-from fastlm.train.checkpoint import check_writable, load_checkpoint
+from fastlm.train.checkpoint import check_writable
 from fastlm.train.lock import FolderLock
 from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import (
@@ -37,15 +37,19 @@ from fastlm.train.run_folder import (
     check_free_for_a_new_run,
     final_test_recorded,
     never_saved,
+    read_config,
     unique_run_dir,
 )
 from fastlm.train.trainer import Trainer
+from fastlm.train.verify import check_matches, check_resumable, open_checkpoint
 
 RESUME_MAY_CHANGE = {
     ("data", "data"), ("data", "data_mode"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
     ("train", "log_interval"), ("train", "device"), ("train", "save"), ("train", "save_minutes"),
-    ("train", "run_dir"), ("train", "skip_nonfinite"), ("train", "eval_batches"), ("train", "threads"),
+    ("train", "run_dir"), ("train", "skip_nonfinite"), ("train", "threads"),
     ("train", "dist_timeout"),
+    # (--eval-batches is not among them: it decides what the validation loss measures, and so which model is
+    # the best so far.)
     # What people lower after a divergence: the lr training continues with (the schedule goes on dividing
     # it) and the clipping norm. Recorded in the run's history.
     ("train", "lr"), ("train", "clip"),
@@ -63,8 +67,10 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
             raise FastlmError(f"cannot resume {run_dir}: its run stopped before its first checkpoint, so there is "
                               f"nothing to continue; start it again with its flags and --run-dir {run_dir}")
         raise FastlmError(f"cannot resume {run_dir}: it has no last.pt (is it a fastlm run folder?)")
-    payload = load_checkpoint(last)
-    config = RunConfig.from_dict(payload["config"], origin=f"checkpoint {last}")
+    checked = open_checkpoint(last)  # a valid configuration, vocabulary and weights (fastlm.train.verify)
+    check_resumable(checked)
+    _check_the_folder_agrees(Path(run_dir), checked)
+    payload, config = checked.payload, checked.config
     saved = config.to_dict()
     saved["train"]["lr"] = payload["lr"]  # the lr training stands at, after the schedule's divisions
     for section, values in overrides.items():
@@ -91,6 +97,32 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
     changed.update({f"data.{name}": [saved["data"][name], value] for name, value in overrides.get("data", {}).items()
                     if saved["data"][name] != value})
     return config, payload, changed
+
+
+def _check_the_folder_agrees(run_dir: Path, checked) -> None:
+    """last.pt must be the run's own: of the model and batches config.json describes (a last.pt copied in from
+    another run is refused), and best.pt, when there is one, of the same model and vocabulary."""
+    folder = read_config(run_dir)  # None when missing (rebuilt from last.pt); damaged: a one-line refusal
+    if folder is not None:
+        try:
+            described = RunConfig.from_dict({name: folder[name] for name in ("model", "data", "train")},
+                                            origin=f"{run_dir / 'config.json'}")
+        except FastlmError as error:
+            raise FastlmError(f"{error}; put back the run's own config.json, or remove it and --resume rebuilds it "
+                              f"from last.pt") from None
+        check_matches(checked, described, f"the run's {run_dir / 'config.json'}", may_differ=RESUME_MAY_CHANGE)
+        size = folder.get("vocab_size")
+        if isinstance(size, int) and size != len(checked.vocab):
+            raise FastlmError(f"checkpoint {checked.path} has {len(checked.vocab):,} words but "
+                              f"{run_dir / 'config.json'} "
+                              f"says the run's vocabulary has {size:,}: it comes from another run")
+    best = run_dir / "best.pt"
+    if best.is_file():
+        other = open_checkpoint(best, mmap=True)
+        check_matches(other, checked.config, f"the run's {checked.path}", may_differ=RESUME_MAY_CHANGE)
+        if other.payload.get("vocab_digest") != checked.payload.get("vocab_digest"):
+            raise FastlmError(f"checkpoint {best} was trained on another vocabulary than {checked.path}: it comes "
+                              f"from another run")
 
 
 def _only_the_test_is_missing(config: RunConfig, payload: dict, run_dir: Path) -> bool:
@@ -180,8 +212,18 @@ def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, 
             trainer.step_fn.lr = config.train.lr
         run = RunFolder(run_dir, create=world.main)
         if world.main:
+            rebuilt = None
+            if read_config(run_dir) is None:  # lost: rebuilt from last.pt and this machine, as a new run writes it
+                rebuilt = {**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
+                           "data_mode_used": corpus.mode, "parameters": counts, "processes": world.size,
+                           **describe(device), "rebuilt_from": "last.pt"}
+                display.message(f"[bold yellow]{run_dir}/config.json was missing: rebuilt from last.pt[/]")
+            run.remove_partial_writes()  # this process holds the folder: a temporary file is a killed write's
+            # What the run wrote after last.pt (before a kill) is written again from here on: no duplicates.
+            run.drop_records_after(payload["epoch"], payload["step"])
             run.record_resume({"kind": "resume", "epoch": trainer.epoch, "batch": trainer.batches_done,
-                               "step": trainer.global_step, "changed": changed, "processes": world.size})
+                               "step": trainer.global_step, "changed": changed, "processes": world.size},
+                              rebuilt=rebuilt)
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
     processes = f" x {world.size} processes" if world.size > 1 else ""
