@@ -422,11 +422,15 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 def cmd_generate(args) -> int:
     from fastlm.device import resolve_device
-    from fastlm.train.generate import generate
+    from fastlm.paths import check_output_file, writing
+    from fastlm.train.generate import check_options, generate
 
+    check_options(args.words, args.temperature, args.seed)
+    if args.out:  # refused before the model is loaded and the words sampled
+        check_output_file(args.out, "--out")
     text = generate(args.checkpoint, args.words, args.temperature, args.seed, resolve_device(args.device))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with writing(args.out, "--out"), open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
     else:
         sys.stdout.buffer.write(text.encode("utf-8"))
@@ -541,6 +545,11 @@ def main(argv=None) -> int:
     except FastlmError as e:
         print(f"fastlm: error: {e}", file=sys.stderr)
         return getattr(e, "exit_status", 2)
+    except OSError as e:  # a file problem no check foresaw: still one line naming the file (fastlm.paths)
+        from fastlm.paths import describe_os_error
+
+        print(f"fastlm: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastlm: interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,9 @@ from fastlm.errors import FastlmError
 # does not import torch).
 PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 
+# Seeds: torch's generators take [0, 2^64); fastlm adds the rank (and a step) to a seed, so it takes [0, 2^63).
+MAX_SEED = 2**63 - 1
+
 # The recurrent cells fastlm knows, in one place (fastlm.cells.math holds their math, in this order).
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # The optimizers (fastlm.step.optimizer builds them): "sgd" is the example's p -= lr * grad.
@@ -122,10 +125,16 @@ class RunConfig:
         m.cell = str(m.cell).lower()
         if m.cell not in CELLS:
             raise FastlmError(f"--cell {m.cell!r} is not supported; choose one of {', '.join(CELLS)}")
+        for flag, value in (("--backend", m.backend), ("--data", d.data), ("--device", t.device)):
+            if not isinstance(value, str) or not value:
+                raise FastlmError(f"{flag} must be a name, got {value!r}")
+        for flag, value in (("--tied", m.tied), ("--dry-run", t.dry_run)):
+            if not isinstance(value, bool):
+                raise FastlmError(f"{flag} must be true or false, got {value!r}")
         _at_least("--emsize", m.emsize, 1)
         _at_least("--nhid", m.nhid, 1)
         _at_least("--nlayers", m.nlayers, 1)
-        if not 0.0 <= float(m.dropout) < 1.0:
+        if isinstance(m.dropout, bool) or not isinstance(m.dropout, (int, float)) or not 0.0 <= m.dropout < 1.0:
             raise FastlmError(f"--dropout must be in [0, 1), got {m.dropout}")
         if m.tied and m.emsize != m.nhid:
             raise FastlmError(f"--tied needs --emsize equal to --nhid, got emsize {m.emsize} and nhid {m.nhid}")
@@ -146,6 +155,8 @@ class RunConfig:
         _at_least("--eval-batch-size", d.eval_batch_size, 1)
         _at_least("--bptt", d.bptt, 1)
         _one_of("--data-mode", d.data_mode, ("auto", "memory", "stream"))
+        if isinstance(t.seed, bool) or not isinstance(t.seed, int) or not 0 <= t.seed <= MAX_SEED:
+            raise FastlmError(f"--seed must be an integer from 0 to 2^63-1, got {t.seed!r}")
         _positive("--lr", t.lr)
         _positive("--clip", t.clip)
         _check_optimizer(t)
@@ -155,6 +166,9 @@ class RunConfig:
             _at_least("--max-steps", t.max_steps, 1)
         if t.max_minutes is not None:
             _positive("--max-minutes", t.max_minutes)
+        for flag, value in (("--run-dir", t.run_dir), ("--save", t.save)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise FastlmError(f"{flag} must name a path, got {value!r}")
         _positive("--save-minutes", t.save_minutes)
         _positive("--dist-timeout", t.dist_timeout)
         if not re.fullmatch(r"auto|cpu|(cuda|xpu|mps)(:\d+)?", str(t.device)):

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from fastlm.errors import FastlmError, first_line
+from fastlm.errors import FastlmError, first_line, short
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def collective_errors(world: World):
         lost = isinstance(error, dist.DistError) or any(word in str(error).lower() for word in _LOST_PEER)
         if world.size == 1 or isinstance(error, FastlmError) or not lost:
             raise
-        raise FastlmError(f"process {world.rank} of {world.size} lost the others ({first_line(error)[:200]}): a "
+        raise FastlmError(f"process {world.rank} of {world.size} lost the others ({short(first_line(error))}): a "
                           f"process died or hung past --dist-timeout; the run stopped, and its last checkpoint "
                           f"(rank 0's run folder) can be resumed") from None
 
@@ -184,8 +184,9 @@ def first_on_each_machine(work, world: World):
 
 def torchrun_command(nproc: int, argv: list[str], python: Optional[str] = None) -> list[str]:
     """``fastlm <argv>`` in ``nproc`` processes on this machine, through torchrun (as python -m, so that the
-    same interpreter and environment run every rank)."""
+    same interpreter and environment run every rank; fastlm.launch: without torchrun's own report of a
+    failure, after the processes' one-line errors)."""
     import sys
 
-    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    return [python or sys.executable, "-m", "fastlm.launch", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "fastlm", *argv]

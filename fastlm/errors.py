@@ -15,3 +15,12 @@ def first_line(error: BaseException) -> str:
     error that passes on a library's words."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def short(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, at most about ``limit`` characters, cut between words (never in the
+    middle of a word or a quoted name)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."

@@ -38,6 +38,7 @@ from fastlm.benchmark.measure import PeakMemory, time_calls
 from fastlm.config import VARIANTS
 from fastlm.device import competing_load, describe, device_name, machine_load, resolve_device
 from fastlm.errors import FastlmError, first_line
+from fastlm.paths import check_output_file
 from fastlm.precision import PRECISIONS, resolve_precision, set_tf32_flags, tf32_flags, use_precision
 
 MODES = ("fwd", "fwdbwd", "step")
@@ -185,7 +186,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
     repeat = options.repeat or (30 if on_cuda else 5)
     warmup = options.warmup if options.warmup is not None else (5 if on_cuda else 1)
     out = Path(options.out) if options.out else default_out_path(device)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out, "--out", create_parents=True)  # a folder, a file it may not write: said before any case
     groups, notes = plan(options, device)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -38,23 +38,52 @@ class Source:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; FastlmError naming the file when it cannot be read, is not UTF-8 JSON, or
+    holds something other than an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FastlmError(f"cannot read {path}: {error}") from None
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise FastlmError(f"cannot read {path}: {reason}") from None
+    if not isinstance(value, dict):
+        raise FastlmError(f"{path} is not what fastlm writes there (a JSON object, found {type(value).__name__})")
+    return value
+
+
+# The numeric fields of metrics.jsonl's records (README, "What a run leaves"): a record in which one holds
+# something else is not one fastlm wrote, and is skipped like a line a crash cut short.
+NUMBERS = ("epoch", "step", "batch", "loss", "ppl", "lr", "ms_per_batch", "tokens_per_s", "val_loss", "val_ppl",
+           "test_loss", "test_ppl", "seconds", "train_seconds", "eval_seconds", "lr_next")
+
+
+def _well_formed(record) -> bool:
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        return False
+    if record["kind"] == "epoch" and not _number(record.get("epoch"), int):
+        return False
+    return all(record.get(name) is None or _number(record[name]) for name in NUMBERS)
+
+
+def _number(value, kinds=(int, float)) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a missing file is no records, and a line a crash cut short is skipped."""
-    if not path.is_file():
+    """metrics.jsonl's records; a missing file is no records, and a line a crash cut short (or that is not a
+    record fastlm writes, or not UTF-8) is skipped."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return []
+    except OSError as error:
+        raise FastlmError(f"cannot read {path}: {error.strerror or error}") from None
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in data.splitlines():
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
         except ValueError:
             continue
-        if isinstance(record, dict):
+        if _well_formed(record):
             records.append(record)
     return records
 
@@ -62,8 +91,26 @@ def read_metrics(path: Path) -> list[dict]:
 def run_folder_source(folder: Path, point: Optional[dict] = None, sweep: Optional[Path] = None) -> Source:
     config_path = folder / "config.json"
     config = read_json(config_path) if config_path.is_file() else None
+    if config is not None:
+        _check_config(config, config_path)
     name = point["name"] if point else folder.name
     return Source(name, folder, config, read_metrics(folder / "metrics.jsonl"), point, sweep)
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """A named failure for a config.json the report could not read its figures from: the sections are objects,
+    the model names its cell (the report's other dimension), and each resume's changes are [before, now] pairs."""
+    if not all(isinstance(config.get(section), dict) for section in SECTIONS):
+        raise FastlmError(f"{path} is not a fastlm run configuration (it needs model, data and train objects)")
+    if not isinstance(config["model"].get("cell"), str):
+        raise FastlmError(f"{path} is not a fastlm run configuration (model.cell is missing or not a name)")
+    resumes = config.get("resumes", [])
+    if not isinstance(resumes, list) or not all(
+            isinstance(resume, dict) and isinstance(resume.get("changed", {}), dict)
+            and all(isinstance(pair, list) and len(pair) == 2 for pair in resume.get("changed", {}).values())
+            for resume in resumes):
+        raise FastlmError(f"{path} has a damaged resumes list (each entry an object whose changed settings are "
+                          f"[before, now] pairs)")
 
 
 def sweep_sources(folder: Path) -> tuple[list[Source], dict]:
@@ -71,7 +118,11 @@ def sweep_sources(folder: Path) -> tuple[list[Source], dict]:
     sweep = read_json(folder / SWEEP_JSON)
     points = sweep.get("points")
     if (sweep.get("format") != "fastlm-sweep" or not isinstance(points, list)
-            or not all(isinstance(point, dict) and {"name", "run_dir"} <= point.keys() for point in points)):
+            or not all(isinstance(point, dict) and isinstance(point.get("name"), str)
+                       and isinstance(point.get("run_dir"), str) and isinstance(point.get("settings", {}), dict)
+                       and isinstance(point.get("status", ""), str) for point in points)
+            or not isinstance(sweep.get("grid", {}), dict)
+            or not isinstance(sweep.get("grid", {}).get("axes", {}), dict)):
         raise FastlmError(f"{folder / SWEEP_JSON} is not a fastlm sweep file (format fastlm-sweep, points with a "
                           f"name and a run_dir each)")
     return [run_folder_source(folder / point["run_dir"], point, folder) for point in sweep["points"]], sweep
@@ -136,9 +187,13 @@ def planned_epochs(config: dict) -> int:
     """The epochs the run was to train: its --epochs, as the latest resume that raised it left it."""
     train = config.get("train", {})
     epochs = 1 if train.get("dry_run") else train.get("epochs")
-    for resume in config.get("resumes", []):
-        epochs = resume.get("changed", {}).get("epochs", [None, epochs])[1]
-    return epochs
+    resumes = config.get("resumes", [])
+    for resume in resumes if isinstance(resumes, list) else []:
+        changed = resume.get("changed", {}) if isinstance(resume, dict) else {}
+        change = changed.get("epochs") if isinstance(changed, dict) else None
+        if isinstance(change, list) and len(change) == 2:
+            epochs = change[1]
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def plain_status(config: dict, records: list[dict]) -> str:
@@ -146,7 +201,8 @@ def plain_status(config: dict, records: list[dict]) -> str:
     kinds = [record.get("kind") for record in records]
     epochs = [record for record in records if record.get("kind") == "epoch"]
     last_epoch = max((i for i, kind in enumerate(kinds) if kind == "epoch"), default=-1)
-    if epochs and "test" in kinds[last_epoch:] and epochs[-1]["epoch"] >= planned_epochs(config):
+    planned = planned_epochs(config)
+    if epochs and "test" in kinds[last_epoch:] and planned is not None and epochs[-1]["epoch"] >= planned:
         return "done"
     if kinds and kinds[-1] == "pause":
         return "budget"
@@ -222,6 +278,10 @@ def run_entry(source: Source, varied: list[str], where=str) -> dict:
     test, pause, diverged = _last(records, "test"), _last(records, "pause"), _last(records, "diverged")
     status = source.point.get("status") if source.point else plain_status(config, records)
     reason = source.point.get("reason") if source.point else None
+    if source.point and status not in ("pending", "failed") and not source.run_dir.is_dir():
+        status, reason = "failed", f"its run folder {source.run_dir} is missing"  # deleted since: named, not hidden
+    elif source.point and status in ("done", "budget") and source.config is None:
+        status, reason = "failed", f"its run folder {source.run_dir} has no config.json"
     if reason is None and status in FAILED and diverged:
         reason = diverged.get("message")
     train_seconds = [epoch["train_seconds"] for epoch in epochs if epoch["train_seconds"] is not None]

@@ -24,6 +24,7 @@ from fastlm.errors import FastlmError
 from fastlm.sweep.grid import Grid, points
 from fastlm.sweep.progress import SweepProgress
 from fastlm.sweep.runner import Runner
+from fastlm.train.lock import LOCK_NAME, FolderLock
 from fastlm.train.signals import StopRequest
 
 FORMAT, VERSION = "fastlm-sweep", 1
@@ -56,6 +57,14 @@ def run_sweep(options: SweepOptions, console=None) -> int:
     _share_cores(base, devices, options.jobs)
     planned = points(grid, base)
     configs = {point.name: point.config(base, grid.per_cell) for point in planned}  # refuses bad settings now
+    lock = FolderLock(options.out, what="sweep folder", flag="--out").acquire()  # one sweep at a time in a folder
+    try:
+        return _run(options, grid, base, devices, planned, configs, console)
+    finally:
+        lock.release()
+
+
+def _run(options: SweepOptions, grid: Grid, base: RunConfig, devices, planned, configs, console) -> int:
     state = _open(options.out, grid, base, planned, options)
     entries = {entry["name"]: entry for entry in state["points"]}
     todo = [(entries[p.name], configs[p.name]) for p in planned if not _finished(entries[p.name], state["budget"])]
@@ -123,7 +132,7 @@ def _open(out: Path, grid: Grid, base: RunConfig, planned, options: SweepOptions
                               f"choose another --out")
         state["budget"] = budget
         return state
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(path.name != LOCK_NAME for path in out.iterdir()):
         raise FastlmError(f"{out} exists and is not a sweep folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     entries = [{"name": p.name, "cell": p.cell, "settings": p.settings, "seed": base.train.seed if p.seed is None else p.seed,

@@ -8,12 +8,17 @@ budget ran out: "budget"), 130/143 an interruption, anything else a failure whos
 ``fastlm: error:`` line of its log (a divergence, a setting the data cannot take) or the last line written.
 Children run in their own session, so a Ctrl-C at the terminal reaches the sweep alone; the sweep passes one
 SIGINT on to each running point, which then finishes its step, saves ``last`` and exits. A second Ctrl-C
-stops them at once. The signal handler only records the request (``request_stop``); the runner's loop passes
+stops them at once. A sweep that is killed outright (SIGKILL) takes its points along: each is sent SIGTERM
+when the sweep dies, and saves and stops as above. A point killed by a signal (the OOM killer, a SIGKILL) is
+interrupted, not failed: the next run of the sweep resumes it. A point whose run folder is held by a live
+process (fastlm.train.lock: a point of a killed sweep still saving) waits until it is free. The signal handler only records the request (``request_stop``); the runner's loop passes
 it on, between its own steps, so that no process is started or collected half-way through a signal.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +28,7 @@ from typing import Callable, Optional
 
 from fastlm.config import write_toml
 from fastlm.report.collect import plain_status, read_json, read_metrics
+from fastlm.train.lock import holder_of
 
 INTERRUPTED = (130, 143)
 
@@ -61,6 +67,8 @@ def outcome(exit_status: int, run_dir: Path) -> tuple[str, Optional[str]]:
         return ("budget" if _last_record(run_dir).get("kind") == "pause" else "done"), None
     if exit_status in INTERRUPTED:
         return "interrupted", None
+    if exit_status < 0:  # killed by a signal (SIGKILL, the OOM killer): nothing wrong with the point itself
+        return "interrupted", f"killed by {_signal_name(-exit_status)}"
     return "failed", _reason(run_dir / "train.log", exit_status)
 
 
@@ -74,6 +82,26 @@ def finished_run(run_dir: Path) -> bool:
     best model, so the test record alone does not say it)."""
     config = run_dir / "config.json"
     return config.is_file() and plain_status(read_json(config), read_metrics(run_dir / "metrics.jsonl")) == "done"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _die_with_the_sweep(sweep_pid: int) -> None:
+    """In a point's process before it starts: SIGTERM it when the sweep's process ends, however it ends (Linux's
+    parent-death signal), so that a killed sweep leaves no point training on its own."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != sweep_pid:  # the sweep died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _reason(log: Path, exit_status: int) -> str:
@@ -100,14 +128,21 @@ class Runner:
         """Runs every (entry, config) of ``todo`` unless stopped; returns when none is left running."""
         queue = list(todo)
         while queue or self.running:
+            waiting = []  # points whose run folder another process holds: tried again on the next round
             while queue and len(self.running) < self.jobs and not self.stopping:
                 entry, config = queue.pop(0)
+                if holder_of(self.folder / entry["run_dir"]) is not None:
+                    waiting.append((entry, config))
+                    continue
                 if finished_run(self.folder / entry["run_dir"]):
                     # It ended before the sweep could note it (the sweep itself was stopped): nothing to resume.
                     entry.update(status="done", reason=None, exit_status=0)
                     self.on_change()
                     continue
                 self._start(entry, config)
+            queue = waiting + queue
+            if self.stopping and not self.running:
+                return
             self._pass_on_signals()
             self._collect()
             if self.stopping and not self.running:
@@ -126,7 +161,9 @@ class Runner:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         try:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            sweep_pid = os.getpid()
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=lambda: _die_with_the_sweep(sweep_pid))
         except OSError:
             log.close()
             raise

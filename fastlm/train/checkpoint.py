@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastlm.cells.math import CELL_MATH
-from fastlm.errors import FastlmError, first_line
+from fastlm.errors import FastlmError
 from fastlm.model import map_state
 
 FORMAT = "fastlm-checkpoint"
@@ -38,6 +38,26 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     except OSError as error:
         raise FastlmError(f"cannot write checkpoint {path}: {error.strerror or error}; free some space or choose "
                           f"another path (the run's own best.pt and last.pt are whole)") from None
+    except RuntimeError:  # torch's zip writer words a failed write as an internal assertion: say what happened
+        raise FastlmError(f"cannot write checkpoint {path}: {_why_a_write_failed(path)} (the run's own best.pt "
+                          f"and last.pt are whole)") from None
+
+
+def _why_a_write_failed(path: Path) -> str:
+    import resource
+    import shutil
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return (f"the write stopped, and this process may write files of at most {soft:,} bytes (ulimit -f); "
+                f"raise the limit")
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"the disk is full ({free / 2**20:.0f} MiB free); free some space or choose another path"
+    return "the write failed; free some space or choose another path"
 
 
 def check_writable(path: str | Path, flag: str) -> None:
@@ -77,16 +97,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Reads a fastlm checkpoint onto the CPU; FastlmError for anything that is not one."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Reads a fastlm checkpoint onto the CPU (``mmap``: tensors mapped from the file, read when used);
+    FastlmError for anything that is not one. What it holds is checked by fastlm.train.verify."""
     path = Path(path)
     if not path.is_file():
         raise FastlmError(f"checkpoint {path} does not exist or is not a file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise FastlmError(f"checkpoint {path} was refused: it holds objects other than plain tensors and "
-                          f"values, which could run code when loaded ({first_line(e)[:160]})") from None
+        blocked = _blocked_global(str(e))
+        if blocked:  # the weights-only unpickler met a reference to code: refused, never run
+            raise FastlmError(f"checkpoint {path} was refused: it holds objects other than plain tensors and "
+                              f"values ({blocked}), which could run code when loaded") from None
+        raise FastlmError(f"checkpoint {path} is corrupt or not a PyTorch file; point --checkpoint at a best.pt "
+                          f"or last.pt of a run") from None
+    except OSError as e:
+        raise FastlmError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
     except Exception as e:  # garbage bytes surface as many error types from the unpickler
         raise FastlmError(f"checkpoint {path} is corrupt or not a PyTorch file "
                           f"({type(e).__name__}); point --checkpoint at a best.pt or last.pt of a run") from None
@@ -97,6 +124,17 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FastlmError(f"checkpoint {path} has format version {payload.get('version')}, this fastlm reads "
                           f"version {VERSION}")
     return payload
+
+
+def _blocked_global(message: str) -> str | None:
+    """The code reference the weights-only unpickler refused (e.g. "GLOBAL posix.system"), if that is why it
+    failed (rather than bytes that are not a pickle at all)."""
+    for line in message.splitlines():
+        if "GLOBAL" in line or "Unsupported global" in line:
+            words = line.split()
+            at = next((i for i, w in enumerate(words) if w in ("GLOBAL", "global:")), None)
+            return " ".join(words[at:at + 2]) if at is not None else "a global"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the pieces

@@ -10,6 +10,7 @@ A new run is refused a folder that already holds a run, unless ``--overwrite``.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -30,17 +31,28 @@ from fastlm.distributed import (
 from fastlm.errors import FastlmError
 from fastlm.step import precision_line
 from fastlm.step.optimizer import describe as describe_optimizer
-from fastlm.train.checkpoint import check_writable, load_checkpoint
+from fastlm.train.checkpoint import check_writable
+from fastlm.train.lock import FolderLock
 from fastlm.train.onnx_export import check_exportable, export_run
 from fastlm.train.progress import TrainDisplay
-from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, unique_run_dir
+from fastlm.train.run_folder import (
+    RunFolder,
+    check_free_for_a_new_run,
+    final_test_recorded,
+    never_saved,
+    read_config,
+    unique_run_dir,
+)
 from fastlm.train.trainer import Trainer
+from fastlm.train.verify import check_matches, check_resumable, open_checkpoint
 
 RESUME_MAY_CHANGE = {
     ("data", "data"), ("data", "data_mode"), ("train", "epochs"), ("train", "max_steps"), ("train", "max_minutes"),
     ("train", "log_interval"), ("train", "device"), ("train", "save"), ("train", "save_minutes"),
-    ("train", "run_dir"), ("train", "skip_nonfinite"), ("train", "eval_batches"), ("train", "threads"),
+    ("train", "run_dir"), ("train", "skip_nonfinite"), ("train", "threads"),
     ("train", "dist_timeout"),
+    # (--eval-batches is not among them: it decides what the validation loss measures, and so which model is
+    # the best so far.)
     # What people lower after a divergence: the lr training continues with (the schedule goes on dividing
     # it) and the clipping norm. Recorded in the run's history.
     ("train", "lr"), ("train", "clip"),
@@ -54,9 +66,14 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
     ``--resume run_dir`` with these flag overrides."""
     last = Path(run_dir) / "last.pt"
     if not last.is_file():
+        if never_saved(run_dir):
+            raise FastlmError(f"cannot resume {run_dir}: its run stopped before its first checkpoint, so there is "
+                              f"nothing to continue; start it again with its flags and --run-dir {run_dir}")
         raise FastlmError(f"cannot resume {run_dir}: it has no last.pt (is it a fastlm run folder?)")
-    payload = load_checkpoint(last)
-    config = RunConfig.from_dict(payload["config"], origin=f"checkpoint {last}")
+    checked = open_checkpoint(last)  # a valid configuration, vocabulary and weights (fastlm.train.verify)
+    check_resumable(checked)
+    _check_the_folder_agrees(Path(run_dir), checked)
+    payload, config = checked.payload, checked.config
     saved = config.to_dict()
     saved["train"]["lr"] = payload["lr"]  # the lr training stands at, after the schedule's divisions
     for section, values in overrides.items():
@@ -65,12 +82,18 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
                 flag = "--" + name.replace("_", "-")
                 raise FastlmError(f"{flag} {value} differs from the run being resumed ({run_dir} was trained with "
                                   f"{saved[section][name]}); drop the flag or start a new run")
+    other = overrides.get("train", {}).get("run_dir")
+    if other is not None and os.path.abspath(other) != os.path.abspath(run_dir):
+        raise FastlmError(f"--resume {run_dir} continues the run in its own folder, and --run-dir {other} names "
+                          f"another: drop --run-dir (to continue the run elsewhere, copy its folder and resume the "
+                          f"copy)")
     for name in BUDGETS:
         setattr(config.train, name, None)
     config.update(overrides, origin="command line")
     config.train.run_dir = str(run_dir)
     config.validate()
-    _check_budgets_leave_work(config, payload, run_dir)
+    if not _only_the_test_is_missing(config, payload, run_dir):
+        _check_budgets_leave_work(config, payload, run_dir)
     changed = {name: [saved["train"][name], value] for name, value in overrides.get("train", {}).items()
                if name not in ("run_dir", *BUDGETS) and saved["train"][name] != value}
     # Model flags that differ were refused above; the data's place may move.
@@ -79,12 +102,47 @@ def resume_config(run_dir: Path, overrides: dict) -> tuple[RunConfig, dict, dict
     return config, payload, changed
 
 
+def _check_the_folder_agrees(run_dir: Path, checked) -> None:
+    """last.pt must be the run's own: of the model and batches config.json describes (a last.pt copied in from
+    another run is refused), and best.pt, when there is one, of the same model and vocabulary."""
+    folder = read_config(run_dir)  # None when missing (rebuilt from last.pt); damaged: a one-line refusal
+    if folder is not None:
+        try:
+            described = RunConfig.from_dict({name: folder[name] for name in ("model", "data", "train")},
+                                            origin=f"{run_dir / 'config.json'}")
+        except FastlmError as error:
+            raise FastlmError(f"{error}; put back the run's own config.json, or remove it and --resume rebuilds it "
+                              f"from last.pt") from None
+        check_matches(checked, described, f"the run's {run_dir / 'config.json'}", may_differ=RESUME_MAY_CHANGE)
+        size = folder.get("vocab_size")
+        if isinstance(size, int) and size != len(checked.vocab):
+            raise FastlmError(f"checkpoint {checked.path} has {len(checked.vocab):,} words but "
+                              f"{run_dir / 'config.json'} "
+                              f"says the run's vocabulary has {size:,}: it comes from another run")
+    best = run_dir / "best.pt"
+    if best.is_file():
+        other = open_checkpoint(best, mmap=True)
+        check_matches(other, checked.config, f"the run's {checked.path}", may_differ=RESUME_MAY_CHANGE)
+        if other.payload.get("vocab_digest") != checked.payload.get("vocab_digest"):
+            raise FastlmError(f"checkpoint {best} was trained on another vocabulary than {checked.path}: it comes "
+                              f"from another run")
+
+
+def _only_the_test_is_missing(config: RunConfig, payload: dict, run_dir: Path) -> bool:
+    """The run trained all its epochs but was killed before it tested its best model (its metrics hold no test
+    record at its last step): resuming it finishes that, and trains nothing."""
+    done_epochs = payload["epoch"] - 1
+    planned = 1 if config.train.dry_run else config.train.epochs
+    return done_epochs == planned and payload["batches_done"] == 0 and not final_test_recorded(run_dir, payload["step"])
+
+
 def _check_budgets_leave_work(config: RunConfig, payload: dict, run_dir: Path) -> None:
     """A resume whose --epochs or --max-steps is already reached would do nothing: say so instead."""
     done_epochs, steps = payload["epoch"] - 1, payload["step"]
     if config.train.epochs <= done_epochs:
-        raise FastlmError(f"{run_dir} has finished {done_epochs} epoch(s), so --epochs {config.train.epochs} leaves "
-                          f"nothing to train; give --epochs {done_epochs + 1} or more")
+        tested = " and tested its best model" if final_test_recorded(run_dir, steps) else ""
+        raise FastlmError(f"{run_dir} has finished {done_epochs} epoch(s){tested}, so --epochs {config.train.epochs} "
+                          f"leaves nothing to train; give --epochs {done_epochs + 1} or more")
     if config.train.max_steps is not None and config.train.max_steps <= steps:
         raise FastlmError(f"{run_dir} has done {steps} steps, so --max-steps {config.train.max_steps} leaves nothing "
                           f"to train; give --max-steps {steps + 1} or more (it counts all steps), or none")
@@ -96,21 +154,42 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
     the exit status (0, or 130/143 after SIGINT/SIGTERM). ``onnx_export``: also write the run's best model there
     as ONNX at the end (fastlm.train.onnx_export)."""
     payload = changed = None
-    if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
-        config, payload, changed = resume_config(Path(resume_dir), overrides or {})
-    world, device_choice = SINGLE, config.train.device
-    if launched_by_torchrun():
-        world, device_choice = join(device_choice, config.train.dist_timeout)
+    lock = None
+    if resume_dir is not None and not Path(resume_dir).is_dir():
+        raise FastlmError(f"cannot resume {resume_dir}: there is no such folder")
+    # One writer per run folder: the process that writes it (rank 0 of several) holds its lock from before it
+    # reads anything in it until the run ends.
+    run_dir = None
+    if _writes_the_run_folder():
+        m = config.model if config is not None else None
+        run_dir = resume_dir or config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}")
+        lock = FolderLock(run_dir).acquire()
     try:
-        with collective_errors(world):
-            return _train(config, world, device_choice, resume_dir, payload, changed, overwrite, onnx_export)
+        if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
+            config, payload, changed = resume_config(Path(resume_dir), overrides or {})
+        world, device_choice = SINGLE, config.train.device
+        if launched_by_torchrun():
+            world, device_choice = join(device_choice, config.train.dist_timeout)
+        try:
+            with collective_errors(world):
+                return _train(config, world, device_choice, run_dir, resume_dir, payload, changed, overwrite,
+                              onnx_export)
+        finally:
+            leave()
     finally:
-        leave()
+        if lock is not None:
+            lock.release()
 
 
-def _train(config, world, device_choice, resume_dir, payload, changed, overwrite, onnx_export) -> int:
+def _writes_the_run_folder() -> bool:
+    """One process, or rank 0 of a torchrun launch (read from torchrun's environment, before joining)."""
+    return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
+
+
+def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, overwrite, onnx_export) -> int:
     m = config.model
-    run_dir = on_rank_zero(lambda: config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}"), world)
+    held = run_dir  # rank 0's (it holds the folder's lock); the others learn it here
+    run_dir = on_rank_zero(lambda: str(held), world)
     if payload is None:  # before the corpus loads: say so at once
         on_rank_zero(lambda: check_free_for_a_new_run(run_dir, overwrite), world)
     if config.train.save:
@@ -142,8 +221,18 @@ def _train(config, world, device_choice, resume_dir, payload, changed, overwrite
             trainer.step_fn.lr = config.train.lr
         run = RunFolder(run_dir, create=world.main)
         if world.main:
+            rebuilt = None
+            if read_config(run_dir) is None:  # lost: rebuilt from last.pt and this machine, as a new run writes it
+                rebuilt = {**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
+                           "data_mode_used": corpus.mode, "parameters": counts, "processes": world.size,
+                           **describe(device), "rebuilt_from": "last.pt"}
+                display.message(f"[bold yellow]{run_dir}/config.json was missing: rebuilt from last.pt[/]")
+            run.remove_partial_writes()  # this process holds the folder: a temporary file is a killed write's
+            # What the run wrote after last.pt (before a kill) is written again from here on: no duplicates.
+            run.drop_records_after(payload["epoch"], payload["step"])
             run.record_resume({"kind": "resume", "epoch": trainer.epoch, "batch": trainer.batches_done,
-                               "step": trainer.global_step, "changed": changed, "processes": world.size})
+                               "step": trainer.global_step, "changed": changed, "processes": world.size},
+                              rebuilt=rebuilt)
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
     for note in device_notes(device, device_choice, config.train.cuda_graphs):

@@ -2,41 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fastlm.config import RunConfig
-from fastlm.errors import FastlmError, first_line
-from fastlm.model import RNNLM
-from fastlm.train.checkpoint import load_checkpoint
+from fastlm.config import MAX_SEED
+from fastlm.errors import FastlmError
+from fastlm.train.verify import build_model, check_payload, open_checkpoint
 
 
-def model_from_checkpoint(payload: dict, path, backend: str | None = None) -> RNNLM:
-    try:
-        config = RunConfig.from_dict(payload["config"], origin=f"checkpoint {path}")
-        vocab = payload["vocab"]
-        state = payload["model"]
-    except (KeyError, TypeError):
-        raise FastlmError(f"checkpoint {path} lacks its config, vocabulary or model weights; "
-                          f"it was not written by fastlm train") from None
-    if backend is not None:
-        config.model.backend = backend
-    model = RNNLM(len(vocab), config.model)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as e:
-        raise FastlmError(f"checkpoint {path} does not fit the model it describes: {first_line(e)}") from None
-    return model
+
+def model_from_checkpoint(payload: dict, path, backend: str | None = None):
+    """The model a loaded checkpoint describes, with its weights (checked first: fastlm.train.verify)."""
+    return build_model(check_payload(payload, path), torch.device("cpu"), backend)
+
+
+def check_options(words: int, temperature: float, seed: int) -> None:
+    if words < 1:
+        raise FastlmError(f"--words must be at least 1, got {words}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise FastlmError(f"--temperature must be a positive finite number, got {temperature}")
+    if not 0 <= seed <= MAX_SEED:
+        raise FastlmError(f"--seed must be an integer from 0 to 2^63-1, got {seed}")
 
 
 def generate(path, words: int, temperature: float, seed: int, device: torch.device) -> str:
     """Samples ``words`` words; a newline after every 20th, as the example does."""
-    if words < 1:
-        raise FastlmError(f"--words must be at least 1, got {words}")
-    if not temperature > 0:
-        raise FastlmError(f"--temperature must be positive, got {temperature}")
-    payload = load_checkpoint(path)
-    model = model_from_checkpoint(payload, path).to(device).eval()
-    vocab = payload["vocab"]
+    check_options(words, temperature, seed)
+    checked = open_checkpoint(path, device, copies=2)  # the file's tensors and the model's
+    model = build_model(checked, device).eval()
+    vocab = checked.vocab
     generator = torch.Generator(device="cpu").manual_seed(seed)
     token = torch.randint(len(vocab), (1, 1), generator=generator)
     state = model.init_state(1)
@@ -44,8 +39,13 @@ def generate(path, words: int, temperature: float, seed: int, device: torch.devi
     with torch.no_grad():
         for i in range(words):
             hidden, state = model(token.to(device), state)
-            logits = model.decode(hidden).squeeze(0).float().cpu()
-            probs = torch.softmax(logits / temperature, dim=-1)
+            logits = model.decode(hidden).squeeze(0).double().cpu()
+            # Shifted so that the largest logit is 0 before dividing: however small the temperature, the most
+            # likely word keeps probability > 0 (no 0/0), and the sampling turns greedy in the limit.
+            probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+            if not bool(torch.isfinite(probs).all()):
+                raise FastlmError(f"checkpoint {path}: the model's outputs overflow (infinite logits), so no word can "
+                                  f"be sampled from them")
             index = int(torch.multinomial(probs, 1, generator=generator))
             token.fill_(index)
             pieces.append(vocab[index] + ("\n" if i % 20 == 19 else " "))

@@ -38,7 +38,7 @@ from fastlm.distributed import (
     on_rank_zero,
     sum_,
 )
-from fastlm.errors import FastlmError, first_line
+from fastlm.errors import FastlmError, short
 from fastlm.model import RNNLM, map_state
 from fastlm.precision import use_precision
 from fastlm.step import make_train_step, run_step
@@ -162,7 +162,7 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             load_optimizer_state(self.step_fn.optimizer, payload["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise FastlmError(f"checkpoint {path} does not fit this model: {first_line(e)}") from None
+            raise FastlmError(f"checkpoint {path} does not fit this model: {short(e)}") from None
         self.step_fn.lr = payload["lr"]
         self.epoch, self.batches_done = payload["epoch"], payload["batches_done"]
         self.global_step, self.best_val_loss = payload["step"], payload["best_val_loss"]
@@ -186,8 +186,10 @@ class Trainer:
         on_rank_zero(self._check_room_here, self.world)  # rank 0 writes; every rank hears if it cannot
 
     def _check_room_here(self) -> None:
+        # best + last + the temporary file of a write, less the checkpoints already there (a resume replaces them)
         moments = 2 if self.config.train.optimizer == "adamw" else 0  # AdamW's exp_avg and exp_avg_sq
-        needed = 3 * checkpoint.checkpoint_bytes(self.model, moments)  # best + last + the temporary file of a write
+        there = sum(path.is_file() for path in (self.run.best, self.run.last))
+        needed = (3 - there) * checkpoint.checkpoint_bytes(self.model, moments)
         free = shutil.disk_usage(self.run.path).free
         if free < needed:
             raise FastlmError(f"run folder {self.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "
