@@ -8,13 +8,8 @@ import torch
 
 from fastlm.config import MAX_SEED
 from fastlm.errors import FastlmError
-from fastlm.train.verify import build_model, check_payload, open_checkpoint
+from fastlm.train.verify import build_model, open_checkpoint
 
-
-
-def model_from_checkpoint(payload: dict, path, backend: str | None = None):
-    """The model a loaded checkpoint describes, with its weights (checked first: fastlm.train.verify)."""
-    return build_model(check_payload(payload, path), torch.device("cpu"), backend)
 
 
 def check_options(words: int, temperature: float, seed: int) -> None:

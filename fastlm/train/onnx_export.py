@@ -32,8 +32,8 @@ from torch import nn
 from fastlm.cells.math import CELL_MATH
 from fastlm.errors import FastlmError, first_line
 from fastlm.model import RNNLM
-from fastlm.train.checkpoint import check_writable, load_checkpoint
-from fastlm.train.generate import model_from_checkpoint
+from fastlm.train.checkpoint import check_writable
+from fastlm.train.verify import build_model, open_checkpoint
 
 INSTALL = 'pip install -e ".[onnx]" (or pip install onnx onnxruntime)'
 OPSET = 17  # onnxruntime 1.14 and later run it
@@ -121,7 +121,8 @@ def export_run(run_dir: str | Path, path: str | Path) -> Path:
                           f"a fastlm run folder): nothing to export")
     check_onnx_installed()
     check_writable(path, "--onnx")
-    export_model(model_from_checkpoint(load_checkpoint(best), best, backend="cudnn"), path)
+    checked = open_checkpoint(best, torch.device("cpu"), copies=2)  # the one check of fastlm.train.verify
+    export_model(build_model(checked, torch.device("cpu"), backend="cudnn"), path)
     return best
 
 
