@@ -4,7 +4,8 @@ where an operating-system error on one of them becomes the one-line ``fastlm: er
 ``path_error(error, path, flag)`` words an ``OSError`` (a folder where a file should be, a missing parent, a
 symbolic-link loop, no permission, a full disk, a write limit) as one line that names the flag, the path and
 what to do; ``check_output_file`` refuses an output file that cannot be written before any work is done;
-``writing(path, flag)`` wraps a write so that its failure is that line. ``fastlm.cli`` turns any other
+``writing(path, flag)`` wraps a write so that its failure is that line; ``replace_file(path, text)`` writes a
+small file atomically (caches of tuned choices). ``fastlm.cli`` turns any other
 ``OSError`` that reaches it into the same kind of line, so no file problem ends in a traceback.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -97,3 +99,18 @@ def writing(path, flag: Optional[str] = None, doing: str = "cannot write"):
         yield
     except OSError as error:
         raise path_error(error, path, flag, doing) from None
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file next to ``path`` and renames it into place: readers see the old file
+    or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise

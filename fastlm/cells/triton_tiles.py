@@ -42,13 +42,11 @@ its tiles too; the grid and mode then follow from them by the same rule.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from operator import itemgetter
@@ -58,6 +56,7 @@ from typing import Callable, Optional
 import torch
 
 from fastlm.errors import first_line
+from fastlm.paths import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +332,7 @@ class TileTuner:
         entries[key.text()] = {**asdict(config), "ms": ms}
         text = json.dumps({"format": FORMAT, "machine": machine, "configs": entries}, indent=1, sort_keys=True)
         try:
-            _replace_file(path, text)
+            replace_file(path, text)
         except OSError as error:
             self._warn_once(str(path.parent), f"cannot write the Triton tile cache {path} ({first_line(error)}); "
                                               f"tiles are tuned again in each process")
@@ -347,18 +346,3 @@ class TileTuner:
 def _config_from_entry(entry) -> LaunchConfig:
     """A cache entry's LaunchConfig; ValueError/TypeError/KeyError when it is not a valid one."""
     return LaunchConfig(**{name: entry[name] for name in ("block_b", "block_h", "block_k", "num_warps")})
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file next to ``path`` and renames it into place: readers see the old
-    file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fastlm.paths import replace_file
 from fastlm.timing import active_timer
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class ChunkTuner:
             log.info("loss chunks: %s -> %s (%.1f ms)", key, chosen, ms)
             entries = {**_read(path), key: {"chunking": asdict(chosen), "ms": ms}}
             try:
-                _replace_file(path, json.dumps({"format": FORMAT, "machine": machine(), "entries": entries},
+                replace_file(path, json.dumps({"format": FORMAT, "machine": machine(), "entries": entries},
                                                indent=1, sort_keys=True))
             except OSError as error:
                 log.warning("loss chunks: cannot write %s (%s); tuned again in each process", path, error)
@@ -142,19 +142,6 @@ def _read(path: Path) -> dict:
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         log.warning("loss chunks: ignoring %s (%s); it is rewritten after the next tuning", path, error)
         return {}
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """A temporary file next to ``path``, renamed into place: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 TUNER = ChunkTuner()
