@@ -274,3 +274,14 @@ def test_nproc_prints_the_processes_one_line_errors_only(trained, tmp_path):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("fastlm: error: ") and "non-finite" in line for line in lines), result.stderr
+
+
+def test_a_failed_bench_case_says_what_failed():
+    """torch's allocator failure opens with "[enforce fail at alloc_cpu.cpp:121] err == 0.": the 60 characters of a
+    table cell then said only that. The reason kept is what happened."""
+    from fastlm.benchmark.command import case_failure
+
+    error = RuntimeError("[enforce fail at alloc_cpu.cpp:121] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)")
+    reason = case_failure(error)
+    assert reason.startswith("RuntimeError: DefaultCPUAllocator: can't allocate memory") and "err == 0" not in reason

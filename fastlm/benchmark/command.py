@@ -37,7 +37,7 @@ from fastlm.benchmark.cases import (
 from fastlm.benchmark.measure import PeakMemory, time_calls
 from fastlm.config import VARIANTS
 from fastlm.device import competing_load, describe, device_name, machine_load, resolve_device
-from fastlm.errors import FastlmError, first_line
+from fastlm.errors import FastlmError, first_line, short
 from fastlm.paths import check_output_file
 from fastlm.precision import PRECISIONS, resolve_precision, set_tf32_flags, tf32_flags, use_precision
 
@@ -209,7 +209,7 @@ def run_bench(options: BenchOptions, console: Optional[Console] = None) -> int:
                     record.update(run_case(case, options, device, repeat, warmup))
                 except Exception as error:  # one failing case (OOM, unsupported dtype) must not end the matrix
                     failures += 1
-                    record["error"] = f"{type(error).__name__}: {first_line(error)}"[:300]
+                    record["error"] = case_failure(error)
                 if case is group[0]:
                     baseline_ms = record.get("median_ms")
                 if case.backend == COMPILE_BF16:
@@ -276,6 +276,14 @@ def _check(options: BenchOptions) -> None:
             raise FastlmError("--backend example is the example's training step: it only goes with --mode step")
 
 
+def case_failure(error: BaseException) -> str:
+    """A failed case's reason in words: torch's C++ checks open with "[enforce fail at FILE:LINE] err == 0."
+    before saying what happened (e.g. the allocator's "can't allocate memory: you tried to allocate ..."), which
+    a table cell cut after 60 characters would show alone."""
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*(\S+ [=!<>]= \S+\.\s*)?", "", first_line(error))
+    return f"{type(error).__name__}: {text or 'no message'}"[:300]
+
+
 def default_out_path(device: torch.device) -> Path:
     name = "cpu" if device.type != "cuda" else device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -307,7 +315,7 @@ def _add_row(table: Table, r: dict) -> None:
     extra += f" {r.get('variant_ran') or r['variant']}" if r.get("variant") else ""
     if "error" in r:
         table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), _precision_cell(r),
-                      f"[red]{r['error'][:60]}[/]", "", "", "", "")
+                      f"[red]{short(r['error'], 60)}[/]", "", "", "", "")
         return
     speed = "baseline" if r["backend"] == r["baseline"] else (f"{r['speedup']:.2f}x" if r["speedup"] else "-")
     table.add_row(r["mode"], r["cell"], r["backend"] + extra, shape, str(r["V"] or "-"), _precision_cell(r),
