@@ -139,8 +139,8 @@ def poisoned_run(folder, skip_nonfinite, bad_steps, poison_gradients=False):
     trainer = Trainer(config, toy_corpus(), torch.device("cpu"), quiet_display(), on_step=snapshot)
     clean_loss, calls = trainer.model.loss, []
 
-    def loss(hidden, targets):
-        value = clean_loss(hidden, targets)
+    def loss(hidden, targets, *precision):  # the step passes the decoder's compute dtype
+        value = clean_loss(hidden, targets, *precision)
         if trainer.model.training:
             calls.append(None)
             if len(calls) in bad_steps:

@@ -117,7 +117,7 @@ def test_an_interrupted_sweep_finishes_when_run_again_and_its_point_resumes_exac
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "fastlm", "sweep", "--out", str(out), "--data", str(data),
                *map(str, SMALL), "--epochs", "3", "--steps-per-epoch", "40", "--log-interval", "1",
-               "--cells", "lstm", "--set", "nlayers=1,2"]
+               "--cells", "lstm", "--set", "nlayers=1,2", "--design", "grid"]  # grid order: nlayers 1 runs first
     first_point, second = out / "points" / "lstm-nlayers1", out / "points" / "lstm-nlayers2"
     sweep = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
