@@ -58,7 +58,9 @@ def verdict_of(status, err, expect_error: bool, words=()) -> tuple[str, str]:
     if expect_error:
         if status == 2 and lines and all(line.startswith("fastlm: error: ") for line in lines) and len(set(lines)) == 1:
             missing = [w for w in words if w not in lines[0]]
-            return ("one-line", lines[0][15:140]) if not missing else ("lost/wrong", f"line lacks {missing}: {lines[0]}")
+            if missing:
+                return "lost/wrong", f"line lacks {missing}: {lines[0]}"
+            return "one-line", lines[0][15:140]
         return "lost/wrong", f"expected a one-line refusal, got status {status}: {err.strip()[-200:]}"
     return ("ok", "") if status == 0 else ("lost/wrong", f"status {status}: {err.strip()[-200:]}")
 
@@ -232,8 +234,8 @@ def late_kills(work: Path, data: Path) -> None:
     proc = start(*sweep)
     wait_for(lambda: any((out / "points").glob("*/last.pt")) or any((out / "points").glob("*/metrics.jsonl")))
     time.sleep(1)
-    points = subprocess.run(["pgrep", "-f", f"--run-dir {out}"], capture_output=True, text=True).stdout.split()
-    points += subprocess.run(["pgrep", "-f", f"--resume {out}"], capture_output=True, text=True).stdout.split()
+    points = subprocess.run(["pgrep", "-f", "--", f"--run-dir {out}"], capture_output=True, text=True).stdout.split()
+    points += subprocess.run(["pgrep", "-f", "--", f"--resume {out}"], capture_output=True, text=True).stdout.split()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     gone = wait_for(lambda: not any(alive(int(pid)) for pid in points), timeout=120)
@@ -426,7 +428,8 @@ def reports(work: Path, trained: Path) -> None:
         refusal(k, name, "report", run, "--out", work / f"report-out-{len(RESULTS)}")
     for name, content in (("metrics not UTF-8", b"\xff\xfe\x00\n"),
                           ("metrics records without fields", b'{"kind": "epoch"}\n{"kind": "log"}\n{"kind": "test"}\n'),
-                          ("metrics of the wrong types", b'{"kind": "epoch", "epoch": "1", "val_ppl": "x"}\n[1]\n"a"\n'),
+                          ("metrics of the wrong types",
+                           b'{"kind": "epoch", "epoch": "1", "val_ppl": "x"}\n[1]\n"a"\n'),
                           ("metrics Infinity", b'{"kind": "epoch", "epoch": 1, "val_ppl": Infinity}\n')):
         run = work / f"report-{len(RESULTS)}"
         shutil.copytree(trained, run)
@@ -489,11 +492,14 @@ def main() -> int:
     fastlm("train", "--data", data, *TINY, "--epochs", 2, "--steps-per-epoch", 6, "--run-dir", trained)
     fastlm("train", "--data", data, *TINY, "--nhid", 24, "--epochs", 1, "--steps-per-epoch", 3, "--run-dir", other)
     started = time.monotonic()
-    for part in (lambda: locks(work, data), lambda: late_kills(work, data),
-                 lambda: folders(work, data, trained, other), lambda: checkpoints(work, trained),
-                 lambda: flags_and_paths(work, data, trained), lambda: reports(work, trained),
-                 lambda: distributed(work, trained)):
-        part()
+    parts = {"locks": lambda: locks(work, data), "late_kills": lambda: late_kills(work, data),
+             "folders": lambda: folders(work, data, trained, other), "checkpoints": lambda: checkpoints(work, trained),
+             "flags_and_paths": lambda: flags_and_paths(work, data, trained), "reports": lambda: reports(work, trained),
+             "distributed": lambda: distributed(work, trained)}
+    chosen = os.environ.get("HOSTILE_PARTS")  # e.g. HOSTILE_PARTS=late_kills,reports: only those
+    for name, part in parts.items():
+        if not chosen or name in chosen.split(","):
+            part()
     counts = {}
     for _, _, verdict, _ in RESULTS:
         counts[verdict] = counts.get(verdict, 0) + 1

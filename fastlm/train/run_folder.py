@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from fastlm.errors import FastlmError
+from fastlm.paths import writing
 
 
 def unique_run_dir(root: str | Path, label: str) -> Path:
@@ -91,10 +92,12 @@ class RunFolder:
         self.metrics_path.touch()  # there from the start, even for a run that stops before its first log line
 
     def write_config(self, config: dict) -> None:
-        (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        path = self.path / "config.json"
+        with writing(path):  # a full disk, a write limit: one line naming the file
+            path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     def append_metrics(self, record: dict) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as f:
+        with writing(self.metrics_path), self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
 
     def record_resume(self, record: dict, rebuilt: dict | None = None) -> None:

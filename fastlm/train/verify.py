@@ -64,9 +64,11 @@ def checkpoint_config(payload: dict, path) -> RunConfig:
         raise FastlmError(f"checkpoint {path} holds no configuration (found {type(values).__name__}); it was not "
                           f"written by fastlm train")
     try:
-        return RunConfig.from_dict(values, origin=f"checkpoint {path}").validate()
-    except FastlmError as error:
-        raise FastlmError(f"checkpoint {path} has an invalid configuration: {error}") from None
+        config = RunConfig.from_dict(values, origin=f"checkpoint {path}")  # its refusals name the file
+        try:
+            return config.validate()
+        except FastlmError as error:
+            raise FastlmError(f"checkpoint {path} has an invalid configuration: {error}") from None
     except (TypeError, ValueError, AttributeError) as error:
         raise FastlmError(f"checkpoint {path} has an invalid configuration ({type(error).__name__}: "
                           f"{short(error, 160)})") from None
