@@ -31,7 +31,7 @@ from tests.test_cells_parity import (
 
 TRITON = cells.unavailable_reason("lstm", "triton")
 pytestmark = pytest.mark.skipif(TRITON is not None, reason=f"lstm/triton: {TRITON}")
-# After fastlm.cells (which, like conftest.py, sets TRITON_INTERPRET=1 without CUDA): compiled or interpreted.
+# conftest.py set TRITON_INTERPRET=1 without CUDA before anything imported triton: compiled or interpreted.
 triton = pytest.importorskip("triton", reason="triton is not installed")
 tl = pytest.importorskip("triton.language")
 grid_sync = pytest.importorskip("fastlm.kernels.grid_barrier").grid_sync
