@@ -154,3 +154,14 @@ def test_generate_refuses_bad_checkpoints(tmp_path, content, words):
 
 def test_generate_missing_checkpoint(tmp_path):
     assert_one_line_error(run_cli("generate", "--checkpoint", tmp_path / "nope.pt"), "does not exist")
+
+
+@pytest.mark.parametrize("argv, closest", [
+    (("train", "--nhidden", 100), "--nhid"),
+    (("train", "--nhidden=100"), "--nhid"),
+    (("train", "--epoch", 1), "--epochs"),  # an abbreviation is not taken for the flag it abbreviates
+    (("bench", "--shapes", "35,20,200,200"), "--shape"),
+])
+def test_an_unknown_flag_names_the_subcommands_help_and_the_closest_flag(argv, closest):
+    line = one_line_error(*run_cli(*argv)[::2])
+    assert f"fastlm {argv[0]} --help" in line and f"did you mean {closest}?" in line, line
