@@ -156,6 +156,15 @@ def test_generate_missing_checkpoint(tmp_path):
     assert_one_line_error(run_cli("generate", "--checkpoint", tmp_path / "nope.pt"), "does not exist")
 
 
+def test_generate_from_a_run_without_a_best_model_yet_names_its_last_checkpoint(toy_data, tmp_path):
+    """A run paused before its first validation (as the README's first command's is) has last.pt, not best.pt."""
+    run = tmp_path / "run"
+    status, _, err = run_cli("train", "--data", toy_data, *SMALL, "--max-steps", 2, "--run-dir", run)
+    assert status == 0 and (run / "last.pt").is_file() and not (run / "best.pt").exists(), err
+    assert_one_line_error(run_cli("generate", "--checkpoint", run / "best.pt"), "before its first",
+                          f"--checkpoint {run / 'last.pt'}", f"--resume {run}")
+
+
 @pytest.mark.parametrize("argv, closest", [
     (("train", "--nhidden", 100), "--nhid"),
     (("train", "--nhidden=100"), "--nhid"),
