@@ -174,3 +174,19 @@ def test_generate_from_a_run_without_a_best_model_yet_names_its_last_checkpoint(
 def test_an_unknown_flag_names_the_subcommands_help_and_the_closest_flag(argv, closest):
     line = one_line_error(*run_cli(*argv)[::2])
     assert f"fastlm {argv[0]} --help" in line and f"did you mean {closest}?" in line, line
+
+
+def test_dry_runs_without_a_run_dir_share_one_folder(toy_data, tmp_path, monkeypatch):
+    """A dry run checks that everything runs: without --run-dir the next one replaces its folder, instead of
+    leaving a timestamped folder behind each time; a real run in that folder is not replaced."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        status, out, err = run_cli("train", "--data", toy_data, *SMALL, "--dry-run")
+        assert status == 0, err
+    folder = tmp_path / "runs" / "dry-run-lstm-cudnn"
+    assert list((tmp_path / "runs").iterdir()) == [folder] and "the next one replaces it" in out
+    assert json.loads((folder / "config.json").read_text())["train"]["dry_run"] is True
+    config = json.loads((folder / "config.json").read_text())
+    config["train"]["dry_run"] = False  # as if a run had been given this folder with --run-dir
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("train", "--data", toy_data, *SMALL, "--dry-run"), "already holds a run")
