@@ -163,6 +163,9 @@ def test_jobs_share_the_cores_and_run_points_side_by_side(data, tmp_path):
     for entry in sweep_state(out)["points"]:
         config = json.loads((out / entry["run_dir"] / "config.json").read_text())
         assert config["train"]["threads"] == max(1, cores // 2) and entry["status"] == "done"
+        # The load each point counts as the sweep's own: its threads and those of the point beside it.
+        logs = records(out / entry["run_dir"], "log")
+        assert logs and all(r["own_threads"] == 2 * config["train"]["threads"] for r in logs)
     notes = json.loads((out / "report.json").read_text())["conditions"]["notes"]
     assert any("up to 2 points at once" in note for note in notes)  # their training times were measured side by side
 
