@@ -339,9 +339,9 @@ class Trainer:
         loss = window_loss.item() / (steps - bad) if steps > bad else None
         seconds = time.perf_counter() - started
         self.epoch_train_seconds += seconds
-        record = {"kind": "log", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
-                  "loss": loss, "ppl": perplexity(loss) if loss is not None else None, "lr": self.step_fn.lr,
-                  "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
+        record = {"kind": "log", "epoch": self.epoch, "batch": self.batches_done, "epoch_batches": limit,
+                  "step": self.global_step, "loss": loss, "ppl": perplexity(loss) if loss is not None else None,
+                  "lr": self.step_fn.lr, "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
                   "phases_ms": {name: _mean(samples.get(name)) for name in (*PHASES, STEP)}}
         if ALLREDUCE in samples:  # several processes: the all-reduce that backward waited for (in backward's time)
             record["phases_ms"][ALLREDUCE] = _mean(samples[ALLREDUCE])
