@@ -5,28 +5,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import one_line_error, run_cli, toy_corpus, write_corpus_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, SMALL, one_line_error, run_cli
 
 
 def fastlm(*args, cwd=None, env_extra=None, timeout=300):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "fastlm", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    return write_corpus_folder(toy_corpus(), tmp_path_factory.mktemp("toy"))
-
-
-SMALL = ("--emsize", 16, "--nhid", 16, "--batch-size", 4, "--bptt", 8, "--device", "cpu")
 
 
 def assert_one_line_error(result, *words):

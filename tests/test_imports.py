@@ -128,6 +128,22 @@ def test_every_module_imports_on_its_own(name, import_failures):
     assert import_failures[name] == "", f"importing {name} first failed:\n{import_failures[name]}"
 
 
+def test_imports_between_test_files_go_through_support_modules():
+    """A test file shares code only through support modules (helpers.py, tolerances.py, example_corpus.py, ...),
+    never by importing another test file; and every parity test takes its bound from tests/tolerances.py."""
+    parity = {"test_cells_parity", "test_cells_transfer", "test_triton_kernels", "test_triton_persistent",
+              "test_losses", "test_cpu_loss_kernel", "test_onnx_export", "test_fast_step"}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module or "")
+        assert not [name for name in imported if name.startswith("tests.test_")], f"{path.name} imports a test file"
+        assert path.stem not in parity or "tests.tolerances" in imported, f"{path.name}: its bound is not tolerances'"
+
+
 def test_no_import_sets_an_environment_variable():
     """Importing every module changes nothing in the process's environment: what a setting chooses is chosen
     where it is used (TRITON_INTERPRET where the triton backend is built, fastlm.cells.triton). Run without
