@@ -137,8 +137,8 @@ def use_threads(threads: Optional[int]) -> None:
 
 
 def machine_load() -> tuple[float, int]:
-    """(the 1-minute load average, the cores this process may use). A load above the cores means other work
-    competes for them: timings taken meanwhile say more about the machine than about fastlm."""
+    """(the 1-minute load average, the cores this process may use). Where other work (``crowded``) competes for
+    the cores, timings taken meanwhile say more about the machine than about fastlm."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
