@@ -38,10 +38,11 @@ from fastlm.train.progress import TrainDisplay
 from fastlm.train.run_folder import (
     RunFolder,
     check_free_for_a_new_run,
+    default_run_dir,
     final_test_recorded,
+    holds_a_dry_run,
     never_saved,
     read_config,
-    unique_run_dir,
 )
 from fastlm.train.trainer import Trainer
 from fastlm.train.verify import check_matches, check_resumable, open_checkpoint
@@ -161,9 +162,10 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
     # reads anything in it until the run ends.
     run_dir = None
     if _writes_the_run_folder():
-        m = config.model if config is not None else None
-        run_dir = resume_dir or config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}")
+        run_dir = resume_dir or config.train.run_dir or default_run_dir(config)
         lock = FolderLock(run_dir).acquire()
+        if resume_dir is None and not config.train.run_dir and config.train.dry_run:
+            overwrite = overwrite or holds_a_dry_run(run_dir)  # the last dry run's: replaced, not piled up
     try:
         if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
             config, payload, changed = resume_config(Path(resume_dir), overrides or {})
@@ -215,6 +217,8 @@ def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, 
         on_rank_zero(new_folder, world)
         run = RunFolder(run_dir, create=world.main)
         where = f"run folder {run.path}"
+        if config.train.dry_run and not config.train.run_dir:
+            where += " (the dry runs' folder: the next one replaces it)"
     else:
         trainer.restore(payload, Path(resume_dir) / "last.pt")
         if "lr" in changed:  # the lr training continues with, instead of the one it stood at

@@ -28,7 +28,7 @@ import torch
 from fastlm.cells import check_runs_on
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer
-from fastlm.device import machine_load
+from fastlm.device import crowded, machine_load, own_threads
 from fastlm.distributed import (
     SINGLE,
     World,
@@ -339,21 +339,24 @@ class Trainer:
         loss = window_loss.item() / (steps - bad) if steps > bad else None
         seconds = time.perf_counter() - started
         self.epoch_train_seconds += seconds
-        record = {"kind": "log", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
-                  "loss": loss, "ppl": perplexity(loss) if loss is not None else None, "lr": self.step_fn.lr,
-                  "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
+        record = {"kind": "log", "epoch": self.epoch, "batch": self.batches_done, "epoch_batches": limit,
+                  "step": self.global_step, "loss": loss, "ppl": perplexity(loss) if loss is not None else None,
+                  "lr": self.step_fn.lr, "ms_per_batch": 1e3 * seconds / steps, "tokens_per_s": tokens / seconds,
                   "phases_ms": {name: _mean(samples.get(name)) for name in (*PHASES, STEP)}}
         if ALLREDUCE in samples:  # several processes: the all-reduce that backward waited for (in backward's time)
             record["phases_ms"][ALLREDUCE] = _mean(samples[ALLREDUCE])
         load, cores = machine_load()
-        record.update(load=round(load, 2), cores=cores)
-        if load > cores:
+        # The run's own threads (and its sweep's other points') are in the load too: only the rest is other work.
+        own = own_threads(torch.get_num_threads())
+        record.update(load=round(load, 2), cores=cores, own_threads=own)
+        if crowded(load - own, cores, own):
             record["timing_unreliable"] = True
             if not self._warned_load:
                 self._warned_load = True
                 self.display.message(f"[bold yellow]warning: the machine's load ({load:.1f}) exceeds its {cores} "
-                                     f"cores: other work competes for them, so these timings are unreliable "
-                                     f"(marked in metrics.jsonl; fewer --threads may help)[/]")
+                                     f"cores, beyond what this run's own {own} threads put on them: other work "
+                                     f"competes for the cores, so these timings are unreliable (marked in "
+                                     f"metrics.jsonl; fewer --threads may help)[/]")
         if self.config.train.skip_nonfinite:
             record.update(skipped=bad, first_skipped_step=bad_step if bad else None,
                           skipped_total=self.skipped_batches)
