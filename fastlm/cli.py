@@ -9,7 +9,7 @@ import argparse
 import difflib
 import sys
 
-from fastlm.config import PRECISIONS
+from fastlm.config import LR_RULES, PRECISIONS
 from fastlm.errors import FastlmError
 
 # flag dest -> (config section, field)
@@ -97,9 +97,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "memory); auto (default) streams above 128 MiB of text")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
-    t.add_argument("--lr-rule", dest="lr_rule", default=S, choices=("example", "noise"),
+    t.add_argument("--lr-rule", dest="lr_rule", default=S, choices=LR_RULES,
                    help="when to divide the lr by 4 after an epoch: example (default) when validation did not "
-                        "improve; noise only when it got worse by more than its standard error (short epochs)")
+                        "improve; noise only when it got worse by more than its standard error (short epochs); "
+                        "noise-final the noise rule, and once more before the last epoch")
     t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")
     t.add_argument("--optimizer", default=S, choices=("sgd", "adamw"),
                    help="sgd (default): the example's p -= lr * grad; adamw: torch's AdamW (fused kernels where the "

@@ -402,13 +402,15 @@ class Trainer:
                   "val_ppl": perplexity(val_loss), "seconds": train_seconds + eval_seconds,
                   "train_seconds": train_seconds, "eval_seconds": eval_seconds, "best": improved,
                   "val_noise": self.last_eval_noise}
+        anneal = anneals(self.config.train.lr_rule, val_loss, self.best_val_loss, self.last_eval_noise,
+                         last_epoch_next=self.epoch + 1 == self.config.train.epochs)
         self.epoch, self.batches_done, self.epoch_train_seconds = self.epoch + 1, 0, 0.0
+        if anneal:  # before the checkpoint, so that a resumed run goes on at the lr this one would have
+            self.step_fn.lr /= 4.0
         if improved:
             self.best_val_loss = val_loss
             payload = self._payload()
             on_rank_zero(lambda: save_checkpoint(self.run.best, payload), self.world)
-        elif anneals(self.config.train.lr_rule, val_loss, self.best_val_loss, self.last_eval_noise):
-            self.step_fn.lr /= 4.0
         record["lr_next"] = self.step_fn.lr
         self._append_metrics(record)
         self.display.epoch_summary(record)
