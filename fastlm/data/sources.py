@@ -82,7 +82,7 @@ def check_mode(mode: str) -> None:
 
 
 def load_data(folder, cache_dir=None, mode: str = "auto") -> Corpus | StreamedCorpus:
-    """The corpus in ``folder``/{train,valid,test}.txt, in memory or streamed as ``mode`` says (the module's docstring).
+    """The corpus in ``folder``/{train,valid,test}.txt, in memory or streamed as ``mode`` says (see the module doc).
 
     ``cache_dir`` defaults to cache.default_cache_dir(); streaming needs it to be writable.
     """
