@@ -7,11 +7,8 @@
 - ``bf16``: the decoder's three GEMMs (logits, dh, dW: nearly all of a step's arithmetic at the example's
   sizes) run in bf16 with fp32 accumulation, on casts made inside the fused loss; the embedding, the
   recurrence, the softmax and loss, the weights, their gradients, clipping and the update stay fp32, on
-  every backend alike. Why not the recurrence too: 300 steps of the example's model (lr 2) in bf16 end 7.5%
-  above fp32's validation perplexity with a bf16 recurrence, and within 0.1% with it in fp32 (the example's
-  own code under autocast loses the same; bench/README.md, "bf16 quality"): the recurrent state carried
-  through 35 steps of gate arithmetic does not survive bf16's 8 bits, while the decoder's products, whose
-  softmax is taken in fp32, do. Not torch's autocast: autocast turns a cuDNN RNN into fp16.
+  every backend alike. Why not the recurrence too, and what rounds where: docs/semantics.md ("Precision",
+  "The fused decoder and loss"). Not torch's autocast: autocast turns a cuDNN RNN into fp16.
 - ``auto``: bf16 where the device has bf16 matrix units (AMX-BF16 or AVX512-BF16 on a CPU, compute
   capability 8.0 or later on CUDA), else fp32; ``resolve_precision`` says which and why. Not the default:
   the default stays the exact fp32, the example's numbers.

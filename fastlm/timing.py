@@ -1,18 +1,14 @@
 """The one clock, and phase timing shared by train, bench and profile.
 
-``Clock`` is how fastlm reads time everywhere: on CUDA, events recorded in the stream and read after one
-synchronisation, so that timing never stalls the work it times; on CPU, ``time.perf_counter``.
+``Clock`` is how fastlm reads time everywhere: on CUDA, events recorded in the stream and read once per
+window (``collect``), never by synchronising inside a phase, so that timing never stalls the work it times;
+on CPU, ``time.perf_counter``.
 
 Every training step is split into the phases below. The same names label the timer's buckets, NVTX ranges
 and ``torch.profiler.record_function`` ranges, so an Nsight timeline, a torch trace and the breakdown table
-all speak the same words.
-
-Timing rules: on CUDA, phases are bracketed by CUDA events recorded in the stream and read once per
-window (``collect``), never by synchronising inside a phase; on CPU, ``time.perf_counter``.
-
-Labels cost: an NVTX push/pop through the ``nvtx`` package is ~0.4 us and a no-op unless a profiler is
-attached, so it is always on. ``record_function`` costs ~15 us even with no profiler running, so it is only
-entered while a torch profiler is active (a ~0.1 us check).
+all speak the same words. NVTX ranges (through the ``nvtx`` package, a no-op unless a profiler is attached)
+are always on; ``record_function``, which costs time even with no profiler running, is entered only while a
+torch profiler is active (what each costs: bench/README.md, "Phase labels").
 """
 
 from __future__ import annotations
@@ -107,7 +103,7 @@ def stats(values: list[float]) -> dict:
             "n": len(ordered)}
 
 
-torch_profiler_active = torch.autograd._profiler_enabled  # True while a torch.profiler records (~0.1 us)
+torch_profiler_active = torch.autograd._profiler_enabled  # True while a torch.profiler records; cheap to ask
 
 
 class _Phase:

@@ -45,10 +45,10 @@ def test_tokens_match_the_example_on_random_text(text):
 def test_parallel_tokeniser_gives_the_example_tokens(tmp_path, monkeypatch, workers):
     """The forked path (runs of lines cut across files, merged local vocabularies) on small files: the cuts
     fall inside train, at file boundaries and inside the tricky valid and test files."""
-    import fastlm.data.tokenize as tokenize_module
+    import fastlm.data.corpus as corpus_module
 
-    monkeypatch.setattr(tokenize_module, "PARALLEL_MIN_CHARS", 1)
-    monkeypatch.setattr(tokenize_module.os, "cpu_count", lambda: workers)
+    monkeypatch.setattr(corpus_module, "PARALLEL_MIN_CHARS", 1)
+    monkeypatch.setattr(corpus_module.os, "cpu_count", lambda: workers)
     tricky = "".join(TRICKY.values())
     folder = write_corpus(tmp_path / "data", (tricky * 3).encode(), valid=("x\r\ny z\n" + tricky).encode(),
                           test=(tricky + "\u2028 q").encode())

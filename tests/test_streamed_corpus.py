@@ -1,5 +1,6 @@
-"""Corpora bigger than memory (fastlm.data.data_modes): the streamed path gives the in-memory path's vocabulary,
-ids and batches, keeps host memory flat as the corpus grows, is chosen by size, and names bad input."""
+"""Corpora bigger than memory (fastlm.data.stream, chosen in fastlm.data.sources): the streamed path gives the
+in-memory path's vocabulary, ids and batches, keeps host memory flat as the corpus grows, is chosen by size, and
+names bad input."""
 
 import subprocess
 import sys
@@ -13,19 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastlm.data import (
+    EOS,
     SPLITS,
     Corpus,
     StreamedCorpus,
-    data_modes,
     generated_corpus,
     load_corpus,
     load_data,
     resolve_corpus,
+    sources,
     split_files,
-    text_stream,
+    stream,
 )
 from fastlm.data.synthetic import generated_texts
-from fastlm.data.tokenize import EOS
 from fastlm.errors import FastlmError
 from tests.example_corpus import ALPHABET, TRICKY, assert_same_as_example, write_corpus
 
@@ -78,7 +79,7 @@ def example_tokens(path: Path) -> list[str]:
 
 
 def piece_tokens(path: Path) -> list[str]:
-    return [word for piece in text_stream.text_pieces(path) for word in piece.replace("\n", f" {EOS} ").split()]
+    return [word for piece in stream.text_pieces(path) for word in piece.replace("\n", f" {EOS} ").split()]
 
 
 @settings(max_examples=300, deadline=None)
@@ -86,8 +87,8 @@ def piece_tokens(path: Path) -> list[str]:
 def test_pieces_cut_anywhere_give_the_files_tokens(text, block, carry):
     """Blocks of a few bytes split characters, "\\r\\n" pairs and words; tiny carries cut long lines at spaces."""
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(text_stream, "TEXT_BLOCK_BYTES", block)
-        patch.setattr(text_stream, "MAX_CARRY_CHARS", carry)
+        patch.setattr(stream, "TEXT_BLOCK_BYTES", block)
+        patch.setattr(stream, "MAX_CARRY_CHARS", carry)
         path = Path(tmp) / "train.txt"
         path.write_bytes(text.encode("utf-8"))
         if text.strip():
@@ -107,7 +108,7 @@ def generated_folder(tmp_path_factory) -> Path:
 
 
 def test_streamed_generated_folder_is_the_in_memory_corpus(generated_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(text_stream, "TEXT_BLOCK_BYTES", 4096)  # many pieces, cut inside lines and characters
+    monkeypatch.setattr(stream, "TEXT_BLOCK_BYTES", 4096)  # many pieces, cut inside lines and characters
     memory = load_corpus(generated_folder, use_cache=False)
     streamed = load_data(generated_folder, tmp_path, mode="stream")
     assert_same_corpus(memory, streamed)
@@ -238,10 +239,10 @@ def test_streaming_keeps_host_memory_flat_as_the_corpus_grows(small_and_large_fo
 def test_auto_streams_above_the_threshold_and_a_mode_can_be_forced(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path / "data", b"a b c\n" * 10, valid=b"v w\n", test=b"t\n")  # 60 + 4 + 2 bytes
     cache_dir = tmp_path / "cache"
-    monkeypatch.setattr(data_modes, "STREAM_ABOVE_BYTES", 66)
+    monkeypatch.setattr(sources, "STREAM_ABOVE_BYTES", 66)
     assert isinstance(load_data(folder, cache_dir), Corpus)  # at the threshold: memory
     assert isinstance(load_data(folder, cache_dir, "stream"), StreamedCorpus)
-    monkeypatch.setattr(data_modes, "STREAM_ABOVE_BYTES", 65)
+    monkeypatch.setattr(sources, "STREAM_ABOVE_BYTES", 65)
     assert isinstance(load_data(folder, cache_dir, "auto"), StreamedCorpus)  # above it: streamed
     assert isinstance(load_data(folder, cache_dir, "memory"), Corpus)
     assert load_data(folder, cache_dir, "memory").mode == "memory" and load_data(folder, cache_dir).mode == "stream"
@@ -250,9 +251,9 @@ def test_auto_streams_above_the_threshold_and_a_mode_can_be_forced(tmp_path, mon
 
 
 def test_the_default_threshold_keeps_wikitext2_in_memory():
-    assert data_modes.choose_mode("auto", 13_175_278) == "memory"  # Wikitext-2's three files
-    assert data_modes.choose_mode("auto", 540_000_000) == "stream"  # Wikitext-103's
-    assert data_modes.choose_mode("memory", 10**12) == "memory" and data_modes.choose_mode("stream", 1) == "stream"
+    assert sources.choose_mode("auto", 13_175_278) == "memory"  # Wikitext-2's three files
+    assert sources.choose_mode("auto", 540_000_000) == "stream"  # Wikitext-103's
+    assert sources.choose_mode("memory", 10**12) == "memory" and sources.choose_mode("stream", 1) == "stream"
 
 
 def test_resolve_corpus_passes_the_mode_on(tmp_path):
@@ -291,7 +292,7 @@ def test_bad_folders_and_files_are_named(tmp_path, monkeypatch):
     blank = write_corpus(tmp_path / "blank", b"a\n", valid=b" \n\n\t\r\n")
     assert "valid.txt has only whitespace" in both_errors(blank, tmp_path)
     # A bad byte deep in the file, past many blocks, is placed at its offset in the file, not in a block.
-    monkeypatch.setattr(text_stream, "TEXT_BLOCK_BYTES", 7)
+    monkeypatch.setattr(stream, "TEXT_BLOCK_BYTES", 7)
     latin1 = write_corpus(tmp_path / "latin1", "word ".encode() * 40 + "caf\u00e9\n".encode("latin-1"))
     message = both_errors(latin1, tmp_path)
     assert "train.txt is not UTF-8" in message and "offset 203" in message and "0xe9" in message

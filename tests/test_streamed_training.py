@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastlm.data import Corpus, StreamedCorpus, generated_corpus, resolve_corpus
-from fastlm.data.data_modes import stream_in_memory
+from fastlm.data.stream import stream_in_memory
 from fastlm.train.run_folder import RunFolder
 from fastlm.train.trainer import Trainer
 from tests.helpers import one_line_error, quiet_display, run_cli, small_config, toy_corpus, write_corpus_folder

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastlm.data.batching import BatchStreamer, batchify
-from fastlm.data.token_stream import TokenFileStream
+from fastlm.data.stream import TokenFileStream
 from fastlm.errors import FastlmError
 
 

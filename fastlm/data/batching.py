@@ -3,6 +3,9 @@
 ``batchify`` trims a 1-D token stream to a multiple of the batch size and lays it out as [n, B], each
 column a contiguous slice of the corpus. ``batch_starts`` are the rows where bptt-long chunks begin; the
 last chunk is shorter (``n - 1 - i`` rows) because every input row needs the next row as its target.
+``BatchStreamer`` hands a batchified split's chunks to the device as (index, inputs [t, B], targets [t * B]),
+int64; ``to_device``, which it shares with fastlm.data.stream, overlaps each chunk's copy to a CUDA device
+with the step before it.
 """
 
 from __future__ import annotations

@@ -1,18 +1,20 @@
 """On-disk cache of tokenised corpora, so a second load skips tokenisation.
 
-An entry lives in ``<cache_dir>/tokens/<key>/`` and holds ``vocab.json`` (the words in id order) and one
-``<split>.npy`` of int64 token ids per split, whether the in-memory tokeniser or the streaming one
-(fastlm.data.stream_tokenize) wrote it: either path reads the other's entries. The key is a hash of the
-three files' bytes and FORMAT_VERSION, so editing a file, or changing how tokens are made, simply misses the
-cache; nothing is ever invalidated by hand. Entries are written into a temporary folder and renamed into
-place, so a reader never sees half an entry; anything unreadable is treated as a miss and rebuilt. For an
-in-memory corpus the cache is an optimisation only: a folder that cannot be written to costs speed, never a
-run. A streamed corpus is read from its entry, so streaming needs a writable cache (fastlm.data.data_modes).
+An entry lives in ``<cache_dir>/tokens/<key>/`` and holds ``vocab.json`` (the words in id order, a JSON list)
+and one ``<split>.npy`` per split: a non-empty 1-D int64 array of ids, each in [0, len(vocab)). The in-memory
+tokeniser (fastlm.data.corpus) and the streaming one (fastlm.data.stream) write the same files, so either path
+reads the other's entries. The key hashes the three text files' bytes and FORMAT_VERSION: an edited file or a
+changed tokenisation misses the cache; nothing is invalidated by hand. An entry is written into a staging
+folder and renamed into place, so a reader never sees half of one; an unreadable entry is a miss, removed and
+rebuilt. ``IdFileWriter`` writes a .npy piece by piece and ``id_count`` checks one without reading its ids.
+For an in-memory corpus the cache only saves time (an unwritable folder costs speed, never a run); a
+streamed corpus is read from its entry, so streaming needs a writable cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -23,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fastlm.data.npy_files import id_count
-
 # Bump when tokenisation or the entry layout changes: old entries then stop matching any key.
 FORMAT_VERSION = 1
+ID_DTYPE = np.dtype(np.int64)  # what an entry's .npy files hold
+_READ_HEADER = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 _warned_unwritable: set[str] = set()
 
@@ -56,7 +58,7 @@ class CachedTokens:
 @dataclass
 class MappedTokens:
     words: list[str]  # the vocabulary, in id order
-    files: dict[str, Path]  # split -> its .npy, checked whole but not read (npy_files.id_count)
+    files: dict[str, Path]  # split -> its .npy, checked whole but not read (id_count)
     counts: dict[str, int]  # split -> how many ids its file holds
 
 
@@ -78,7 +80,7 @@ def read_entry(cache_dir: Path, key: str, splits: tuple[str, ...]) -> CachedToke
 def map_entry(cache_dir: Path, key: str, splits: tuple[str, ...]) -> MappedTokens | None:
     """The entry for ``key`` without reading its ids (for a memory-mapped reader), or None when it is absent
     or unreadable (an unreadable one is removed). Each .npy's header and size are checked here; that its ids
-    are inside the vocabulary is checked batch by batch as they are read (TokenFileStream)."""
+    are inside the vocabulary is checked batch by batch as they are read (fastlm.data.stream)."""
     entry = Path(cache_dir) / "tokens" / key
     if not entry.is_dir():
         return None
@@ -174,3 +176,61 @@ def _warn_unwritable(cache_dir: Path, error: OSError) -> None:
         "Set FASTLM_CACHE_DIR to a writable folder to make later loads fast",
         stacklevel=3,
     )
+
+
+# .npy files of ids, written piece by piece and checked without being read. A header is padded to a fixed 128
+# bytes for any 1-D length up to 10^18 (numpy pads it so), so the final header of a file whose length was not
+# known in advance fits exactly where the first one, for length 0, was written.
+def _header(count: int) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(ID_DTYPE), "fortran_order": False, "shape": (count,)}
+    )
+    return buffer.getvalue()
+
+
+class IdFileWriter:
+    """Writes a 1-D int64 .npy from pieces: ``append`` each piece, ``close`` to fix the header."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.count = 0
+        self._file = open(self.path, "wb")
+        self._file.write(_header(0))
+
+    def append(self, ids: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(ids, dtype=ID_DTYPE).data)
+        self.count += len(ids)
+
+    def close(self) -> None:
+        header = _header(self.count)
+        if len(header) != len(_header(0)):  # only past 10^18 ids
+            raise ValueError(f"{self.path}: {self.count} ids do not fit the reserved .npy header")
+        self._file.seek(0)
+        self._file.write(header)
+        self._file.close()
+
+    def __enter__(self) -> IdFileWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._file.close()  # the caller discards the half-written file
+
+
+def id_count(path: Path) -> int:
+    """How many ids the .npy at ``path`` holds; ValueError unless it is a whole, non-empty 1-D int64 array."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        if version not in _READ_HEADER:
+            raise ValueError(f"{Path(path).name} has .npy format version {version}, which is not read here")
+        shape, _, dtype = _READ_HEADER[version](file)
+        if dtype != ID_DTYPE or len(shape) != 1 or shape[0] == 0:
+            raise ValueError(f"{Path(path).name} holds {dtype} {shape}, not a non-empty 1-D int64 array")
+        expected = file.tell() + shape[0] * ID_DTYPE.itemsize
+        actual = os.fstat(file.fileno()).st_size
+    if actual != expected:
+        raise ValueError(f"{Path(path).name} has {actual} bytes where its header promises {expected}")
+    return shape[0]

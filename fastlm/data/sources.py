@@ -1,8 +1,12 @@
-"""Turn a data spec ("wikitext-2", "generated" or a folder) into a Corpus.
+"""Where a corpus comes from: a data spec ("wikitext-2", "generated" or a folder), held in memory or streamed.
 
+``resolve_corpus(spec, mode=...)`` gives a Corpus (fastlm.data.corpus) or a StreamedCorpus (fastlm.data.stream).
 "wikitext-2" looks, in order, at $FASTLM_WIKITEXT2, at the copy in the cache folder, and at the network; when
 all fail the run still goes on, on the generated corpus, after a loud warning saying how to get Wikitext-2,
-so that an offline machine can still train, test and profile.
+so that an offline machine can still train, test and profile. ``load_data(folder, cache_dir, mode)`` reads a
+folder as ``mode`` (of DATA_MODES) says: "memory" (read whole, tokenised on all cores), "stream" (tokenised in
+bounded pieces into the token cache, read through a memory map) or "auto" ("stream" above STREAM_ABOVE_BYTES
+of text). Both give the same vocabulary, ids and batches: the mode changes memory use and speed, never a number.
 """
 
 from __future__ import annotations
@@ -16,16 +20,23 @@ from rich.console import Console
 from rich.panel import Panel
 
 from fastlm.data import cache
-from fastlm.data.corpus import Corpus
-from fastlm.data.data_modes import check_mode, load_data, stream_in_memory
+from fastlm.data.corpus import Corpus, load_corpus
 from fastlm.data.download import URL_ENV, WIKITEXT2_SHA256, DownloadError, download_wikitext2, wikitext2_url
-from fastlm.data.streamed_corpus import StreamedCorpus
+from fastlm.data.split_files import split_paths, text_bytes
+from fastlm.data.stream import StreamedCorpus, stream_folder, stream_in_memory
 from fastlm.data.synthetic import generated_corpus
 from fastlm.errors import FastlmError
 
 WIKITEXT2 = "wikitext-2"
 GENERATED = "generated"
 WIKITEXT2_ENV = "FASTLM_WIKITEXT2"
+DATA_MODES = ("auto", "memory", "stream")
+# In memory, tokenising holds every token as a Python string for a moment: ~17 bytes of memory per byte of
+# text at the peak, the main process and its forked workers together, and the ids take 8 bytes a token after.
+# Streamed, memory stays flat, but a batch costs a strided copy out of the map (and on CUDA one more copy into
+# pinned memory) and tokenising uses one core (measured: docs/streamed-data.md). 128 MiB of text (~2 GiB at
+# that peak) keeps Wikitext-2 (13 MB) in memory and streams Wikitext-103 (540 MB).
+STREAM_ABOVE_BYTES = 128 << 20
 
 
 def resolve_corpus(spec: str, cache_dir=None, console: Console | None = None, allow_download: bool = True,
@@ -34,7 +45,7 @@ def resolve_corpus(spec: str, cache_dir=None, console: Console | None = None, al
 
     The two names win over folders of the same name; write ./generated for such a folder. ``cache_dir``
     defaults to cache.default_cache_dir(); notices and warnings go to ``console`` (default: stderr).
-    ``mode`` ("auto", "memory" or "stream"; fastlm.data.data_modes) says whether the ids are held in memory
+    ``mode`` ("auto", "memory" or "stream"; load_data) says whether the ids are held in memory
     or streamed from the token cache; the generated corpus streams only when asked to.
     """
     check_mode(mode)
@@ -55,6 +66,32 @@ def resolve_corpus(spec: str, cache_dir=None, console: Console | None = None, al
         corpus = load(spec)
     # A corpus made in memory (the generated one, the fallback) streams only when asked: it is small.
     return stream_in_memory(corpus, cache_dir) if mode == "stream" and isinstance(corpus, Corpus) else corpus
+
+
+def choose_mode(mode: str, total_bytes: int) -> str:
+    """The mode, "memory" or "stream", for a corpus of ``total_bytes`` of text under ``mode`` (of DATA_MODES)."""
+    check_mode(mode)
+    if mode != "auto":
+        return mode
+    return "stream" if total_bytes > STREAM_ABOVE_BYTES else "memory"
+
+
+def check_mode(mode: str) -> None:
+    if mode not in DATA_MODES:
+        raise FastlmError(f"unknown data mode {mode!r}: choose one of {', '.join(DATA_MODES)}")
+
+
+def load_data(folder, cache_dir=None, mode: str = "auto") -> Corpus | StreamedCorpus:
+    """The corpus in ``folder``/{train,valid,test}.txt, in memory or streamed as ``mode`` says (see the module doc).
+
+    ``cache_dir`` defaults to cache.default_cache_dir(); streaming needs it to be writable.
+    """
+    folder = Path(folder).expanduser()
+    paths = split_paths(folder)
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    if choose_mode(mode, text_bytes(paths)) == "memory":
+        return load_corpus(folder, cache_dir)
+    return stream_folder(paths, cache_dir, source=f"folder {folder}")
 
 
 def _wikitext2(cache_dir: Path, console: Console, allow_download: bool, load) -> Corpus | StreamedCorpus:

@@ -1,39 +1,21 @@
 """The decoder and its cross-entropy without the [tokens x vocabulary] tensors of the example.
 
-The example computes logits = h W^T + b for all N = T*B tokens, log_softmax over them, NLL, and in backward
-the gradient of both: four [N, V] tensors (93 MB each at batch 20, bptt 35 on Wikitext-2), each one freshly
-allocated, page-faulted in and streamed through memory, around the three GEMMs that are the real work.
+``linear_cross_entropy(hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64)`` is the mean over
+tokens of ``cross_entropy(linear(hidden, weight, bias), targets)``, differentiable in hidden, weight and bias.
+Where the example makes four [N, V] tensors (93 MB each at batch 20, bptt 35 on Wikitext-2), this goes through
+the tokens in chunks: per chunk the logits, their log_softmax, the targets' log-probabilities and, when a
+gradient will be needed, the logits' gradient (softmax - onehot) / N and the gradient GEMMs, while the chunk
+is in cache. Backward only scales the stored gradients by grad_output, so a forward under autograd whose
+loss is never backpropagated does the gradient work for nothing: evaluation runs under ``torch.no_grad()``.
+(Recomputing the logits in backward instead costs a fourth GEMM: bench/README.md, "Decoder chunking".)
 
-``linear_cross_entropy`` works through the tokens in chunks instead. For each chunk it forms the logits, their
-log_softmax, the targets' log-probabilities and, when a gradient will be needed, the logits' gradient
-(softmax - onehot) / N while the chunk is in cache, and at once the gradient GEMMs. Backward only scales
-the stored gradients by grad_output (1 when the loss is backpropagated alone). Forming the gradient in the
-forward pass costs three GEMMs; recomputing the logits in backward would cost a fourth, ~25% slower in all
-(bench/README.md). The price: a forward under autograd whose loss is never backpropagated does the gradient
-work for nothing, so evaluation runs under ``torch.no_grad()``, which skips it.
-
-Two ways through a chunk, by the dtype the GEMMs compute in (``compute_dtype``; the inputs stay as given):
-- exact (fp32): the logits in a reused fp32 [chunk, V] buffer (on CPU in vocabulary blocks, whose operands
-  stay in cache), then the example's own ATen kernels for log_softmax and its backward, so they round as the
-  example's do: with one chunk the gradients are the example's bit for bit wherever the GEMMs are; with
-  several, dW is summed over chunks in another order (float noise). dW accumulates chunk by chunk (addmm_).
-- low precision (bf16, fastlm.precision): hidden and weight cast to bf16 once per call, the three GEMMs in
-  bf16 with fp32 accumulation. Each chunk's bf16 logits go through ``softmax_xent_rows`` (the native CPU
-  kernel of fastlm.model.cpu_kernels, else its PyTorch twin): the bias added in fp32, softmax and gradient
-  in fp32, the gradient rounded to bf16 in place, where the dh GEMM reads it. The chunks' bf16 gradients
-  stay side by side in one [group, V] buffer (all N tokens while that takes at most LOW_PRECISION_GROUP_BYTES)
-  and dW is one GEMM over the group: per-chunk dW GEMMs would have a short inner dimension and add a
-  [V, H] pass per chunk (measured slower: bench/README.md). dh, dW and the bias gradient come back in the
-  inputs' dtypes (fp32 masters get fp32 gradients).
-
-Chunk sizes: chosen per machine by a one-time timing of a few candidates, cached on disk
-(fastlm.model.loss_chunks); on CUDA one chunk holds as many tokens as a memory budget allows.
-
-Profiler phases: the GEMMs (forward and gradient) are timed as ``decoder``; the softmax, the targets'
-log-probabilities and the logits' gradient as ``loss``, chunk by chunk (the timer sums a phase's pieces per
-step). The decoder's gradient GEMMs thus show inside the forward phase.
+``compute_dtype`` is what the GEMMs run in: fp32 (exact, the example's own ATen softmax kernels) or bf16
+(fp32 accumulation; softmax, loss and the logits' gradient in fp32 through ``softmax_xent_rows`` of
+fastlm.model.cpu_kernels); the gradients come back in the inputs' dtypes. What rounds where, and why the bf16
+dW is one GEMM per group of chunks: docs/semantics.md, "The fused decoder and loss". Chunk sizes are chosen
+per machine (fastlm.model.loss_chunks). Profiler phases: the GEMMs (forward and gradient) are ``decoder``, the
+softmax and the logits' gradient ``loss``; so the decoder's gradient GEMMs show inside the forward phase.
 """
-
 
 from __future__ import annotations
 
@@ -53,10 +35,9 @@ _CPU_WORKSPACE: dict = {}  # (name, dtype) -> a flat scratch buffer kept from ca
 def _scratch(name: str, rows: int, columns: int, dtype: torch.dtype, device: torch.device,
              zeros: bool = False) -> torch.Tensor:
     """A [rows, columns] scratch buffer. On CPU it is kept from call to call: a buffer of tens of MB freed
-    and allocated again every step is handed back to the OS and page-faulted in anew each time (~10-20 ms a
-    step at the example's sizes). Elsewhere (CUDA's caching allocator already reuses memory, and a buffer
-    kept across CUDA graph captures would not be safe) a fresh one. ``zeros`` buffers must be left zero by
-    their user."""
+    and allocated again every step is handed back to the OS and page-faulted in anew each time. Elsewhere
+    (CUDA's caching allocator already reuses memory, and a buffer kept across CUDA graph captures would not be
+    safe) a fresh one. ``zeros`` buffers must be left zero by their user."""
     if device.type != "cpu":
         return (torch.zeros if zeros else torch.empty)(rows, columns, device=device, dtype=dtype)
     key = (name, dtype)
@@ -178,7 +159,7 @@ def _exact_pass(hidden, weight, bias, targets, chunking: Chunking, want_grad: bo
 
 
 def _low_precision_pass(hidden, weight, bias, targets, chunking: Chunking, dtype: torch.dtype, want_grad: bool):
-    """GEMMs in ``dtype`` (bf16) with fp32 accumulation, softmax and its gradient in fp32 (see the module doc).
+    """GEMMs in ``dtype`` (bf16) with fp32 accumulation, softmax and its gradient in fp32 (docs/semantics.md).
     Without ``want_grad`` the gradient is still formed per chunk (by the same row kernel) and dropped."""
     num_tokens, vocab, width = hidden.shape[0], weight.shape[0], hidden.shape[1]
     device = hidden.device

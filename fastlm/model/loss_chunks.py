@@ -7,10 +7,10 @@ calls of the real computation on the real tensors) and keeps the fastest,
 - in this process, and
 - on disk, in ``<cache dir>/loss-chunks/<cpu model>, torch <version>.json`` (the cache dir of
   fastlm.data.cache.default_cache_dir()), replaced atomically; an unreadable file is ignored and rewritten.
-Tuning takes a few seconds once per machine and shape; it is skipped (the heuristic ``default_chunking``
-runs) for small shapes, under no_grad (evaluation), with FASTLM_LOSS_TUNE=0, and on CUDA, where one chunk holds as many tokens as
-CUDA_CHUNK_BYTES of fp32 logits allow (all of them at the example's sizes) and the GEMMs run whole.
-The split changes speed, not the math beyond summation order (fastlm.model.fused_loss).
+Tuning runs once per machine and shape; it is skipped (the heuristic ``default_chunking`` runs) for small
+shapes, under no_grad (evaluation), with FASTLM_LOSS_TUNE=0, and on CUDA, where one chunk holds as many tokens
+as CUDA_CHUNK_BYTES of fp32 logits allow (all of them at the example's sizes) and the GEMMs run whole.
+The split changes speed, and summation order only (docs/semantics.md, "The fused decoder and loss").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The fast step captured once as a CUDA graph and replayed: one launch instead of hundreds per step.
 
-At the example's 2x200 the step's GPU work is well under a millisecond; eagerly, the host spends far longer
-launching its kernels one by one. A CUDA graph records every kernel of a step (forward, backward, clip,
+At the example's sizes a step is hundreds of small kernels, and launching them one by one from the host can
+cost more than the GPU's work itself. A CUDA graph records every kernel of a step (forward, backward, clip,
 update) once and replays them with one call.
 
 How it keeps the step's meaning:

@@ -16,7 +16,7 @@ its gradients exist, so that it overlaps the rest of backward. The step adds thr
   the ``gradients`` part.
 
 CUDA graphs are not used under DDP (a choice, said in how_it_ran): capturing DDP needs a static graph and
-NCCL settings that fastlm has not validated on several GPUs. The adaptive decoder is refused: its unused
+NCCL settings of its own, which this step does not set up. The adaptive decoder is refused: its unused
 clusters leave parameters without gradients in some steps, which DDP cannot average without an extra
 search of the graph at every step.
 """

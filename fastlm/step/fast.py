@@ -7,10 +7,9 @@ What makes ``TrainStep`` fast, with the example's numbers up to float noise:
   parameters (on CPU torch runs both per tensor with the same kernels: the numbers are the example's),
   and gradients dropped (set to None) instead of zeroed, so no pass over their memory; AdamW (opt-in)
   through torch's fused kernels where the device has them (fastlm.step.optimizer);
-- ``precision="bf16"``: the decoder's three GEMMs (the step's costly part) run in bf16 with fp32
-  accumulation, on bf16 casts made inside the fused loss; the embedding, the recurrence, the softmax, the
-  weights and their gradients, clipping and the optimizer's update stay fp32 (fastlm.precision says why);
-  fp32 and tf32 differ only in torch's TF32 switches, which the caller sets;
+- ``precision="bf16"``: the decoder's three GEMMs (the step's costly part) run in bf16 inside the fused
+  loss, all else in fp32 (fastlm.precision; docs/semantics.md); fp32 and tf32 differ only in torch's TF32
+  switches, which the caller sets;
 - on CUDA: fixed-shape steps captured once as a CUDA graph and replayed (fastlm.step.cuda_graphs), the
   short last chunk of an epoch running eagerly. The adaptive decoder is never captured: it picks the tokens
   of each cluster with ``nonzero()``, a host synchronisation that capture forbids.

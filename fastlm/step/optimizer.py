@@ -8,8 +8,8 @@
   needs: a skipped AdamW step must leave the moments and the step count as they were, not only the weights.
 
 The optimizer always holds the parameters it is given: the model's own fp32 weights, in bf16 too (only the
-decoder's GEMMs run in bf16, on casts: fastlm.precision), so AdamW's moments are fp32 too. Its state_dict goes into checkpoints, so a
-resumed run continues with the same moments and step counts.
+decoder's GEMMs run in bf16, on casts: fastlm.precision), so AdamW's moments are fp32 too. Its state_dict goes
+into checkpoints, so a resumed run continues with the same moments and step counts.
 """
 
 from __future__ import annotations
