@@ -1,9 +1,14 @@
 """Triton helpers shared by the LSTM and GRU kernels (per-step and persistent): the GEMM tile, offsets, and
 the pointwise math.
 
-Importing this module imports triton: only fastlm.cells.triton does so, after deciding whether the
-kernels run compiled (CUDA) or through the interpreter (TRITON_INTERPRET=1, CPU tensors). The tile sizes
-the kernels take (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) are chosen by fastlm.cells.triton_tiles.
+Importing this module imports triton: only fastlm.kernels.launch does so (through the kernel modules), after
+deciding whether the kernels run compiled (CUDA) or through the interpreter (TRITON_INTERPRET=1, CPU
+tensors). The tile sizes the kernels take (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) are chosen by
+fastlm.kernels.tiles.
+
+Names inside kernels: p_x is a pointer (or a block of pointers) into buffer x, b_x a block of values the
+program holds (loaded, or computed from loaded ones), acc_x an fp32 accumulator block; offsets, index vectors
+and masks (rows, cols, unit, gate, mask) are plain. Elementwise helpers (sigmoid, tanh, exp) take any x.
 
 Sequence buffers and offsets. The step kernels take whole-sequence buffers ([T, B, X], row-major) and the
 step index t, so every launch of a sequence passes the same tensors and only t changes (slicing per step
@@ -44,20 +49,20 @@ from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
-def mma(a, b, acc, ALLOW_TF32: tl.constexpr):
-    """acc += a @ b with fp32 accumulation; a [M, K], b [K, N] of one dtype, M, N, K >= 16.
+def mma(b_x, b_w, acc, ALLOW_TF32: tl.constexpr):
+    """acc += b_x @ b_w with fp32 accumulation; b_x [M, K], b_w [K, N] of one dtype, M, N, K >= 16.
 
     fp32 operands use exact IEEE products unless the caller allows TF32 (the wrapper passes torch's
     ``torch.backends.cuda.matmul.allow_tf32``, read at each call, so the kernels follow the user's matmul
     precision choice); bf16/fp16 operands use tensor cores and accumulate in fp32.
     """
-    if a.dtype == tl.float32:
+    if b_x.dtype == tl.float32:
         if ALLOW_TF32:
-            acc = tl.dot(a, b, acc, input_precision="tf32")
+            acc = tl.dot(b_x, b_w, acc, input_precision="tf32")
         else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(b_x, b_w, acc, input_precision="ieee")
     else:
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(b_x, b_w, acc)
     return acc
 
 
@@ -135,20 +140,20 @@ def sigmoid(x):
 
 
 @triton.jit
-def sequence_row(seq_ptr, t, row_elems):
+def sequence_row(p_seq, t, row_elems):
     """Pointer to row t of a row-major [T, ...] buffer whose rows hold row_elems elements (int64 offset).
     t may be a plain int: the interpreter runs a kernel's ``range`` loops over Python ints."""
-    return seq_ptr + tl.cast(t, tl.int64) * row_elems
+    return p_seq + tl.cast(t, tl.int64) * row_elems
 
 
 @triton.jit
-def previous_row(init_ptr, seq_ptr, t, row_elems):
-    """Pointer to row t-1 of the [T, ...] buffer at seq_ptr, or to init_ptr (one row) when t == 0: how a
+def previous_row(p_init, p_seq, t, row_elems):
+    """Pointer to row t-1 of the [T, ...] buffer at p_seq, or to p_init (one row) when t == 0: how a
     step reads h_{t-1} or c_{t-1} from the initial state or from the outputs of the step before."""
-    ptr = init_ptr
+    p_row = p_init
     if t > 0:
-        ptr = sequence_row(seq_ptr, t - 1, row_elems)
-    return ptr
+        p_row = sequence_row(p_seq, t - 1, row_elems)
+    return p_row
 
 
 @triton.jit
@@ -162,7 +167,7 @@ def tile_offsets(pid_b, pid_h, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexp
 
 
 @triton.jit
-def row_times_matrix(a_ptr, a_row_stride, w_ptr, w_row_stride, rows, cols, B, K, N, acc,
+def row_times_matrix(p_a, a_row_stride, p_w, w_row_stride, rows, cols, B, K, N, acc,
                      A_CACHE: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_B: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += A[rows, :K] @ W[:K, cols] for row-major A (row stride a_row_stride) and W (row stride
@@ -171,31 +176,31 @@ def row_times_matrix(a_ptr, a_row_stride, w_ptr, w_row_stride, rows, cols, B, K,
     written by other programs of the same launch (the persistent kernels, kernels/grid_barrier.py)."""
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * a_row_stride + ks[None, :],
-                    mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0, cache_modifier=A_CACHE)
-        w = tl.load(w_ptr + ks[:, None] * w_row_stride + cols[None, :],
-                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc = mma(a, w, acc, ALLOW_TF32)
+        b_a = tl.load(p_a + rows[:, None] * a_row_stride + ks[None, :],
+                      mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0, cache_modifier=A_CACHE)
+        b_w = tl.load(p_w + ks[:, None] * w_row_stride + cols[None, :],
+                      mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc = mma(b_a, b_w, acc, ALLOW_TF32)
     return acc
 
 
 @triton.jit
-def weight_tile(w_ptr, w_row_stride, cols, H, BLOCK_K: tl.constexpr):
-    """The [BLOCK_K, BLOCK_H] tile W[k, cols] (k < BLOCK_K) of a row-major matrix at w_ptr with row stride
+def weight_tile(p_w, w_row_stride, cols, H, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_H] tile W[k, cols] (k < BLOCK_K) of a row-major matrix at p_w with row stride
     w_row_stride, rows k >= H and columns cols >= H read as zeros: one gate's whole-K slice of W_hh, which
     the persistent kernels load once and keep on chip (BLOCK_K >= H)."""
     ks = tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + ks[:, None] * w_row_stride + cols[None, :],
+    return tl.load(p_w + ks[:, None] * w_row_stride + cols[None, :],
                    mask=(ks[:, None] < H) & (cols[None, :] < H), other=0.0)
 
 
 @triton.jit
-def row_block(a_ptr, a_row_stride, rows, B, H, A_CACHE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The [BLOCK_B, BLOCK_K] block A[rows, :BLOCK_K] of a row-major matrix at a_ptr (row stride a_row_stride),
+def row_block(p_a, a_row_stride, rows, B, H, A_CACHE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_B, BLOCK_K] block A[rows, :BLOCK_K] of a row-major matrix at p_a (row stride a_row_stride),
     rows >= B and columns >= H read as zeros; A_CACHE as in row_times_matrix. The left operand whose whole
     K = H fits one tile when the right one is a resident weight_tile."""
     ks = tl.arange(0, BLOCK_K)
-    return tl.load(a_ptr + rows[:, None] * a_row_stride + ks[None, :],
+    return tl.load(p_a + rows[:, None] * a_row_stride + ks[None, :],
                    mask=(rows[:, None] < B) & (ks[None, :] < H), other=0.0, cache_modifier=A_CACHE)
 
 

@@ -4,7 +4,7 @@ A persistent kernel walks all T steps of a layer in one launch; its programs eac
 exchange h (forward) or dL/dpre (backward) through global memory between steps, so step t+1 may start only
 when every program has written step t. ``step_barrier`` is that separation.
 
-Protocol (``grid_sync``). ``sync_ptr`` points at SYNC_WORDS int32 words, zeroed by the host before each
+Protocol (``grid_sync``). ``p_sync`` points at SYNC_WORDS int32 words, zeroed by the host before each
 launch (``barrier_buffer``): word 0 counts arrivals, word 1 is set when a wait timed out. Barrier number e
 (0-based: the one after the kernel's (e+1)-th step) is complete when word 0 reaches (e + 1) * P, P the
 number of programs. The counter only grows, so no reset or sense reversal is needed between barriers: a
@@ -36,7 +36,7 @@ what Triton makes of an acquire atomic_add of 0; bar.sync; then ld.global.cg for
 
 Co-residency. A program spinning in the barrier occupies its SM until the others arrive, so the barrier is
 only valid when all P programs are resident at once; a program that never got an SM would hang the launch.
-The kernels run at most one program per SM, and the caller (fastlm.cells.triton) checks at launch that
+The kernels run at most one program per SM, and the caller (fastlm.kernels.launch) checks at launch that
 P <= the SM count (torch.cuda.get_device_properties(...).multi_processor_count; ``grid_reason``) and that
 one program's registers and shared memory, read from the compiled kernel, fit an SM (``resources_reason``;
 the limits from ``device_limits``); otherwise it falls back to the per-step kernels and records why. The
@@ -74,27 +74,27 @@ BARRIER_POLLS = tl.constexpr(1 << 24)
 
 
 @triton.jit
-def grid_sync(sync_ptr, barrier, patience):
+def grid_sync(p_sync, barrier, patience):
     """Waits until every program of the grid has arrived at barrier number ``barrier`` (0-based), polling at
     most ``patience`` times; see the module docstring for the protocol and its memory ordering.
-    sync_ptr: [SYNC_WORDS] int32. Returns the patience of the program's next wait: ``patience`` when this
+    p_sync: [SYNC_WORDS] int32. Returns the patience of the program's next wait: ``patience`` when this
     one completed; else 0, after setting the timeout word (the launch's results are void then, and waiting
     again would only delay the error ``check_barrier`` raises)."""
     tl.debug_barrier()
     target = (barrier + 1) * tl.num_programs(0)
-    count = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    count = tl.atomic_add(p_sync, 1, sem="acq_rel", scope="gpu") + 1
     polls = 0
     while (count < target) & (polls < patience):
-        count = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        count = tl.atomic_add(p_sync, 0, sem="acquire", scope="gpu")
         polls += 1
     if count < target:
-        tl.atomic_xchg(sync_ptr + 1, 1, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(p_sync + 1, 1, sem="relaxed", scope="gpu")
     tl.debug_barrier()
     return tl.where(count >= target, patience, 0)
 
 
 @triton.jit
-def step_barrier(sync_ptr, step, steps, patience, SINGLE_PROGRAM: tl.constexpr):
+def step_barrier(p_sync, step, steps, patience, SINGLE_PROGRAM: tl.constexpr):
     """What separates the kernel's step number ``step`` (0-based, in the order it walks them; ``steps`` in
     all) from the next: nothing after the last; in single-program mode a CTA barrier (the program's threads
     read each other's h next step); else the grid barrier, waiting at most ``patience`` polls. Returns the
@@ -104,7 +104,7 @@ def step_barrier(sync_ptr, step, steps, patience, SINGLE_PROGRAM: tl.constexpr):
         if SINGLE_PROGRAM:
             tl.debug_barrier()
         else:
-            patience = grid_sync(sync_ptr, step, patience)
+            patience = grid_sync(p_sync, step, patience)
     return patience
 
 

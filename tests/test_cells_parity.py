@@ -110,7 +110,7 @@ def test_triton_small_tiles_cover_masks(cell, backend, variant):
     """Force 16x16 tiles so that several batch tiles, hidden tiles and reduction chunks, all with ragged
     edges, run in one step (the default tiles on CPU cover these shapes in one program). The persistent
     kernels then stream W_hh in K chunks instead of keeping one resident tile."""
-    from fastlm.cells.triton_tiles import LaunchConfig
+    from fastlm.kernels.tiles import LaunchConfig
 
     shape, layers = (3, 33, 20, 40), 2
     ref, other = build_pair(cell, backend, shape, layers, variant=variant)

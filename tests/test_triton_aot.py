@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fastlm.cells.triton_tiles import persistent_config
+from fastlm.kernels.tiles import persistent_config
 from fastlm.errors import first_line
 from tests.triton_aot import covering_cases
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fastlm import cells
-from fastlm.cells import triton_tiles
-from fastlm.cells.triton_tiles import (
+from fastlm.kernels import tiles as triton_tiles
+from fastlm.kernels.tiles import (
     LaunchConfig,
     TileKey,
     TileTuner,
@@ -224,9 +224,9 @@ def test_when_no_candidate_runs_the_heuristic_is_used_and_nothing_cached(tuner):
 
 
 def _kernels():
-    from fastlm.cells.triton import kernels
+    from fastlm.kernels.launch import kernel_modules
 
-    return kernels()
+    return kernel_modules()
 
 
 @needs_triton
@@ -241,11 +241,11 @@ def test_scratch_launches_run(name):
 def test_the_tuner_times_the_kernel_its_key_names(name, monkeypatch):
     """The measure the stack hands the tuner launches the scratch step of the key's kernel, shape and dtype
     (on CPU the CUDA-graph timer is replaced by one launch)."""
-    import fastlm.cells.triton as backend
+    from fastlm.kernels import launch as kernel_launch
 
     launched = []
-    monkeypatch.setattr(backend, "time_launch", lambda launch: launched.append(launch()) or 0.5)
-    measure = backend._measure_on(TileKey(name, 5, 20, "float16", False), torch.device(DEVICE))
+    monkeypatch.setattr(kernel_launch, "time_launch", lambda launch: launched.append(launch()) or 0.5)
+    measure = kernel_launch._measure_on(TileKey(name, 5, 20, "float16", False), torch.device(DEVICE))
     assert measure(LaunchConfig(16, 16, 16)) == 0.5 and launched == [None]
 
 
@@ -261,11 +261,11 @@ def test_a_step_writes_its_own_rows_and_reads_the_initial_state_at_t0(cell):
     y, cs, saved = (torch.full((T, B, n * H), float("nan"), device=DEVICE) for n in (1, 1, 4))
     config = LaunchConfig(16, 16, 16)
     if cell == "lstm":
-        launch = k.lstm.lstm_forward_launcher(gi, rand(H, 4 * H), h0, y, c0, cs, saved, config, False)
+        launch = k.lstm_step.lstm_forward_launcher(gi, rand(H, 4 * H), h0, y, c0, cs, saved, config, False)
         written = (y, cs, saved)
     else:
-        launch = k.gru.gru_forward_launcher(gi[..., :3 * H].contiguous(), rand(H, 3 * H), rand(H), h0, y, saved,
-                                            config, False)
+        launch = k.gru_step.gru_forward_launcher(gi[..., :3 * H].contiguous(), rand(H, 3 * H), rand(H), h0, y, saved,
+                                                 config, False)
         written = (y, saved)
     for t in range(T):
         launch(t)  # at t = 0 a read of "row -1" of y or cs instead of h0 / c0 would carry NaN forward
@@ -324,7 +324,7 @@ def test_launch_configs_report_the_last_call(cell, backend, monkeypatch):
 
 @needs_triton
 def test_tf32_follows_torchs_flag_at_every_call():
-    from fastlm.cells.triton import allow_tf32
+    from fastlm.kernels.launch import allow_tf32
 
     saved = torch.backends.cuda.matmul.allow_tf32
     try:

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import fastlm.cells.triton as backend
+import fastlm.kernels.launch as launch
 from fastlm import cells
 from fastlm.cells import registry
-from fastlm.cells.triton_tiles import LaunchConfig, PersistentConfig, interpreter_config, persistent_config
+from fastlm.kernels.tiles import LaunchConfig, PersistentConfig, interpreter_config, persistent_config
 from fastlm.errors import FastlmError
 from tests.helpers import DEVICE, build_pair, make_inputs, run
 from tests.tolerances import assert_fp32_parity, assert_within_plain_error, relative_errors
@@ -41,7 +42,7 @@ def _untuned_triton_tiles(monkeypatch):
 @pytest.fixture
 def fresh_residency(monkeypatch):
     """An empty co-residency verdict cache, so that patched device limits or kernels are consulted."""
-    monkeypatch.setattr(backend, "_RESIDENCY", {})
+    monkeypatch.setattr(launch, "_RESIDENCY", {})
 
 
 # --- the rules: tiles, grid, mode; which variant runs ------------------------------------------------------
@@ -110,7 +111,7 @@ class Residency:
 ])
 def test_variant_rule(requested, interpreted, batch, hidden, why_not, variant, says, checked):
     residency = Residency(why_not)
-    chosen, reason = backend.choose_variant(requested, interpreted, batch, hidden, residency)
+    chosen, reason = launch.choose_variant(requested, interpreted, batch, hidden, residency)
     assert chosen == variant and says in reason
     assert residency.calls == int(checked), "co-residency is checked where, and only where, it decides"
     if why_not:
@@ -131,7 +132,7 @@ class FakeCompiled:
 
 def _fake_kernels(monkeypatch, limits, compiled=None, error=None):
     """Patches the device limits and the compile step of residency(); returns the list of compiles asked for."""
-    kernels = backend.kernels()
+    kernels = launch.kernel_modules()
     monkeypatch.setattr(kernels.grid_barrier, "device_limits", lambda index: dict(limits))
     asked = []
 
@@ -148,7 +149,7 @@ def _fake_kernels(monkeypatch, limits, compiled=None, error=None):
 def test_a_grid_wider_than_the_gpu_is_refused_before_compiling(monkeypatch, fresh_residency):
     asked = _fake_kernels(monkeypatch, {**LIMITS, "sms": 4})
     config = persistent_config(20, 200, 4, "float32", False, interpreted=False)
-    reason, resources = backend.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
+    reason, resources = launch.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
     assert "13 programs" in reason and "4 SMs" in reason
     assert (resources, asked) == ({}, [])
 
@@ -161,11 +162,11 @@ def test_a_grid_wider_than_the_gpu_is_refused_before_compiling(monkeypatch, fres
 def test_each_persistent_kernel_must_fit_an_sm(monkeypatch, fresh_residency, compiled, says):
     asked = _fake_kernels(monkeypatch, LIMITS, compiled)
     config = persistent_config(20, 200, 4, "float32", False, interpreted=False)
-    reason, resources = backend.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
+    reason, resources = launch.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
     assert reason == says or says in reason
     assert set(resources) == {"lstm_forward", "lstm_backward"} and asked == [config]
     assert resources["lstm_backward"] == {"registers": 96, "spills": 0, "shared_bytes": 6144, "num_warps": 4}
-    backend.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
+    launch.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
     assert asked == [config], "a verdict is remembered"
 
 
@@ -174,14 +175,14 @@ def test_a_kernel_that_cannot_load_is_a_reason_not_a_crash(monkeypatch, fresh_re
 
     _fake_kernels(monkeypatch, LIMITS, error=OutOfResources(300000, 232448, "shared memory"))
     config = persistent_config(20, 200, 4, "float32", False, interpreted=False)
-    reason, _ = backend.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
+    reason, _ = launch.residency("lstm", config, 20, 200, torch.float32, False, CUDA0)
     assert reason.startswith("one program does not fit an SM")
 
 
 def test_one_program_needs_no_check(monkeypatch, fresh_residency):
     asked = _fake_kernels(monkeypatch, {**LIMITS, "sms": 0})
     config = persistent_config(5, 16, 4, "float32", False, interpreted=False)
-    assert backend.residency("lstm", config, 5, 16, torch.float32, False, CUDA0) == (None, {}) and asked == []
+    assert launch.residency("lstm", config, 5, 16, torch.float32, False, CUDA0) == (None, {}) and asked == []
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -190,9 +191,9 @@ def test_the_compile_for_the_check_binds_each_kernels_arguments(cell, monkeypatc
     kernel's signature: every argument bound once, the grid one program per hidden block."""
     import inspect
 
-    from fastlm.kernels import persistent_gru, persistent_lstm
+    from fastlm.kernels import gru_persistent, lstm_persistent
 
-    module = {"lstm": persistent_lstm, "gru": persistent_gru}[cell]
+    module = {"lstm": lstm_persistent, "gru": gru_persistent}[cell]
     config = persistent_config(20, 40, 4, "float32", False, interpreted=False)
     launch_only = {"grid", "num_warps", "num_stages", "launch_cooperative_grid"}
 
@@ -297,13 +298,14 @@ class BarrierOfOne(PersistentConfig):
 
 
 def _use_configs(monkeypatch, make):
-    """Makes every persistent call of fastlm.cells.triton use make(config that the rule chose, hidden)."""
-    rule = backend.persistent_config
+    """Makes every persistent call of the kernels (fastlm.kernels.launch) use make(config that the rule chose,
+    hidden)."""
+    rule = launch.persistent_config
 
     def patched(batch, hidden, gates, dtype, tf32, interpreted, tiles=None):
         return make(rule(batch, hidden, gates, dtype, tf32, interpreted, tiles), hidden)
 
-    monkeypatch.setattr(backend, "persistent_config", patched)
+    monkeypatch.setattr(launch, "persistent_config", patched)
 
 
 def _record_barriers(monkeypatch):
@@ -351,9 +353,9 @@ def test_several_programs_split_the_hidden_units(cell, block_k, resident, shape,
 
 
 @triton.jit
-def one_barrier(sync_ptr, barrier, patience, out_ptr):
+def one_barrier(p_sync, barrier, patience, p_out):
     """Crosses one grid barrier and stores what grid_sync returned."""
-    tl.store(out_ptr, grid_sync(sync_ptr, barrier, patience))
+    tl.store(p_out, grid_sync(p_sync, barrier, patience))
 
 
 @pytest.mark.parametrize("count, barrier, patience, after, returned", [
@@ -398,12 +400,12 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastlm.kernels import persistent_gru, persistent_lstm
+from fastlm.kernels import gru_persistent, lstm_persistent
 
 def compile_(kernel, dtype, resident, single):
     x = "*" + dtype
-    pointers = {name: "*i32" if name == "sync_ptr" else "*fp32" if name in ("c0_ptr", "cs_ptr", "dc_ptr", "dhz_ptr")
-                else x for name in kernel.arg_names if name.endswith("_ptr")}
+    pointers = {name: "*i32" if name == "p_sync" else "*fp32" if name in ("p_c0", "p_cs", "p_dc", "p_dhz")
+                else x for name in kernel.arg_names if name.startswith("p_")}
     const = dict(ALLOW_TF32=False, RESIDENT=resident, SINGLE_PROGRAM=single, BLOCK_B=32, BLOCK_H=16,
                  BLOCK_K=256 if resident else 64)
     const.update({name: True for name in ("SAVE_GATES", "SAVE") if name in kernel.arg_names})
@@ -414,8 +416,8 @@ def compile_(kernel, dtype, resident, single):
     return {"acq_rel_add": "atom.global.gpu.acq_rel.add" in ptx, "acquire_poll": ".gpu.acquire" in ptx,
             "bar_sync": "bar.sync" in ptx, "cg_loads": "ld.global.cg" in ptx}
 
-kernels = [persistent_lstm.lstm_forward_persistent, persistent_lstm.lstm_backward_persistent,
-           persistent_gru.gru_forward_persistent, persistent_gru.gru_backward_persistent]
+kernels = [lstm_persistent.lstm_forward_persistent, lstm_persistent.lstm_backward_persistent,
+           gru_persistent.gru_forward_persistent, gru_persistent.gru_backward_persistent]
 modes = [("bf16", True, False), ("fp32", False, False), ("fp32", False, True)]
 print(json.dumps({f"{kernel.fn.__name__} {dtype} resident={int(resident)} single={int(single)}":
                   compile_(kernel, dtype, resident, single)
@@ -545,7 +547,7 @@ def test_falls_back_to_per_step_when_the_grid_cannot_be_co_resident(cell, varian
                                                                      exact_fp32_matmuls):
     """A GPU of 4 SMs, as far as the check knows: 2x200's 13 programs cannot all be resident, so the stack runs
     per-step, says why, and computes the same numbers."""
-    kernels = backend.kernels()
+    kernels = launch.kernel_modules()
     limits = kernels.grid_barrier.device_limits(torch.cuda.current_device())
     monkeypatch.setattr(kernels.grid_barrier, "device_limits", lambda index: {**limits, "sms": 4})
     shape, layers = (35, 20, 200, 200), 2

@@ -11,8 +11,8 @@ kernels' libdevice math at import. So this script runs without TRITON_INTERPRET,
 (it never builds the triton backend, which would set it without CUDA).
 
 What is compiled is what the launchers launch, not a hand-made signature: the host code of each layer
-(kernels/lstm.py, kernels/gru.py with their per-step or persistent time loops) runs on CPU tensors while
-Triton's active driver is one that names the target GPU; each kernel launch goes through Triton's own
+(kernels/lstm_layer.py, kernels/gru_layer.py with their per-step or persistent time loops) runs on CPU tensors
+while Triton's active driver is one that names the target GPU; each kernel launch goes through Triton's own
 argument binding and specialization (JITFunction.run) up to the point where it would compile, where the
 compile's inputs (signature, constexprs, attributes, options) are taken instead of launching. Each distinct
 one is then compiled with triton.compile for the target, as the launch would have compiled it; ptxas (in
@@ -105,20 +105,20 @@ def _drive(case: Case) -> None:
     """Runs the launches of ``case`` (see Case) on CPU tensors."""
     import torch
 
-    from fastlm.cells.triton_tiles import LaunchConfig, TileKey, heuristic_config, persistent_config
-    from fastlm.kernels import gru, lstm, persistent_gru, persistent_lstm
+    from fastlm.kernels import gru_layer, gru_persistent, gru_step, lstm_layer, lstm_persistent, lstm_step
+    from fastlm.kernels.tiles import LaunchConfig, TileKey, heuristic_config, persistent_config
 
     gates = {"lstm": 4, "gru": 3}[case.cell]
     if case.variant == "persistent":
         config = persistent_config(case.batch, case.hidden, gates, case.dtype, case.tf32, interpreted=False,
                                    tiles=None if case.tiles is None else LaunchConfig(*case.tiles))
-        module = {"lstm": persistent_lstm, "gru": persistent_gru}[case.cell]
+        module = {"lstm": lstm_persistent, "gru": gru_persistent}[case.cell]
         forward = getattr(module, f"{case.cell}_forward_persistent_steps")
         backward = getattr(module, f"{case.cell}_backward_persistent_steps")
     else:
         key = TileKey(f"{case.cell}_forward", case.batch, case.hidden, case.dtype, case.tf32)  # backward's alike
         config = heuristic_config(key) if case.tiles is None else LaunchConfig(*case.tiles)
-        module = {"lstm": lstm, "gru": gru}[case.cell]
+        module = {"lstm": lstm_step, "gru": gru_step}[case.cell]
         forward = getattr(module, f"{case.cell}_forward_steps")
         backward = getattr(module, f"{case.cell}_backward_steps")
     forward = functools.partial(forward, config=config, allow_tf32=case.tf32)
@@ -132,15 +132,15 @@ def _drive(case: Case) -> None:
     b = torch.zeros(gates * H, dtype=dtype)
     dy = torch.zeros(T, B, H, dtype=dtype)
     if case.cell == "lstm":
-        y, cs, saved = lstm.lstm_layer_forward(x, h0, h0, w_ih, w_hh, b, b, forward, save=True)
-        lstm.lstm_layer_backward(x, h0, h0, w_ih, w_hh, y, cs, saved, dy, h0, h0, backward)
+        y, cs, saved = lstm_layer.lstm_layer_forward(x, h0, h0, w_ih, w_hh, b, b, forward, save=True)
+        lstm_layer.lstm_layer_backward(x, h0, h0, w_ih, w_hh, y, cs, saved, dy, h0, h0, backward)
         if case.subsets:
-            lstm.lstm_layer_forward(x, h0, h0, w_ih, w_hh, b, b, forward, save=False)
+            lstm_layer.lstm_layer_forward(x, h0, h0, w_ih, w_hh, b, b, forward, save=False)
     else:
-        y, saved = gru.gru_layer_forward(x, h0, w_ih, w_hh, b, b, forward, save=True)
-        gru.gru_layer_backward(x, h0, w_ih, w_hh, y, saved, dy, h0, backward)
+        y, saved = gru_layer.gru_layer_forward(x, h0, w_ih, w_hh, b, b, forward, save=True)
+        gru_layer.gru_layer_backward(x, h0, w_ih, w_hh, y, saved, dy, h0, backward)
         if case.subsets:
-            gru.gru_layer_forward(x, h0, w_ih, w_hh, b, b, forward, save=False)
+            gru_layer.gru_layer_forward(x, h0, w_ih, w_hh, b, b, forward, save=False)
 
 
 def launches(cases: list[Case], arch: int) -> list[dict]:
@@ -246,7 +246,7 @@ def covering_cases() -> list[Case]:
 
 def main(argv: list[str]) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton  # noqa: F401 - first, so nothing of fastlm's sets TRITON_INTERPRET (cells.triton.choose_interpreter)
+    import triton  # noqa: F401 - first, so nothing of fastlm's sets TRITON_INTERPRET (kernels.choose_interpreter)
 
     print(json.dumps(compile_all(covering_cases(), [int(arch) for arch in argv])))
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastlm.cells.base import LayerwiseStack
 from fastlm.cells.math import CELL_MATH
-from fastlm.cells.triton import choose_interpreter
+from fastlm.kernels import choose_interpreter
 
 CELLS = ("lstm", "gru")  # a benchmark peer of the fused kernels, which implement these two
 

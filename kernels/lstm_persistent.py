@@ -1,12 +1,12 @@
 """LSTM layer in Triton, persistent variant: the whole sequence in one launch forward and one backward.
 
-Same math, parameter layout, buffers and saved tensors as kernels/lstm.py (whose tile functions these
+Same math, parameter layout, buffers and saved tensors as kernels/lstm_step.py (whose tile functions these
 kernels call: ``lstm_recurrent_chunks``, ``lstm_cell_update``, ``lstm_gate_gradients``), and the same host
-side: ``lstm_layer_forward`` / ``lstm_layer_backward`` there take ``lstm_forward_persistent_steps`` /
-``lstm_backward_persistent_steps`` from here as their time loop. What changes is who walks time: not the
+side: kernels/lstm_layer.py runs ``lstm_forward_persistent_steps`` / ``lstm_backward_persistent_steps`` from
+here as its time loop when this variant is chosen. What changes is who walks time: not the
 host, launching one kernel per step, but each program of one launch, looping over t.
 
-Work split. The grid is P programs (``config`` is a fastlm.cells.triton_tiles.PersistentConfig, which
+Work split. The grid is P programs (``config`` is a fastlm.kernels.tiles.PersistentConfig, which
 chooses P, the tiles and the mode; the rules are documented there). Program p owns the hidden blocks
 p, p + P, p + 2P, ... of BLOCK_H units each: all four gates of those units, for every batch row (batch
 blocks of BLOCK_B rows, looped inside), so the cell update stays local to the program as in the per-step
@@ -23,7 +23,7 @@ instead of re-reading them from L2 every step (compiled for sm_90, Triton stages
 operands in shared memory: 40-96 KiB a program at the sizes the rule admits). Valid only when each program
 owns one hidden block (P = cdiv(H, BLOCK_H)). Otherwise the slices are re-read each step in BLOCK_K chunks,
 from L2 (W_hh is a few MB at most at these sizes). When to be resident is the size rule of
-fastlm.cells.triton_tiles (tensor-core products, slices <= 64 KiB, the step's h operand <= 32 KiB). Forward
+fastlm.kernels.tiles (tensor-core products, slices <= 64 KiB, the step's h operand <= 32 KiB). Forward
 slices are columns of W_hh^T ([H, 4H], gate q at columns q*H + units), backward slices rows of W_hh
 ([4H, H], gate q at rows q*H + k, the program's units as columns).
 
@@ -33,7 +33,7 @@ registers, and one code path serves both modes.
 
 Modes are constexprs: SINGLE_PROGRAM (no atomics; what runs under TRITON_INTERPRET=1, where programs run one
 after another and a barrier between two of them could never complete) and RESIDENT. Compiled launches use
-num_stages=1 (see grid_barrier.py).
+num_stages=1 (see grid_barrier.py). Names: p_ pointers, b_ blocks (common.py).
 """
 
 import torch
@@ -56,51 +56,51 @@ from fastlm.kernels.grid_barrier import (
     launch_options,
     step_barrier,
 )
-from fastlm.kernels.lstm import lstm_cell_update, lstm_gate_gradients, lstm_recurrent_chunks
+from fastlm.kernels.lstm_step import lstm_cell_update, lstm_gate_gradients, lstm_recurrent_chunks
 
 
 @triton.jit
-def lstm_resident_product(h_ptr, rows, B, H, w_i, w_f, w_g, w_o, ALLOW_TF32: tl.constexpr,
+def lstm_resident_product(p_h, rows, B, H, b_w_i, b_w_f, b_w_g, b_w_o, ALLOW_TF32: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h_{t-1}[rows] @ the four resident gate slices w_* [BLOCK_K, BLOCK_H]: acc_i, acc_f, acc_g, acc_o
-    [BLOCK_B, BLOCK_H] fp32. h_ptr [B, H], written by every program: read through L2 (".cg")."""
-    h = row_block(h_ptr, H, rows, B, H, ".cg", BLOCK_K)
+    """h_{t-1}[rows] @ the four resident gate slices b_w_* [BLOCK_K, BLOCK_H]: acc_i, acc_f, acc_g, acc_o
+    [BLOCK_B, BLOCK_H] fp32. p_h [B, H], written by every program: read through L2 (".cg")."""
+    b_h = row_block(p_h, H, rows, B, H, ".cg", BLOCK_K)
     zeros = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-    return (mma(h, w_i, zeros, ALLOW_TF32), mma(h, w_f, zeros, ALLOW_TF32), mma(h, w_g, zeros, ALLOW_TF32),
-            mma(h, w_o, zeros, ALLOW_TF32))
+    return (mma(b_h, b_w_i, zeros, ALLOW_TF32), mma(b_h, b_w_f, zeros, ALLOW_TF32),
+            mma(b_h, b_w_g, zeros, ALLOW_TF32), mma(b_h, b_w_o, zeros, ALLOW_TF32))
 
 
 @triton.jit
-def lstm_resident_dh(dgates_ptr, rows, B, H, v_i, v_f, v_g, v_o, ALLOW_TF32: tl.constexpr,
+def lstm_resident_dh(p_dgates, rows, B, H, b_v_i, b_v_f, b_v_g, b_v_o, ALLOW_TF32: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dpre_{t+1}[rows] @ W_hh[:, units] as the sum over the gates q of dpre_q [BLOCK_B, H] @ v_q, the
-    resident [BLOCK_K, BLOCK_H] row slices of W_hh: [BLOCK_B, BLOCK_H] fp32. dgates_ptr: row t+1 of
+    """dpre_{t+1}[rows] @ W_hh[:, units] as the sum over the gates q of dpre_q [BLOCK_B, H] @ b_v_q, the
+    resident [BLOCK_K, BLOCK_H] row slices of W_hh: [BLOCK_B, BLOCK_H] fp32. p_dgates: row t+1 of
     dgates, [B, 4H], written by every program: read through L2 (".cg")."""
     G = 4 * H
     acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-    acc = mma(row_block(dgates_ptr, G, rows, B, H, ".cg", BLOCK_K), v_i, acc, ALLOW_TF32)
-    acc = mma(row_block(dgates_ptr + H, G, rows, B, H, ".cg", BLOCK_K), v_f, acc, ALLOW_TF32)
-    acc = mma(row_block(dgates_ptr + 2 * H, G, rows, B, H, ".cg", BLOCK_K), v_g, acc, ALLOW_TF32)
-    acc = mma(row_block(dgates_ptr + 3 * H, G, rows, B, H, ".cg", BLOCK_K), v_o, acc, ALLOW_TF32)
+    acc = mma(row_block(p_dgates, G, rows, B, H, ".cg", BLOCK_K), b_v_i, acc, ALLOW_TF32)
+    acc = mma(row_block(p_dgates + H, G, rows, B, H, ".cg", BLOCK_K), b_v_f, acc, ALLOW_TF32)
+    acc = mma(row_block(p_dgates + 2 * H, G, rows, B, H, ".cg", BLOCK_K), b_v_g, acc, ALLOW_TF32)
+    acc = mma(row_block(p_dgates + 3 * H, G, rows, B, H, ".cg", BLOCK_K), b_v_o, acc, ALLOW_TF32)
     return acc
 
 
 @triton.jit(do_not_specialize=["T"])
-def lstm_forward_persistent(gi_ptr, wt_ptr, h0_ptr, y_ptr, c0_ptr, cs_ptr, gates_ptr, sync_ptr, T, B, H,
+def lstm_forward_persistent(p_gi, p_wt, p_h0, p_y, p_c0, p_cs, p_gates, p_sync, T, B, H,
                             SAVE_GATES: tl.constexpr, ALLOW_TF32: tl.constexpr, RESIDENT: tl.constexpr,
                             SINGLE_PROGRAM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_K: tl.constexpr):
     """All T forward steps of one layer.
 
-    gi_ptr     [T, B, 4H] x @ W_ih^T + b_ih + b_hh, input dtype; step t reads row t
-    wt_ptr     [H, 4H]    W_hh transposed, input dtype (columns q*H + j hold gate q of unit j)
-    h0_ptr     [B, H]     the initial h, input dtype
-    y_ptr      [T, B, H]  the outputs, input dtype: step t reads all of row t-1 (h_{t-1}), writes its units
+    p_gi       [T, B, 4H] x @ W_ih^T + b_ih + b_hh, input dtype; step t reads row t
+    p_wt       [H, 4H]    W_hh transposed, input dtype (columns q*H + j hold gate q of unit j)
+    p_h0       [B, H]     the initial h, input dtype
+    p_y        [T, B, H]  the outputs, input dtype: step t reads all of row t-1 (h_{t-1}), writes its units
                           of row t
-    c0_ptr     [B, H]     the initial c, fp32
-    cs_ptr     [T, B, H]  every c_t, fp32 (each program reads and writes only its own units)
-    gates_ptr  [T, B, 4H] when SAVE_GATES, the activated i, f, g, o, input dtype
-    sync_ptr   [SYNC_WORDS] int32, zeroed: the grid barrier's state (unused when SINGLE_PROGRAM)
+    p_c0       [B, H]     the initial c, fp32
+    p_cs       [T, B, H]  every c_t, fp32 (each program reads and writes only its own units)
+    p_gates    [T, B, 4H] when SAVE_GATES, the activated i, f, g, o, input dtype
+    p_sync     [SYNC_WORDS] int32, zeroed: the grid barrier's state (unused when SINGLE_PROGRAM)
     T          the number of steps, a runtime int (not specialized)
     Grid: (P,), P = cdiv(H, BLOCK_H) programs (or 1 with SINGLE_PROGRAM); see the module docstring.
     """
@@ -108,43 +108,43 @@ def lstm_forward_persistent(gi_ptr, wt_ptr, h0_ptr, y_ptr, c0_ptr, cs_ptr, gates
     programs = tl.num_programs(0)
     if RESIDENT:  # this program's one hidden block: its gate slices of W_hh^T, loaded once
         own = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-        w_i = weight_tile(wt_ptr, 4 * H, own, H, BLOCK_K)
-        w_f = weight_tile(wt_ptr + H, 4 * H, own, H, BLOCK_K)
-        w_g = weight_tile(wt_ptr + 2 * H, 4 * H, own, H, BLOCK_K)
-        w_o = weight_tile(wt_ptr + 3 * H, 4 * H, own, H, BLOCK_K)
+        b_w_i = weight_tile(p_wt, 4 * H, own, H, BLOCK_K)
+        b_w_f = weight_tile(p_wt + H, 4 * H, own, H, BLOCK_K)
+        b_w_g = weight_tile(p_wt + 2 * H, 4 * H, own, H, BLOCK_K)
+        b_w_o = weight_tile(p_wt + 3 * H, 4 * H, own, H, BLOCK_K)
     patience = first_patience()
     for t in range(T):
-        h_prev_ptr = previous_row(h0_ptr, y_ptr, t, B * H)
+        p_h_prev = previous_row(p_h0, p_y, t, B * H)
         for block in range(pid, tl.cdiv(H, BLOCK_H), programs):
             for batch_block in range(tl.cdiv(B, BLOCK_B)):
                 rows, cols, mask = tile_offsets(batch_block, block, B, H, BLOCK_B, BLOCK_H)
                 if RESIDENT:
-                    acc_i, acc_f, acc_g, acc_o = lstm_resident_product(h_prev_ptr, rows, B, H, w_i, w_f, w_g, w_o,
-                                                                       ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+                    acc_i, acc_f, acc_g, acc_o = lstm_resident_product(p_h_prev, rows, B, H, b_w_i, b_w_f, b_w_g,
+                                                                       b_w_o, ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
                 else:
-                    acc_i, acc_f, acc_g, acc_o = lstm_recurrent_chunks(h_prev_ptr, wt_ptr, rows, cols, B, H, ".cg",
+                    acc_i, acc_f, acc_g, acc_o = lstm_recurrent_chunks(p_h_prev, p_wt, rows, cols, B, H, ".cg",
                                                                        ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
-                lstm_cell_update(acc_i, acc_f, acc_g, acc_o, gi_ptr, y_ptr, c0_ptr, cs_ptr, gates_ptr, t, B, H,
+                lstm_cell_update(acc_i, acc_f, acc_g, acc_o, p_gi, p_y, p_c0, p_cs, p_gates, t, B, H,
                                  rows, cols, mask, SAVE_GATES)
-        patience = step_barrier(sync_ptr, t, T, patience, SINGLE_PROGRAM)
+        patience = step_barrier(p_sync, t, T, patience, SINGLE_PROGRAM)
 
 
 @triton.jit(do_not_specialize=["T"])
-def lstm_backward_persistent(dgates_ptr, w_ptr, dy_ptr, dh_n_ptr, gates_ptr, c0_ptr, cs_ptr, dc_ptr, sync_ptr,
+def lstm_backward_persistent(p_dgates, p_w, p_dy, p_dh_n, p_gates, p_c0, p_cs, p_dc, p_sync,
                              T, B, H, ALLOW_TF32: tl.constexpr, RESIDENT: tl.constexpr,
                              SINGLE_PROGRAM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_K: tl.constexpr):
     """All T backward steps of one layer, t = T-1 down to 0.
 
-    dgates_ptr [T, B, 4H] dL/dpre, input dtype: step t reads all of row t+1, writes its units of row t
-    w_ptr      [4H, H]    W_hh as stored (row-major), input dtype
-    dy_ptr     [T, B, H]  dL/dy, input dtype
-    dh_n_ptr   [B, H]     dL/dh_n, input dtype; read at t = T-1 in place of the recurrent term
-    gates_ptr  [T, B, 4H] the activated gates saved by the forward
-    c0_ptr     [B, H]     the initial c, fp32
-    cs_ptr     [T, B, H]  every c_t, fp32
-    dc_ptr     [B, H]     fp32, dL/dc_n on entry, dL/dc_0 on exit (each program updates only its units)
-    sync_ptr   [SYNC_WORDS] int32, zeroed: the grid barrier's state (unused when SINGLE_PROGRAM)
+    p_dgates   [T, B, 4H] dL/dpre, input dtype: step t reads all of row t+1, writes its units of row t
+    p_w        [4H, H]    W_hh as stored (row-major), input dtype
+    p_dy       [T, B, H]  dL/dy, input dtype
+    p_dh_n     [B, H]     dL/dh_n, input dtype; read at t = T-1 in place of the recurrent term
+    p_gates    [T, B, 4H] the activated gates saved by the forward
+    p_c0       [B, H]     the initial c, fp32
+    p_cs       [T, B, H]  every c_t, fp32
+    p_dc       [B, H]     fp32, dL/dc_n on entry, dL/dc_0 on exit (each program updates only its units)
+    p_sync     [SYNC_WORDS] int32, zeroed: the grid barrier's state (unused when SINGLE_PROGRAM)
     T          the number of steps, a runtime int (not specialized)
     Grid as lstm_forward_persistent's.
     """
@@ -153,10 +153,10 @@ def lstm_backward_persistent(dgates_ptr, w_ptr, dy_ptr, dh_n_ptr, gates_ptr, c0_
     G = 4 * H
     if RESIDENT:  # this program's one hidden block: the rows q*H + k, columns = its units, of W_hh per gate
         own = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-        v_i = weight_tile(w_ptr, H, own, H, BLOCK_K)
-        v_f = weight_tile(w_ptr + H * H, H, own, H, BLOCK_K)
-        v_g = weight_tile(w_ptr + 2 * H * H, H, own, H, BLOCK_K)
-        v_o = weight_tile(w_ptr + 3 * H * H, H, own, H, BLOCK_K)
+        b_v_i = weight_tile(p_w, H, own, H, BLOCK_K)
+        b_v_f = weight_tile(p_w + H * H, H, own, H, BLOCK_K)
+        b_v_g = weight_tile(p_w + 2 * H * H, H, own, H, BLOCK_K)
+        b_v_o = weight_tile(p_w + 3 * H * H, H, own, H, BLOCK_K)
     patience = first_patience()
     for step in range(T):
         t = T - 1 - step
@@ -164,19 +164,19 @@ def lstm_backward_persistent(dgates_ptr, w_ptr, dy_ptr, dh_n_ptr, gates_ptr, c0_
             for batch_block in range(tl.cdiv(B, BLOCK_B)):
                 rows, cols, mask = tile_offsets(batch_block, block, B, H, BLOCK_B, BLOCK_H)
                 unit = rows[:, None] * H + cols[None, :]
-                dh = tl.load(sequence_row(dy_ptr, t, B * H) + unit, mask=mask, other=0.0).to(tl.float32)
+                b_dh = tl.load(sequence_row(p_dy, t, B * H) + unit, mask=mask, other=0.0).to(tl.float32)
                 if t < T - 1:
                     if RESIDENT:
-                        dh += lstm_resident_dh(sequence_row(dgates_ptr, t + 1, B * G), rows, B, H, v_i, v_f, v_g,
-                                               v_o, ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+                        b_dh += lstm_resident_dh(sequence_row(p_dgates, t + 1, B * G), rows, B, H, b_v_i, b_v_f,
+                                                 b_v_g, b_v_o, ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
                     else:
-                        dh += row_times_matrix(sequence_row(dgates_ptr, t + 1, B * G), G, w_ptr, H, rows, cols, B,
-                                               G, H, tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32), ".cg",
-                                               ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
+                        b_dh += row_times_matrix(sequence_row(p_dgates, t + 1, B * G), G, p_w, H, rows, cols, B,
+                                                 G, H, tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32), ".cg",
+                                                 ALLOW_TF32, BLOCK_B, BLOCK_H, BLOCK_K)
                 else:
-                    dh += tl.load(dh_n_ptr + unit, mask=mask, other=0.0).to(tl.float32)
-                lstm_gate_gradients(dh, dgates_ptr, gates_ptr, c0_ptr, cs_ptr, dc_ptr, t, B, H, rows, cols, mask)
-        patience = step_barrier(sync_ptr, step, T, patience, SINGLE_PROGRAM)
+                    b_dh += tl.load(p_dh_n + unit, mask=mask, other=0.0).to(tl.float32)
+                lstm_gate_gradients(b_dh, p_dgates, p_gates, p_c0, p_cs, p_dc, t, B, H, rows, cols, mask)
+        patience = step_barrier(p_sync, step, T, patience, SINGLE_PROGRAM)
 
 
 def lstm_forward_persistent_steps(gi, wt, h0, y, c0, cs, gates, config, allow_tf32):

@@ -21,8 +21,11 @@ The heuristic default (``heuristic_config``) is used instead, and nothing is tim
 - every candidate failed (each failure is logged, e.g. a tile that needs more shared memory than the GPU has).
 Tiles change speed, not the math: every candidate runs the same kernel (sums may round differently in the
 last bits where tensor cores split them differently).
+Why not triton.autotune: it times with host syncs, which CUDA-graph capture forbids (here: the heuristic
+then, and the disk cache for later processes), counts launch costs a captured step never pays, and a switch
+could not be tested without a GPU; so this tuner stays.
 
-The persistent kernels (kernels/persistent_lstm.py) take a ``PersistentConfig`` from ``persistent_config``:
+The persistent kernels (kernels/lstm_persistent.py) take a ``PersistentConfig`` from ``persistent_config``:
 a fixed rule, not tuned (tuning would time whole-sequence launches; worth it once the rule has been measured
 on a GPU, which it has not yet). Compiled: one program per 16 hidden units (tl.dot's smallest tile, so as
 many SMs as the size allows), the batch in one tile up to 64 rows, and each program keeps its W_hh gate
@@ -36,8 +39,8 @@ thread in local memory (seen compiling for sm_90 with Triton 3.6 and 3.9, the pe
 BLOCK_K >= 64 too), where K chunks of 32 compile without. TF32: resident up to H = 256 with B <= 32 (the
 example's 2x200 at B = 20); bf16: up to H = 512 with B <= 32, 256 with B <= 64. Resident programs get
 8 warps (W_hh slices take 64 registers a thread), streaming ones 4. Interpreted: one program (single-program
-mode) with the interpreter's tiles. ``TritonStack.launch_config``, when set, gives the persistent kernels
-its tiles too; the grid and mode then follow from them by the same rule.
+mode) with the interpreter's tiles. Tiles forced by the caller (``tiles=`` of fastlm.kernels.gru and lstm,
+``TritonStack.launch_config``) give the persistent kernels their tiles too; the grid and mode then follow.
 """
 
 from __future__ import annotations
