@@ -24,7 +24,7 @@ from fastlm.kernels import choose_interpreter
 if TYPE_CHECKING:
     from fastlm.kernels.tiles import LaunchConfig
 
-__all__ = ["CELLS", "VARIANTS", "TritonStack", "choose_interpreter", "probe"]
+__all__ = ["CELLS", "VARIANTS", "TritonStack", "probe"]
 
 VARIANTS = ("per-step", "persistent", "auto")  # fastlm.config.VARIANTS's values, in the order the registry lists
 CELLS = ("lstm", "gru")  # the cells the kernels implement (fastlm.kernels.lstm, gru)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlm.cells.triton import choose_interpreter
+from fastlm.kernels import choose_interpreter
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, detach_state
 from fastlm.step.base import StepBase
