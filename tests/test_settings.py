@@ -49,6 +49,11 @@ def command(name: str) -> argparse.ArgumentParser:
     return build_parser().commands[name]
 
 
+def is_shortcut(action: argparse.Action) -> bool:
+    """A flag that sets its field to a constant (--accel); a switch (--tied) is a subclass, but a flag proper."""
+    return type(action) is argparse._StoreConstAction
+
+
 def flag_problems(parser: argparse.ArgumentParser, not_settings: set) -> list[str]:
     """Every option is a run setting or one of ``not_settings``; each setting has exactly one flag (its own
     spellings; the fields' declared shortcuts besides), named as the field says."""
@@ -58,7 +63,7 @@ def flag_problems(parser: argparse.ArgumentParser, not_settings: set) -> list[st
             continue
         if action.dest not in FIELDS:
             problems.append(f"{'/'.join(action.option_strings)} sets no field of the run configuration")
-        elif isinstance(action, argparse._StoreConstAction):
+        elif is_shortcut(action):
             shortcuts = {(flag, value) for flag, value, _ in described(FIELDS[action.dest][1]).shortcuts}
             if (action.option_strings[0], action.const) not in shortcuts:
                 problems.append(f"{action.option_strings[0]} is a shortcut its field does not declare")
@@ -120,7 +125,7 @@ def test_every_train_flag_sets_its_own_field():
     """All the settings' flags at once, each with a value other than its default: each lands in its field."""
     parser, argv, expected = command("train"), [], {}
     for action in parser._actions:
-        if action.dest not in FIELDS or isinstance(action, argparse._StoreConstAction):
+        if action.dest not in FIELDS or is_shortcut(action):
             continue
         default = real_default(action.dest)
         if isinstance(default, bool):
@@ -241,3 +246,19 @@ def test_the_checks_find_what_they_look_for(wide_help):
                   readme.replace("`--threads N`", "`--thread N`"),
                   readme.replace("emsize 200, nhid 200", "emsize 650, nhid 200")):
         assert wrong != readme and readme_problems(wrong, command("train"))
+
+
+# Every spelling `fastlm train` takes, frozen: a flag renamed or lost by a change to a field shows here (the
+# PyTorch example's spellings among them: --model, --batch_size, --use-optimizer, --accel, --dry-run, --save).
+TRAIN_SPELLINGS = """
+-h --help --config --resume --overwrite --onnx-export --nproc
+--model --cell --backend --variant --emsize --nhid --nlayers --dropout --tied --decoder --cutoffs
+--data --batch-size --batch_size --eval-batch-size --bptt --data-mode
+--lr --lr-rule --clip --optimizer --use-optimizer --weight-decay --betas --epochs --seed --log-interval --device
+--accel --max-steps --max-minutes --dry-run --run-dir --save --save-minutes --steps-per-epoch --eval-batches
+--threads --state --skip-nonfinite --step --precision --cuda-graphs --no-cuda-graphs --dist-timeout
+""".split()
+
+
+def test_the_train_flags_keep_their_spellings():
+    assert sorted(command("train")._option_string_actions) == sorted(TRAIN_SPELLINGS)
