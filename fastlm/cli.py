@@ -1,5 +1,8 @@
 """The `fastlm` command line. Heavy imports (torch) happen inside the subcommands so `--help` is instant.
 
+The run settings' flags (train, profile, sweep, and bench's step settings) are made from the fields of
+fastlm.config (fastlm.flags): a flag is its field's dest, and ``TRAIN_FLAGS`` maps each one back to its
+section. Options of one subcommand only (bench --shape, sweep --quick, ...) are written here, plainly.
 Every user-caused problem ends as one line on stderr, ``fastlm: error: ...``, and exit status 2.
 """
 
@@ -9,28 +12,22 @@ import argparse
 import difflib
 import sys
 
-from fastlm.config import LR_RULES, PRECISIONS
+from fastlm.config import (
+    CELLS,
+    COMPARED_CELLS,
+    PRECISIONS,
+    SECTION_TITLES,
+    VARIANTS,
+    int_list,
+    setting_fields,
+)
 from fastlm.errors import FastlmError
+from fastlm.flags import add_setting_flags
 
-# flag dest -> (config section, field)
-TRAIN_FLAGS = {
-    "cell": ("model", "cell"), "backend": ("model", "backend"), "emsize": ("model", "emsize"),
-    "nhid": ("model", "nhid"), "nlayers": ("model", "nlayers"), "dropout": ("model", "dropout"),
-    "tied": ("model", "tied"), "decoder": ("model", "decoder"), "cutoffs": ("model", "cutoffs"),
-    "variant": ("model", "variant"),
-    "data": ("data", "data"), "batch_size": ("data", "batch_size"), "eval_batch_size": ("data", "eval_batch_size"),
-    "bptt": ("data", "bptt"), "data_mode": ("data", "data_mode"),
-    "lr": ("train", "lr"), "clip": ("train", "clip"), "optimizer": ("train", "optimizer"),
-    "weight_decay": ("train", "weight_decay"), "betas": ("train", "betas"), "epochs": ("train", "epochs"),
-    "seed": ("train", "seed"),
-    "log_interval": ("train", "log_interval"), "device": ("train", "device"), "max_steps": ("train", "max_steps"),
-    "max_minutes": ("train", "max_minutes"), "dry_run": ("train", "dry_run"), "run_dir": ("train", "run_dir"),
-    "save": ("train", "save"), "save_minutes": ("train", "save_minutes"),
-    "step": ("train", "step"), "precision": ("train", "precision"), "cuda_graphs": ("train", "cuda_graphs"),
-    "skip_nonfinite": ("train", "skip_nonfinite"), "steps_per_epoch": ("train", "steps_per_epoch"),
-    "eval_batches": ("train", "eval_batches"), "threads": ("train", "threads"), "state": ("train", "state"),
-    "dist_timeout": ("train", "dist_timeout"), "lr_rule": ("train", "lr_rule"),
-}
+# flag dest (= field name) -> (config section, field), for every run setting
+TRAIN_FLAGS = {f.name: (section, f.name) for section, f in setting_fields()}
+# The run settings `fastlm bench` takes for its step cases (the cases set cell, backend, sizes and precision).
+BENCH_SETTINGS = ("nlayers", "dropout", "tied", "decoder", "cuda_graphs")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -68,90 +65,13 @@ def unknown_arguments(words: list[str], parser: argparse.ArgumentParser) -> str:
     return message
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    S = argparse.SUPPRESS  # absent flags stay absent, so the config file's values are not overwritten
-    p.add_argument("--config", metavar="FILE.toml", default=S, help="TOML file with [model], [data], [train]")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", "--cell", dest="cell", default=S, type=str.lower,
-                   help="lstm (default), gru, rnn_tanh or rnn_relu")
-    m.add_argument("--backend", default=S, help="recurrent backend: cudnn (default), reference, script, triton, ...")
-    m.add_argument("--variant", default=S, choices=("auto", "per-step", "persistent"),
-                   help="triton backend: one kernel launch per time step, or one persistent launch per layer "
-                        "walking all steps (auto: persistent where it should be faster; see README)")
-    m.add_argument("--emsize", type=int, default=S, help="embedding size (200)")
-    m.add_argument("--nhid", type=int, default=S, help="hidden units per layer (200)")
-    m.add_argument("--nlayers", type=int, default=S, help="recurrent layers (2)")
-    m.add_argument("--dropout", type=float, default=S, help="dropout (0.2)")
-    m.add_argument("--tied", action="store_true", default=S, help="tie embedding and decoder weights")
-    m.add_argument("--decoder", default=S, choices=("full", "adaptive"),
-                   help="full softmax (default), or adaptive: an adaptive softmax, a different model (opt-in)")
-    m.add_argument("--cutoffs", type=_int_list, default=S, metavar="C1,C2,...",
-                   help="adaptive softmax clusters by frequency rank (default 2000,10000: Wikitext-2's, scaled)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default=S, help="wikitext-2 (default), generated, or a folder with train/valid/test.txt")
-    d.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=S, help="batch size (20)")
-    d.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=S, help="eval batch size (10)")
-    d.add_argument("--bptt", type=int, default=S, help="sequence length (35)")
-    d.add_argument("--data-mode", dest="data_mode", default=S, choices=("auto", "memory", "stream"),
-                   help="hold the token ids in memory, or stream them from the token cache (corpora bigger than "
-                        "memory); auto (default) streams above 128 MiB of text")
-    t = p.add_argument_group("training")
-    t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
-    t.add_argument("--lr-rule", dest="lr_rule", default=S, choices=LR_RULES,
-                   help="when to divide the lr by 4 after an epoch: example (default) when validation did not "
-                        "improve; noise only when it got worse by more than its standard error (short epochs); "
-                        "noise-final the noise rule, and once more before the last epoch")
-    t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")
-    t.add_argument("--optimizer", default=S, choices=("sgd", "adamw"),
-                   help="sgd (default): the example's p -= lr * grad; adamw: torch's AdamW (fused kernels where the "
-                        "device has them; give it a small --lr, e.g. 1e-3)")
-    t.add_argument("--use-optimizer", dest="optimizer", action="store_const", const="adamw", default=S,
-                   help="the PyTorch example's spelling of --optimizer adamw")
-    t.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
-                   help="decoupled weight decay for adamw (0.01), L2 for sgd (0)")
-    t.add_argument("--betas", type=_float_pair, default=S, metavar="B1,B2", help="AdamW's betas (0.9,0.999)")
-    t.add_argument("--epochs", type=int, default=S, help="epochs (40)")
-    t.add_argument("--seed", type=int, default=S, help="random seed (1111)")
-    t.add_argument("--log-interval", dest="log_interval", type=int, default=S, help="batches per log line (200)")
-    t.add_argument("--device", default=S,
-                   help="auto (default: torch's current accelerator, CUDA, XPU or MPS, else the CPU), cpu, cuda, xpu, "
-                        "mps (cuda:1 for one of several)")
-    t.add_argument("--accel", dest="device", action="store_const", const="auto", default=S,
-                   help="the PyTorch example's spelling of --device auto")
-    t.add_argument("--max-steps", dest="max_steps", type=int, default=S,
-                   help="pause once the run has done this many steps in all (resume to go on)")
-    t.add_argument("--max-minutes", dest="max_minutes", type=float, default=S,
-                   help="pause after this many minutes of this invocation (resume to go on)")
-    t.add_argument("--dry-run", dest="dry_run", action="store_true", default=S,
-                   help="a couple of steps of everything, in seconds")
-    t.add_argument("--run-dir", dest="run_dir", default=S, help="folder for everything the run writes "
-                   "(default runs/<time>-<cell>-<backend>)")
-    t.add_argument("--save", default=S, help="also copy the best checkpoint to this path")
-    t.add_argument("--save-minutes", dest="save_minutes", type=float, default=S,
-                   help="also save 'last' at a log line when this many minutes passed since the last save (10)")
-    t.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int, default=S, metavar="N",
-                   help="an epoch of N batches (validation and the lr schedule after each), continuing through the "
-                        "corpus from where the last epoch stopped; default: one pass over the training split")
-    t.add_argument("--eval-batches", dest="eval_batches", type=int, default=S, metavar="N",
-                   help="validate and test on the first N batches of valid and test only (quicker, said so in reports)")
-    t.add_argument("--threads", type=int, default=S, metavar="N", help="torch's CPU threads (default: torch's)")
-    t.add_argument("--state", default=S, choices=("carry", "reset"),
-                   help="carry (default, the example's): the hidden state goes on from chunk to chunk, detached; "
-                        "reset: each chunk starts from zeros, in training and evaluation (what carrying is worth)")
-    t.add_argument("--skip-nonfinite", dest="skip_nonfinite", type=int, default=S, metavar="N",
-                   help="skip up to N batches whose loss or gradients are NaN/inf (no update), recorded in "
-                        "metrics; the next one stops the run (0: stop at the first)")
-    f = p.add_argument_group("speed")
-    f.add_argument("--step", default=S, choices=("fast", "example"),
-                   help="fast (default), or example: the PyTorch example's loop as it is (the baseline)")
-    f.add_argument("--precision", default=S, choices=PRECISIONS,
-                   help="fp32 (default): exact, TF32 off everywhere; tf32: GEMMs and the recurrence may use TF32; "
-                        "bf16: the decoder's GEMMs in bf16, the rest fp32; auto: bf16 where the device has bf16 "
-                        "matrix units, else fp32 (tf32 and bf16 change the numbers)")
-    f.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=S,
-                   help="on CUDA, capture fixed-shape steps once as a CUDA graph and replay them (on)")
-    f.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=S, metavar="SECONDS",
-                   help="several processes: how long one waits for another before the run stops (300)")
+def _add_train_flags(p: argparse.ArgumentParser, names=None, group=None, more_flags=None) -> None:
+    """The run settings' flags (all of them, or the fields ``names``), after --config when they are all there."""
+    if names is None:
+        p.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
+                       help="TOML file with [model], [data], [train]")
+    fields = [(section, f) for section, f in setting_fields() if names is None or f.name in names]
+    add_setting_flags(p, fields, SECTION_TITLES, group=group, more_flags=more_flags)
 
 
 def _add_train_parser(sub) -> None:
@@ -173,9 +93,9 @@ def _add_train_parser(sub) -> None:
 def _add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by fastlm train")
-    gen.add_argument("--words", type=int, default=1000, help="number of words (1000)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="higher is more diverse (1.0)")
-    gen.add_argument("--seed", type=int, default=1111, help="random seed (1111)")
+    gen.add_argument("--words", type=int, default=1000, help="number of words (%(default)s)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="higher is more diverse (%(default)s)")
+    gen.add_argument("--seed", type=int, default=1111, help="random seed (%(default)s)")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     gen.add_argument("--outf", "--out", dest="out", default=None, help="write here instead of stdout (UTF-8)")
 
@@ -189,25 +109,8 @@ def _add_export_parser(sub) -> None:
     export.add_argument("--onnx", required=True, metavar="PATH", help="where to write the ONNX file")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _float_pair(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, e.g. 0.9,0.999; got {text!r}")
-    return values
-
-
 def _shape(text: str) -> tuple:
-    values = _int_list(text)
+    values = int_list(text)
     if len(values) != 4 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected T,B,E,H (four positive integers), got {text!r}")
     return tuple(values)
@@ -223,8 +126,8 @@ def _add_bench_parser(sub) -> None:
         description="Times the recurrent stack (fwd, fwdbwd; baseline cudnn = torch.nn) and the whole training "
                     "step (step; baseline: the PyTorch example's loop, fp32) in one run, prints a table with "
                     "speedups and appends each result as a JSON line to --out.")
-    bench.add_argument("--cell", type=_names, default=["lstm", "gru"], metavar="CELL[,CELL]",
-                       help="lstm, gru, rnn_tanh, rnn_relu (default lstm,gru)")
+    bench.add_argument("--cell", type=_names, default=list(COMPARED_CELLS), metavar="CELL[,CELL]",
+                       help=f"{', '.join(CELLS)} (default {','.join(COMPARED_CELLS)})")
     bench.add_argument("--backend", type=_names, default=None, metavar="NAME[,NAME]",
                        help="recurrent backends (default: every one available here, on CPU but triton and compile; "
                             "step mode adds 'example')")
@@ -233,11 +136,11 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--shape", type=_shape, action="append", default=None, metavar="T,B,E,H",
                        help="repeatable (default the example's: 35,20,200,200 35,20,650,650 35,20,1500,1500; "
                             "on CPU the first two)")
-    bench.add_argument("--precision", type=_names, default=["fp32"], metavar="fp32[,tf32,bf16,auto]",
+    bench.add_argument("--precision", type=_names, default=["fp32"], metavar=_one_or_more(PRECISIONS),
                        help="fp32 (default, exact: TF32 off), tf32 (TF32 GEMMs and recurrence), bf16 (cells: the "
                             "stack in bf16; step: the decoder's GEMMs in bf16), auto (step: bf16 where the device "
                             "has bf16 matrix units); the example's step stays exact fp32")
-    bench.add_argument("--variant", type=_names, default=["auto"], metavar="auto[,per-step,persistent]",
+    bench.add_argument("--variant", type=_names, default=["auto"], metavar=_one_or_more(VARIANTS),
                        help="the triton backend's time loops to time, each a row (default auto: what it picks)")
     bench.add_argument("--launch", type=_names, default=["eager"], metavar="eager[,graph]",
                        help="fwd/fwdbwd: eager (default) launches from Python every call; graph captures the call "
@@ -246,15 +149,8 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--warmup", type=int, default=None, help="untimed calls first (5 on CUDA, 1 on CPU)")
     bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    bench.add_argument("--nlayers", "--layers", dest="nlayers", type=int, default=2, help="recurrent layers (2)")
-    bench.add_argument("--vocab", type=int, default=33_278, help="step: vocabulary size (33278, Wikitext-2's)")
-    bench.add_argument("--dropout", type=float, default=0.2, help="step: dropout (0.2)")
-    bench.add_argument("--tied", action="store_true", help="step: tie embedding and decoder weights (needs E == H)")
-    bench.add_argument("--decoder", default="full", choices=("full", "adaptive"),
-                       help="step: the fast step's decoder (full; adaptive is a different model)")
-    bench.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=True,
-                       help="step: CUDA graphs for the fast step on CUDA (on)")
-    bench.add_argument("--loss-chunk", dest="loss_chunk", type=_int_list, default=None, metavar="TOKENS,BLOCK",
+    bench.add_argument("--vocab", type=int, default=33_278, help="step: vocabulary size (%(default)s, Wikitext-2's)")
+    bench.add_argument("--loss-chunk", dest="loss_chunk", type=int_list, default=None, metavar="TOKENS,BLOCK",
                        help="step: the fused loss's tokens per chunk and vocabulary columns per GEMM (0: all), "
                             "instead of the device's default")
     bench.add_argument("--compile-baseline", dest="compile_baseline", action=argparse.BooleanOptionalAction,
@@ -262,6 +158,14 @@ def _add_bench_parser(sub) -> None:
                                           "compile-bf16; default: when --precision includes bf16)")
     bench.add_argument("--out", default=None, metavar="FILE.jsonl",
                        help="append results here (default bench/results/<time>-<device>.jsonl)")
+    model = bench.add_argument_group("model", "fastlm train's settings: the layers for every mode, the rest for the "
+                                              "step cases (each case sets cell, backend, sizes and precision)")
+    _add_train_flags(bench, BENCH_SETTINGS, group=model, more_flags={"nlayers": ("--layers",)})
+
+
+def _one_or_more(names: tuple) -> str:
+    """A metavar for a comma-separated list of ``names``: fp32[,tf32,bf16,auto]."""
+    return f"{names[0]}[,{','.join(names[1:])}]"
 
 
 def _add_profile_parser(sub) -> None:
@@ -274,10 +178,11 @@ def _add_profile_parser(sub) -> None:
     _add_train_flags(prof)
     p = prof.add_argument_group("profile")
     p.add_argument("--warmup", type=int, default=5, metavar="W",
-                   help="steps before measuring (5); the first one's cost (compilation, autotuning) is reported apart")
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="measured steps (20)")
+                   help="steps before measuring (%(default)s); the first one's cost (compilation, autotuning) is "
+                        "reported apart")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="measured steps (%(default)s)")
     p.add_argument("--trace-steps", dest="trace_steps", type=int, default=3, metavar="K",
-                   help="further steps recorded by torch.profiler into trace.json.gz (3; 0 for none)")
+                   help="further steps recorded by torch.profiler into trace.json.gz (%(default)s; 0 for none)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (profiles/<time>-<cell>-<backend>)")
     tools = p.add_mutually_exclusive_group()
     tools.add_argument("--py-spy", dest="py_spy", action="store_true",
@@ -296,7 +201,8 @@ def _add_sweep_parser(sub) -> None:
     s = sweep.add_argument_group("sweep")
     s.add_argument("--out", required=True, metavar="DIR", help="the sweep's folder")
     s.add_argument("--cells", type=_names, default=None, metavar="CELL[,CELL]",
-                   help="the cells to compare (lstm,gru; rnn_tanh and rnn_relu compare the non-linearity)")
+                   help=f"the cells to compare ({','.join(COMPARED_CELLS)}; rnn_tanh and rnn_relu compare the "
+                        "non-linearity)")
     s.add_argument("--set", dest="axes", action="append", default=[], metavar="FIELD=V1,V2",
                    help="an axis of the grid: any training setting and its values (repeatable), e.g. nlayers=1,2")
     s.add_argument("--set-cell", dest="cell_settings", action="append", default=[], metavar="CELL:FIELD=VALUE",
@@ -339,11 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    """{section: {field: value}} for the train flags given on the command line (absent ones are absent)."""
+def overrides_from_args(args: argparse.Namespace, names=None) -> dict:
+    """{section: {field: value}} for the run settings (all, or the fields ``names``) given on the command line
+    (absent ones are absent)."""
     overrides: dict = {}
     for dest, (section, name) in TRAIN_FLAGS.items():
-        if hasattr(args, dest):
+        if hasattr(args, dest) and (names is None or name in names):
             overrides.setdefault(section, {})[name] = getattr(args, dest)
     return overrides
 
@@ -495,10 +402,9 @@ def cmd_bench(args) -> int:
         raise FastlmError("--loss-chunk takes TOKENS,BLOCK: tokens per chunk (at least 1) and vocabulary columns "
                           "per GEMM (0 for all)")
     # The step cases start from the training configuration these flags describe, validated as `fastlm train`
-    # validates it (sizes, cell and backend come from each case).
+    # validates it (sizes, cell and backend come from each case; bench's own --cell, --backend, ... are lists).
     base = RunConfig()
-    model = {"nlayers": args.nlayers, "dropout": args.dropout, "tied": args.tied, "decoder": args.decoder}
-    base.update({"model": model, "train": {"cuda_graphs": args.cuda_graphs}}, origin="command line")
+    base.update(overrides_from_args(args, BENCH_SETTINGS), origin="command line")
     step = StepSettings(base=base.validate(), vocab=args.vocab,
                         loss_chunk=tuple(args.loss_chunk) if args.loss_chunk else None)
     options = BenchOptions(cells=args.cell, backends=args.backend, modes=args.mode,

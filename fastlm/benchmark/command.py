@@ -35,7 +35,7 @@ from fastlm.benchmark.cases import (
     build_step_call,
 )
 from fastlm.benchmark.measure import PeakMemory, time_calls
-from fastlm.config import VARIANTS
+from fastlm.config import COMPARED_CELLS, VARIANTS
 from fastlm.device import competing_load, describe, device_name, machine_load, resolve_device
 from fastlm.errors import FastlmError, first_line, short
 from fastlm.paths import check_output_file
@@ -48,7 +48,7 @@ CELLS_BASELINE = "cudnn"
 
 @dataclass
 class BenchOptions:
-    cells: list[str] = field(default_factory=lambda: ["lstm", "gru"])
+    cells: list[str] = field(default_factory=lambda: list(COMPARED_CELLS))
     backends: Optional[list[str]] = None  # None: every backend available for the cell (see default_backends)
     modes: list[str] = field(default_factory=lambda: list(MODES))
     shapes: Optional[list[tuple]] = None  # None: DEFAULT_SHAPES (on CPU without the 1500 one, see plan)

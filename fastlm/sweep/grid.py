@@ -24,13 +24,12 @@ replicates, which the report averages and whose spread it compares the cells' di
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Optional
 
-from fastlm.config import CELLS, RunConfig, load_toml
+from fastlm.config import CELLS, COMPARED_CELLS, RunConfig, load_toml, setting_fields
 from fastlm.errors import FastlmError
 
 # Settings a sweep decides itself: which cell (--cells), where each run lives, on which device, its budget.
@@ -40,11 +39,9 @@ DESIGNS = ("ofat", "grid")
 
 def config_field(name: str) -> tuple[str, type]:
     """(section, type of its default) of a RunConfig field named without its section."""
-    config = RunConfig()
-    for section in ("model", "data", "train"):
-        for f in dataclasses.fields(getattr(config, section)):
-            if f.name == name:
-                return section, type(getattr(getattr(config, section), name))
+    for section, f in setting_fields():
+        if f.name == name:
+            return section, type(f.default)
     raise FastlmError(f"--set {name}: no such setting; settings are the fields of [model], [data] and [train] "
                       f"(e.g. nlayers, nhid, emsize, bptt, lr, dropout, epochs)")
 
@@ -78,7 +75,7 @@ def _number_or_text(text: str):
 
 @dataclass
 class Grid:
-    cells: list[str] = field(default_factory=lambda: ["lstm", "gru"])
+    cells: list[str] = field(default_factory=lambda: list(COMPARED_CELLS))
     axes: dict[str, list] = field(default_factory=dict)  # field -> values, in the order given
     per_cell: dict[str, dict] = field(default_factory=dict)  # cell -> {field: value}
     # "grid" here: what a sweep file written before designs existed holds; the sweep command defaults to "ofat".
@@ -93,7 +90,7 @@ class Grid:
     @classmethod
     def from_dict(cls, values: dict) -> "Grid":
         """A grid as to_dict (or an older sweep.json, without design and seeds) wrote it."""
-        return cls(list(values.get("cells", ["lstm", "gru"])), {k: list(v) for k, v in values.get("axes", {}).items()},
+        return cls(list(values.get("cells", COMPARED_CELLS)), {k: list(v) for k, v in values.get("axes", {}).items()},
                    {k: dict(v) for k, v in values.get("per_cell", {}).items()}, values.get("design", "grid"),
                    list(values.get("seeds", [])))
 
@@ -143,7 +140,7 @@ def grid_from_toml(path) -> Grid:
                           f"[per_cell.CELL], design and seeds")
     axes = {name: list(v) if isinstance(v, list) else [v] for name, v in values.get("axes", {}).items()}
     seeds = values.get("seeds", [])
-    return Grid(list(values.get("cells", ["lstm", "gru"])), axes, dict(values.get("per_cell", {})),
+    return Grid(list(values.get("cells", COMPARED_CELLS)), axes, dict(values.get("per_cell", {})),
                 values.get("design", "ofat"), seeds if isinstance(seeds, list) else [seeds])
 
 
