@@ -41,8 +41,9 @@ CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 COMPARED_CELLS = ("lstm", "gru")
 # The optimizers (fastlm.step.optimizer builds them): "sgd" is the example's p -= lr * grad.
 OPTIMIZERS = ("sgd", "adamw")
-# The kernel variants a backend may offer (today the triton backend's); "auto" is every backend's default.
-VARIANTS = ("auto", "per-step", "persistent")
+# The kernel variants a backend may offer (the triton backend's, in the order its registry entry lists them);
+# "auto" is every backend's default.
+VARIANTS = ("per-step", "persistent", "auto")
 # When the lr is annealed (fastlm.train.lr_rule says why; kept here too so that reading a config imports no torch).
 LR_RULES = ("example", "noise", "noise-final")
 # How a corpus is held (fastlm.data.data_modes says what each does; kept here so that a config imports no torch).

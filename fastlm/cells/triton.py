@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from fastlm.cells.base import LayerwiseStack
+from fastlm.config import VARIANTS
 # Only the package: importing fastlm.cells (which imports this) loads no kernel module; building a stack does.
 from fastlm.kernels import choose_interpreter
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CELLS", "VARIANTS", "TritonStack", "probe"]
 
-VARIANTS = ("per-step", "persistent", "auto")  # fastlm.config.VARIANTS's values, in the order the registry lists
 CELLS = ("lstm", "gru")  # the cells the kernels implement (fastlm.kernels.lstm, gru)
 
 

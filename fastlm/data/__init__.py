@@ -10,12 +10,11 @@ the generated corpus (fastlm.data.synthetic) are the steps underneath, for code 
 from fastlm.data.cache import default_cache_dir
 from fastlm.data.corpus import EOS, SPLITS, Corpus, Vocabulary, corpus_from_texts, load_corpus, split_words
 from fastlm.data.download import DownloadError, download_wikitext2
-from fastlm.data.sources import DATA_MODES, GENERATED, STREAM_ABOVE_BYTES, WIKITEXT2, load_data, resolve_corpus
+from fastlm.data.sources import GENERATED, STREAM_ABOVE_BYTES, WIKITEXT2, load_data, resolve_corpus
 from fastlm.data.stream import StreamedCorpus
 from fastlm.data.synthetic import generated_corpus
 
 __all__ = [
-    "DATA_MODES",
     "EOS",
     "GENERATED",
     "SPLITS",

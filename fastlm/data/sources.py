@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.panel import Panel
 
+from fastlm.config import DATA_MODES
 from fastlm.data import cache
 from fastlm.data.corpus import Corpus, load_corpus
 from fastlm.data.download import URL_ENV, WIKITEXT2_SHA256, DownloadError, download_wikitext2, wikitext2_url
@@ -30,7 +31,6 @@ from fastlm.errors import FastlmError
 WIKITEXT2 = "wikitext-2"
 GENERATED = "generated"
 WIKITEXT2_ENV = "FASTLM_WIKITEXT2"
-DATA_MODES = ("auto", "memory", "stream")
 # In memory, tokenising holds every token as a Python string for a moment: ~17 bytes of memory per byte of
 # text at the peak, the main process and its forked workers together, and the ids take 8 bytes a token after.
 # Streamed, memory stays flat, but a batch costs a strided copy out of the map (and on CUDA one more copy into
