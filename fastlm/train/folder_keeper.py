@@ -1,0 +1,80 @@
+"""The run folder's keeper: the one process that writes a run folder, and what it does for the others.
+
+One process, or rank 0 of a torchrun launch, keeps the folder: it takes the folder's lock before anything reads
+it and holds it until the run ends, and it does the folder's work while the run is set up. The other ranks
+learn the folder's path from it, and the outcome of each step or its error (fastlm.distributed.on_rank_zero),
+at the same points. This is the one place where `fastlm train` threads rank 0's work through the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from fastlm.config import RunConfig
+from fastlm.distributed import SINGLE, World, launched_by_torchrun, on_rank_zero
+from fastlm.train.checkpoint import check_writable
+from fastlm.train.lock import FolderLock
+from fastlm.train.progress import TrainDisplay
+from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, read_config, unique_run_dir
+
+
+class FolderKeeper:
+    def __init__(self, config: Optional[RunConfig], resume_dir: Optional[str]):
+        """Run before joining the other processes (torchrun's environment says which process keeps the folder);
+        ``config`` is None on a resume, whose folder is ``resume_dir``."""
+        self.world = SINGLE  # until ``share``
+        self.path = None  # the keeper's until ``share``
+        self._lock = None
+        if _keeps_the_run_folder():
+            m = config.model if config is not None else None
+            self.path = resume_dir or config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}")
+            self._lock = FolderLock(self.path).acquire()
+
+    def __enter__(self) -> "FolderKeeper":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._lock is not None:
+            self._lock.release()
+        return False
+
+    def share(self, world: World) -> None:
+        """After joining: every rank learns the folder's path."""
+        self.world = world
+        held = self.path
+        self.path = on_rank_zero(lambda: str(held), world)
+
+    def check_before_loading(self, new_run: bool, overwrite: bool, save: Optional[str]) -> None:
+        """What can be refused at once, before the corpus loads: a new run's folder that holds another run (unless
+        ``overwrite``), a --save path that cannot be written."""
+        if new_run:
+            on_rank_zero(lambda: check_free_for_a_new_run(self.path, overwrite), self.world)
+        if save:
+            on_rank_zero(lambda: check_writable(save, "--save"), self.world)
+
+    def create(self, overwrite: bool, description: Callable[[], dict]) -> RunFolder:
+        """A new run's folder, with config.json holding ``description()`` (computed by the keeper alone)."""
+        on_rank_zero(lambda: RunFolder.new(self.path, overwrite).write_config(description()), self.world)
+        return RunFolder(self.path, create=self.world.main)
+
+    def continue_run(self, checkpoint: dict, resume: dict, description: Callable[[], dict],
+                     display: TrainDisplay) -> RunFolder:
+        """A resumed run's folder, made ready to be written from the checkpoint's position on: ``resume`` (the
+        "resume" record) added to its history; config.json, if lost, rebuilt from ``description()``."""
+        run = RunFolder(self.path, create=self.world.main)
+        if self.world.main:
+            rebuilt = None
+            if read_config(self.path) is None:  # lost: rebuilt from last.pt and this machine, as a new run writes it
+                rebuilt = {**description(), "rebuilt_from": "last.pt"}
+                display.message(f"[bold yellow]{self.path}/config.json was missing: rebuilt from last.pt[/]")
+            run.remove_partial_writes()  # this process holds the folder: a temporary file is a killed write's
+            # What the run wrote after last.pt (before a kill) is written again from here on: no duplicates.
+            run.drop_records_after(checkpoint["epoch"], checkpoint["step"])
+            run.record_resume(resume, rebuilt=rebuilt)
+        return run
+
+
+def _keeps_the_run_folder() -> bool:
+    """One process, or rank 0 of a torchrun launch (read from torchrun's environment, before joining)."""
+    return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
