@@ -204,56 +204,56 @@ class Checkpoints:
 
     def payload(self, copy: bool = False) -> dict:
         """The checkpoint of the current state; ``copy`` detaches it from tensors training will update."""
-        t = self.trainer
-        model, optimizer = t.model.state_dict(), t.step_fn.optimizer.state_dict()
+        trainer = self.trainer
+        model, optimizer = trainer.model.state_dict(), trainer.step_fn.optimizer.state_dict()
         if copy:  # AdamW's moments too: the optimizer goes on updating them in place
             model = {name: tensor.detach().clone() for name, tensor in model.items()}
             optimizer = detached_state(optimizer)
-        hidden = t.state
-        if t.world.size > 1 and hidden is not None:  # the whole batch's state: every rank's columns
-            hidden = map_state(lambda s: gather_columns(s, t.world), hidden)
+        hidden = trainer.state
+        if trainer.world.size > 1 and hidden is not None:  # the whole batch's state: every rank's columns
+            hidden = map_state(lambda s: gather_columns(s, trainer.world), hidden)
         rng = rng_state()
-        ranks = {"rng_ranks": gather_objects(rng, t.world)} if t.world.size > 1 else {}
+        ranks = {"rng_ranks": gather_objects(rng, trainer.world)} if trainer.world.size > 1 else {}
         return {"model": model, "optimizer": optimizer,
-                "config": t.config.to_dict(), "vocab": list(t.corpus.vocab.idx2word),
-                "vocab_digest": t.corpus.vocab.digest(), "epoch": t.epoch,
-                "batches_done": t.batches_done, "step": t.global_step, "lr": t.step_fn.lr,
-                "best_val_loss": t.best_val_loss, "skipped_batches": t.skipped_batches,
-                "epoch_train_seconds": t.epoch_train_seconds,
+                "config": trainer.config.to_dict(), "vocab": list(trainer.corpus.vocab.idx2word),
+                "vocab_digest": trainer.corpus.vocab.digest(), "epoch": trainer.epoch,
+                "batches_done": trainer.batches_done, "step": trainer.global_step, "lr": trainer.step_fn.lr,
+                "best_val_loss": trainer.best_val_loss, "skipped_batches": trainer.skipped_batches,
+                "epoch_train_seconds": trainer.epoch_train_seconds,
                 "hidden": hidden_to_save(hidden),
                 "rng": rng, **ranks}
 
     def restore(self, payload: dict, path) -> None:
         """Continue from a checkpoint written by ``payload`` (``--resume``)."""
-        t = self.trainer
-        check_vocabulary(payload, t.corpus, path)
+        trainer = self.trainer
+        check_vocabulary(payload, trainer.corpus, path)
         try:
-            t.model.load_state_dict(payload["model"])
-            load_optimizer_state(t.step_fn.optimizer, payload["optimizer"])
+            trainer.model.load_state_dict(payload["model"])
+            load_optimizer_state(trainer.step_fn.optimizer, payload["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise FastlmError(f"checkpoint {path} does not fit this model: {short(e)}") from None
-        t.step_fn.lr = payload["lr"]
-        t.epoch, t.batches_done = payload["epoch"], payload["batches_done"]
-        t.global_step, t.best_val_loss = payload["step"], payload["best_val_loss"]
-        t.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
-        t.epoch_train_seconds = payload.get("epoch_train_seconds", 0.0)
-        hidden = hidden_from_saved(payload["hidden"], t.device, t.config.model.cell)
-        share = t.world.columns(t.config.data.batch_size)
-        t.state = map_state(lambda s: s[:, share].contiguous(), hidden) if hidden is not None else None
+        trainer.step_fn.lr = payload["lr"]
+        trainer.epoch, trainer.batches_done = payload["epoch"], payload["batches_done"]
+        trainer.global_step, trainer.best_val_loss = payload["step"], payload["best_val_loss"]
+        trainer.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
+        trainer.epoch_train_seconds = payload.get("epoch_train_seconds", 0.0)
+        hidden = hidden_from_saved(payload["hidden"], trainer.device, trainer.config.model.cell)
+        share = trainer.world.columns(trainer.config.data.batch_size)
+        trainer.state = map_state(lambda s: s[:, share].contiguous(), hidden) if hidden is not None else None
         ranks = payload.get("rng_ranks") or [payload["rng"]]
-        if len(ranks) == t.world.size:
-            set_rng_state(ranks[t.world.rank])
+        if len(ranks) == trainer.world.size:
+            set_rng_state(ranks[trainer.world.rank])
         else:  # the batches and weights go on exactly; dropout draws do not
             set_rng_state(ranks[0])
-            if t.world.rank:
-                torch.manual_seed(t.config.train.seed + t.world.rank + payload["step"])
-            t.display.message(f"[bold yellow]note: {path} was written by {len(ranks)} process(es) and this "
-                              f"run has {t.world.size}: training goes on from the same state, but with other "
-                              f"dropout masks than an uninterrupted run would draw[/]")
+            if trainer.world.rank:
+                torch.manual_seed(trainer.config.train.seed + trainer.world.rank + payload["step"])
+            trainer.display.message(f"[bold yellow]note: {path} was written by {len(ranks)} process(es) and this "
+                                    f"run has {trainer.world.size}: training goes on from the same state, but with "
+                                    f"other dropout masks than an uninterrupted run would draw[/]")
 
     def mark_good(self) -> None:
-        """The current state is good (validated, restored, or no step since the last one was non-finite): keep a
-        copy, to save as ``last`` if training diverges later."""
+        """The current state is good (an epoch starts from a validated or restored state; a log window had no
+        non-finite step): keep a copy, which ``last`` becomes if training diverges later."""
         self.good = self.payload(copy=True)
 
     def save_last(self, payload: dict | None = None) -> None:
@@ -275,12 +275,12 @@ class Checkpoints:
         on_rank_zero(self._check_room_here, self.trainer.world)  # rank 0 writes; every rank hears if it cannot
 
     def _check_room_here(self) -> None:
-        t = self.trainer
+        trainer = self.trainer
         # best + last + the temporary file of a write, less the checkpoints already there (a resume replaces them)
-        moments = 2 if t.config.train.optimizer == "adamw" else 0  # AdamW's exp_avg and exp_avg_sq
-        there = sum(path.is_file() for path in (t.run.best, t.run.last))
-        needed = (3 - there) * checkpoint_bytes(t.model, moments)
-        free = shutil.disk_usage(t.run.path).free
+        moments = 2 if trainer.config.train.optimizer == "adamw" else 0  # AdamW's exp_avg and exp_avg_sq
+        there = sum(path.is_file() for path in (trainer.run.best, trainer.run.last))
+        needed = (3 - there) * checkpoint_bytes(trainer.model, moments)
+        free = shutil.disk_usage(trainer.run.path).free
         if free < needed:
-            raise FastlmError(f"run folder {t.run.path} has {free / 2**20:.0f} MiB free but checkpoints need "
-                              f"about {needed / 2**20:.0f} MiB; free some space or choose another --run-dir")
+            raise FastlmError(f"run folder {trainer.run.path} has {free / 2**20:.0f} MiB free but checkpoints "
+                              f"need about {needed / 2**20:.0f} MiB; free some space or choose another --run-dir")

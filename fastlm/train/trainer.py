@@ -14,9 +14,10 @@ next batch, and the split run is the uninterrupted one step for step. A non-fini
 at the log interval without a per-step host sync: the run stops with the last good state in ``last``, or,
 with ``--skip-nonfinite N``, up to N such batches are skipped (the step masks their update on the device)
 and recorded in the log lines of metrics.jsonl.
+
 The trainer runs the loop and delegates: checkpoints to ``Checkpoints`` (train/checkpoint.py), the steps between
-two log lines to ``LogWindow`` (train/log_window.py), the budget and stop requests to ``Budget``
-(train/budget.py).
+two log lines to ``LogWindow`` (train/log_window.py), evaluation to ``Evaluator`` (train/evaluation.py), the
+budget and stop requests to ``Budget`` (train/budget.py), the words a user reads to ``TrainDisplay``.
 """
 
 from __future__ import annotations
