@@ -24,7 +24,7 @@ class FolderKeeper:
         """Run before joining the other processes (torchrun's environment says which process keeps the folder);
         ``config`` is None on a resume, whose folder is ``resume_dir``."""
         self.world = SINGLE  # until ``share``
-        self.path = None  # the keeper's until ``share``
+        self.path = None  # the keeper's alone until ``share``
         self._lock = None
         if _keeps_the_run_folder():
             m = config.model if config is not None else None
