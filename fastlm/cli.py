@@ -6,9 +6,10 @@ Every user-caused problem ends as one line on stderr, ``fastlm: error: ...``, an
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
-from fastlm.config import PRECISIONS
+from fastlm.config import LR_RULES, PRECISIONS
 from fastlm.errors import FastlmError
 
 # flag dest -> (config section, field)
@@ -33,10 +34,38 @@ TRAIN_FLAGS = {
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem and where to look."""
+    """argparse, but a usage error is one line naming the problem and where to look, and a flag is only ever
+    taken by its full name: an abbreviation (--epoch for --epochs) is an unknown flag, not a silent guess.
+
+    A subcommand's parser hands the words it does not know to the top-level parser, whose own error would point
+    at `fastlm --help`, which lists no subcommand's flags; so ``parse_args`` has the subcommand's parser say it,
+    naming its own --help and the closest flag it has."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            commands = getattr(self, "commands", {})
+            parser = commands.get(getattr(namespace, "command", None), self)
+            parser.error(unknown_arguments(unknown, parser))
+        return namespace
+
+
+def unknown_arguments(words: list[str], parser: argparse.ArgumentParser) -> str:
+    """The message for ``words`` that ``parser`` does not take: the first unknown flag's closest known one."""
+    message = f"unrecognized arguments: {' '.join(words)}"
+    flags = [word.split("=", 1)[0] for word in words if word.startswith("--")]
+    known = [option for option in parser._option_string_actions if option.startswith("--")]
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1)
+        if close:
+            return f"{message}; did you mean {close[0]}?"
+    return message
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -68,9 +97,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "memory); auto (default) streams above 128 MiB of text")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=S, help="initial learning rate (20)")
-    t.add_argument("--lr-rule", dest="lr_rule", default=S, choices=("example", "noise"),
+    t.add_argument("--lr-rule", dest="lr_rule", default=S, choices=LR_RULES,
                    help="when to divide the lr by 4 after an epoch: example (default) when validation did not "
-                        "improve; noise only when it got worse by more than its standard error (short epochs)")
+                        "improve; noise only when it got worse by more than its standard error (short epochs); "
+                        "noise-final the noise rule, and once more before the last epoch")
     t.add_argument("--clip", type=float, default=S, help="gradient clipping norm (0.25)")
     t.add_argument("--optimizer", default=S, choices=("sgd", "adamw"),
                    help="sgd (default): the example's p -= lr * grad; adamw: torch's AdamW (fused kernels where the "
@@ -305,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (_add_train_parser, _add_generate_parser, _add_export_parser, _add_profile_parser,
                        _add_bench_parser, _add_sweep_parser, _add_report_parser):
         add_parser(sub)
+    parser.commands = sub.choices  # name -> its parser: unknown flags are its to name (OneLineParser.parse_args)
     return parser
 
 

@@ -34,7 +34,7 @@ OPTIMIZERS = ("sgd", "adamw")
 # The kernel variants a backend may offer (today the triton backend's); "auto" is every backend's default.
 VARIANTS = ("auto", "per-step", "persistent")
 # When the lr is annealed (fastlm.train.lr_rule says why; kept here too so that reading a config imports no torch).
-LR_RULES = ("example", "noise")
+LR_RULES = ("example", "noise", "noise-final")
 
 
 @dataclass
@@ -87,7 +87,7 @@ class TrainConfig:
     eval_batches: Optional[int] = None  # evaluate on the first this many batches of valid and test
     threads: Optional[int] = None  # torch's CPU threads (None: torch's default)
     state: str = "carry"  # "reset": every chunk starts from a zero hidden state (the ablation of carrying it)
-    lr_rule: str = "example"  # when to anneal: "example" (no improvement) or "noise" (fastlm.train.lr_rule)
+    lr_rule: str = "example"  # when to anneal: one of LR_RULES (fastlm.train.lr_rule says what each does)
     dist_timeout: float = 300.0  # several processes: seconds a collective waits for a missing process
 
 

@@ -137,8 +137,8 @@ def use_threads(threads: Optional[int]) -> None:
 
 
 def machine_load() -> tuple[float, int]:
-    """(the 1-minute load average, the cores this process may use). A load above the cores means other work
-    competes for them: timings taken meanwhile say more about the machine than about fastlm."""
+    """(the 1-minute load average, the cores this process may use). Where other work (``crowded``) competes for
+    the cores, timings taken meanwhile say more about the machine than about fastlm."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -150,13 +150,33 @@ def machine_load() -> tuple[float, int]:
     return load, cores
 
 
+# Set by `fastlm sweep` in each point's environment: the threads of the sweep's other points that may run beside
+# it, which count in the load average as the point's own threads do.
+SWEEP_THREADS = "FASTLM_SWEEP_THREADS"
+
+
+def own_threads(threads: int) -> int:
+    """The threads of this run that count in the machine's load: ``threads`` of this process, and those of the
+    sweep's other points running beside it (SWEEP_THREADS)."""
+    try:
+        beside = int(os.environ.get(SWEEP_THREADS, "0"))
+    except ValueError:
+        beside = 0
+    return threads + max(0, beside)
+
+
+def crowded(others: float, cores: int, threads: int) -> bool:
+    """Whether work besides ``threads`` threads of ours takes time from them: the 1-minute load average counts
+    runnable threads; more of the others' (``others``) than the ``cores - threads`` cores ours leave free, plus
+    a half for background noise, do."""
+    return others > max(0, cores - threads) + 0.5
+
+
 def competing_load(threads: int) -> Optional[str]:
     """Before a timing starts (this process idle): a warning when other work already loads the cores that
-    ``threads`` threads will need, else None. The 1-minute load average counts runnable processes; more than
-    ``cores - threads`` of them, plus a half for background noise, will take time from the ones being timed."""
+    ``threads`` threads will need, else None (``crowded``)."""
     load, cores = machine_load()
-    room = max(0, cores - threads) + 0.5
-    if load <= room:
+    if not crowded(load, cores, threads):
         return None
     return (f"the machine's load average is {load:.1f} on {cores} cores before timing {threads} thread(s): other "
             f"work competes for the cores, so these timings are noise (wait for a quiet machine, or use fewer "

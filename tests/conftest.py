@@ -61,3 +61,11 @@ def wikitext2_dir() -> Path:
     if not folder or not (Path(folder) / "train.txt").is_file():
         pytest.skip("Wikitext-2 not found: set FASTLM_WIKITEXT2 to the folder with train/valid/test.txt")
     return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """A --data folder of the toy corpus (tests.helpers.toy_corpus), written once per test module."""
+    from tests.helpers import toy_corpus, write_corpus_folder  # here: this file sets the environment first
+
+    return write_corpus_folder(toy_corpus(), tmp_path_factory.mktemp("toy"))

@@ -1,4 +1,5 @@
-"""Small builders shared by the training tests."""
+"""Small builders and settings shared by the tests: a test file imports them from here (or from another support
+module: tolerances.py, example_corpus.py, ...), never from another test file."""
 
 import contextlib
 import io
@@ -6,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from fastlm import cells
@@ -13,6 +15,9 @@ from fastlm.cli import main
 from fastlm.config import RunConfig
 from fastlm.data.corpus import corpus_from_texts
 from fastlm.train.progress import TrainDisplay
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ("--emsize", 16, "--nhid", 16, "--batch-size", 4, "--bptt", 8, "--device", "cpu")  # train flags: a quick run
 
 
 def toy_corpus(seed: int = 0, words: int = 120, lines=(600, 60, 60)):
@@ -76,3 +81,51 @@ def one_line_error(status, stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("fastlm"), stderr
     return lines[0]
+
+
+# --- the recurrent stacks parity tests compare (their bound: tests/tolerances.py) ---------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_pair(cell, backend, shape, layers, dropout=0.0, seed=0, variant=None):
+    """(reference, backend) stacks with identical weights, on DEVICE; ``variant`` None: the backend's default."""
+    _, _, E, H = shape
+    torch.manual_seed(seed)
+    ref = cells.build(cell=cell, backend="reference", input_size=E, hidden_size=H, num_layers=layers, dropout=dropout)
+    other = cells.build(cell=cell, backend=backend, input_size=E, hidden_size=H, num_layers=layers, dropout=dropout,
+                        variant=variant)
+    other.load_state_dict(ref.state_dict())
+    return ref.to(DEVICE), other.to(DEVICE)
+
+
+def make_inputs(cell, shape, layers, dtype=torch.float32, seed=1):
+    """x [T, B, E], an initial state, and cotangents for y and the final state, all random."""
+    T, B, E, H = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*size):
+        return torch.randn(*size, generator=g).to(DEVICE, dtype)
+
+    state = (rand(layers, B, H), rand(layers, B, H)) if cell == "lstm" else rand(layers, B, H)
+    cotangents = [rand(T, B, H)] + [rand(layers, B, H) for _ in range(2 if cell == "lstm" else 1)]
+    return rand(T, B, E), state, cotangents
+
+
+def as_list(state):
+    return list(state) if isinstance(state, (tuple, list)) else [state]
+
+
+def run(layer, cell, x, state, cotangents):
+    """Forward + backward; returns {name: tensor} of outputs and gradients, all detached, fp32."""
+    x = x.clone().requires_grad_(True)
+    state = [s.clone().requires_grad_(True) for s in as_list(state)]
+    layer.zero_grad(set_to_none=True)
+    y, final = layer(x, tuple(state) if cell == "lstm" else state[0])
+    outputs = [y] + as_list(final)
+    sum((out.float() * cot.float()).sum() for out, cot in zip(outputs, cotangents, strict=True)).backward()
+    result = {"y": y, "h_n": outputs[1], "dx": x.grad, "dh0": state[0].grad}
+    if cell == "lstm":
+        result.update(c_n=outputs[2], dc0=state[1].grad)
+    result.update({f"d{name}": p.grad for name, p in layer.named_parameters()})
+    return {name: t.detach().float() for name, t in result.items()}

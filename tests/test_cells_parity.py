@@ -2,17 +2,9 @@
 
 Compared: the output, the final state, and the gradients of the input, the initial state and every weight,
 under random cotangents on both the output and the final state. Same weights (the reference's state_dict
-loaded into the backend), same inputs.
-
-Tolerance rule (docs/semantics.md), per compared tensor:
-- fp32: max|a - ref| <= RTOL * max|ref| with RTOL = 1e-5. The error is measured against the tensor's
-  largest magnitude, not elementwise: backends sum in different orders (GEMM tiling, T*B-row reductions
-  for weight gradients), so a small element that is the difference of large terms carries an absolute
-  error set by the large terms. fp32 rounding is 6e-8 per operation; K-term dot products over a few
-  steps and layers stay within ~1e-6 of the largest magnitude (measured: <= 1e-6), so 1e-5 leaves a
-  10x margin without hiding a wrong gate or index (those give errors of order 1e-2 to 1).
-- fp16 / bf16: the backend's error against the fp32 reference is at most 2x the error of the plain
-  reference run in that dtype (same weights cast, same inputs), per tensor, both measured as above.
+loaded into the backend), same inputs. The bound is the parity rule of tests/tolerances.py: fp32 within
+FP32_RTOL of the reference per tensor; fp16 / bf16 within twice the error of the plain reference run in that
+dtype.
 
 On CPU the triton backend runs under TRITON_INTERPRET=1 (see conftest.py) with the small shapes only;
 the large shapes carry the gpu marker for it and run compiled on a CUDA machine. The triton backend is
@@ -25,10 +17,8 @@ import pytest
 import torch
 
 from fastlm import cells
-from tests.helpers import backend_param
-
-RTOL = 1e-5
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE, as_list, backend_param, build_pair, make_inputs, run
+from tests.tolerances import FP32_RTOL, assert_fp32_parity, assert_within_plain_error, relative_errors
 
 # (T, B, E, H): B not a multiple of 16 and H not a power of two throughout; H = 200 and 650 as asked.
 SMALL_SHAPES = [(3, 3, 5, 10), (4, 17, 9, 40)]
@@ -71,62 +61,6 @@ def _cases():
                                        f"H{shape[3]}")
 
 
-def build_pair(cell, backend, shape, layers, dropout=0.0, seed=0, variant=None):
-    """(reference, backend) stacks with identical weights, on DEVICE; ``variant`` None: the backend's default."""
-    _, _, E, H = shape
-    torch.manual_seed(seed)
-    ref = cells.build(cell=cell, backend="reference", input_size=E, hidden_size=H, num_layers=layers, dropout=dropout)
-    other = cells.build(cell=cell, backend=backend, input_size=E, hidden_size=H, num_layers=layers, dropout=dropout,
-                        variant=variant)
-    other.load_state_dict(ref.state_dict())
-    return ref.to(DEVICE), other.to(DEVICE)
-
-
-def make_inputs(cell, shape, layers, dtype=torch.float32, seed=1):
-    """x [T, B, E], an initial state, and cotangents for y and the final state, all random."""
-    T, B, E, H = shape
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*size):
-        return torch.randn(*size, generator=g).to(DEVICE, dtype)
-
-    state = (rand(layers, B, H), rand(layers, B, H)) if cell == "lstm" else rand(layers, B, H)
-    cotangents = [rand(T, B, H)] + [rand(layers, B, H) for _ in range(2 if cell == "lstm" else 1)]
-    return rand(T, B, E), state, cotangents
-
-
-def _as_list(state):
-    return list(state) if isinstance(state, (tuple, list)) else [state]
-
-
-def run(layer, cell, x, state, cotangents):
-    """Forward + backward; returns {name: tensor} of outputs and gradients, all detached, fp32."""
-    x = x.clone().requires_grad_(True)
-    state = [s.clone().requires_grad_(True) for s in _as_list(state)]
-    layer.zero_grad(set_to_none=True)
-    y, final = layer(x, tuple(state) if cell == "lstm" else state[0])
-    outputs = [y] + _as_list(final)
-    sum((out.float() * cot.float()).sum() for out, cot in zip(outputs, cotangents, strict=True)).backward()
-    result = {"y": y, "h_n": outputs[1], "dx": x.grad, "dh0": state[0].grad}
-    if cell == "lstm":
-        result.update(c_n=outputs[2], dc0=state[1].grad)
-    result.update({f"d{name}": p.grad for name, p in layer.named_parameters()})
-    return {name: t.detach().float() for name, t in result.items()}
-
-
-def relative_errors(got, want):
-    """{name: max|got - want| / max|want|} over the tensors of two ``run`` results."""
-    assert got.keys() == want.keys()
-    return {name: ((got[name] - want[name]).abs().max() / want[name].abs().max()).item() for name in want}
-
-
-def assert_fp32_parity(got, want):
-    errors = relative_errors(got, want)
-    bad = {name: f"{err:.2e}" for name, err in errors.items() if not err <= RTOL}
-    assert not bad, f"relative errors above {RTOL:g}: {bad}"
-    return errors
-
-
 def _variant_params(keep=lambda cell, backend: True):
     return [backend_param(c, b, v, id=_name(c, b, v)) for c, b, v in _backends() if keep(c, b)]
 
@@ -150,8 +84,8 @@ def test_zero_state_and_inference(cell, backend, variant):
     other.eval()
     with torch.no_grad():
         got, want = other(x), ref(x)
-    for a, b in zip([got[0]] + _as_list(got[1]), [want[0]] + _as_list(want[1]), strict=True):
-        assert (a - b).abs().max() <= RTOL * b.abs().max()
+    for a, b in zip([got[0]] + as_list(got[1]), [want[0]] + as_list(want[1]), strict=True):
+        assert (a - b).abs().max() <= FP32_RTOL * b.abs().max()
 
 
 @pytest.mark.parametrize("cell, backend, variant", _variant_params(lambda c, b: b != "cudnn" or DEVICE == "cpu"))
@@ -206,6 +140,4 @@ def test_low_precision_within_twice_reference_error(cell, backend, variant, dtyp
     cast = lambda s: tuple(t.to(dtype) for t in s) if isinstance(s, tuple) else s.to(dtype)  # noqa: E731
     ref_err = relative_errors(run(ref.to(dtype), cell, x.to(dtype), cast(state), cotangents), exact)
     got_err = relative_errors(run(other.to(dtype), cell, x.to(dtype), cast(state), cotangents), exact)
-    bad = {name: f"{got_err[name]:.2e} > 2 x {ref_err[name]:.2e}" for name in exact
-           if not got_err[name] <= 2 * ref_err[name]}
-    assert not bad, f"{dtype} errors above twice the plain-PyTorch error: {bad}"
+    assert_within_plain_error(got_err, ref_err, f"{dtype} errors above twice the plain-PyTorch error")

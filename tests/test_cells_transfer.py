@@ -1,7 +1,7 @@
 """State dicts move between backends, and training with a fused backend follows the reference.
 
 A stack trained a few SGD steps with one backend is loaded into another and must give the same outputs
-(fp32 rule of test_cells_parity: max|a - b| <= 1e-5 * max|b|), in both directions; and the same training
+(the fp32 parity rule of tests/tolerances.py: max|a - b| <= 1e-5 * max|b|), in both directions; and the same training
 run (dropout on, state carried across batches and detached, train/eval switches) gives the same weights
 with a fused backend as with the reference.
 """
@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from fastlm import cells
-from tests.helpers import backend_param
+from tests.helpers import DEVICE, backend_param
+from tests.tolerances import FP32_RTOL, relative_error
 
-RTOL = 1e-5
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every registered backend but the two these tests load into; one that cannot run here is SKIPPED.
 FUSED = [backend_param(cell, backend) for cell, backend in cells.registered() if backend not in ("cudnn", "reference")]
 SHAPE = dict(input_size=6, hidden_size=12, num_layers=2)
@@ -63,8 +62,8 @@ def outputs(layer):
 
 def assert_close(got, want):
     for a, b in zip(got, want, strict=True):
-        err = ((a - b).abs().max() / b.abs().max()).item()
-        assert err <= RTOL, f"relative error {err:.2e} > {RTOL:g}"
+        err = relative_error(a, b)
+        assert err <= FP32_RTOL, f"relative error {err:.2e} > {FP32_RTOL:g}"
 
 
 @pytest.mark.parametrize("cell, backend", FUSED)

@@ -5,28 +5,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import one_line_error, run_cli, toy_corpus, write_corpus_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, SMALL, one_line_error, run_cli
 
 
 def fastlm(*args, cwd=None, env_extra=None, timeout=300):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "fastlm", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    return write_corpus_folder(toy_corpus(), tmp_path_factory.mktemp("toy"))
-
-
-SMALL = ("--emsize", 16, "--nhid", 16, "--batch-size", 4, "--bptt", 8, "--device", "cpu")
 
 
 def assert_one_line_error(result, *words):
@@ -154,3 +143,39 @@ def test_generate_refuses_bad_checkpoints(tmp_path, content, words):
 
 def test_generate_missing_checkpoint(tmp_path):
     assert_one_line_error(run_cli("generate", "--checkpoint", tmp_path / "nope.pt"), "does not exist")
+
+
+def test_generate_from_a_run_without_a_best_model_yet_names_its_last_checkpoint(toy_data, tmp_path):
+    """A run paused before its first validation (as the README's first command's is) has last.pt, not best.pt."""
+    run = tmp_path / "run"
+    status, _, err = run_cli("train", "--data", toy_data, *SMALL, "--max-steps", 2, "--run-dir", run)
+    assert status == 0 and (run / "last.pt").is_file() and not (run / "best.pt").exists(), err
+    assert_one_line_error(run_cli("generate", "--checkpoint", run / "best.pt"), "before its first",
+                          f"--checkpoint {run / 'last.pt'}", f"--resume {run}")
+
+
+@pytest.mark.parametrize("argv, closest", [
+    (("train", "--nhidden", 100), "--nhid"),
+    (("train", "--nhidden=100"), "--nhid"),
+    (("train", "--epoch", 1), "--epochs"),  # an abbreviation is not taken for the flag it abbreviates
+    (("bench", "--shapes", "35,20,200,200"), "--shape"),
+])
+def test_an_unknown_flag_names_the_subcommands_help_and_the_closest_flag(argv, closest):
+    line = one_line_error(*run_cli(*argv)[::2])
+    assert f"fastlm {argv[0]} --help" in line and f"did you mean {closest}?" in line, line
+
+
+def test_dry_runs_without_a_run_dir_share_one_folder(toy_data, tmp_path, monkeypatch):
+    """A dry run checks that everything runs: without --run-dir the next one replaces its folder, instead of
+    leaving a timestamped folder behind each time; a real run in that folder is not replaced."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        status, out, err = run_cli("train", "--data", toy_data, *SMALL, "--dry-run")
+        assert status == 0, err
+    folder = tmp_path / "runs" / "dry-run-lstm-cudnn"
+    assert list((tmp_path / "runs").iterdir()) == [folder] and "the next one replaces it" in out
+    assert json.loads((folder / "config.json").read_text())["train"]["dry_run"] is True
+    config = json.loads((folder / "config.json").read_text())
+    config["train"]["dry_run"] = False  # as if a run had been given this folder with --run-dir
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("train", "--data", toy_data, *SMALL, "--dry-run"), "already holds a run")

@@ -18,6 +18,7 @@ from fastlm.step.cuda_graphs import WARMUP_STEPS, GraphedStep
 from fastlm.step.example import ExampleStep
 from fastlm.step.fast import TrainStep, graph_blocker
 from fastlm.timing import PhaseTimer
+from tests.tolerances import FP32_RTOL
 
 VOCAB, T, B = 60, 7, 4
 
@@ -45,9 +46,9 @@ def max_rel(a, b):
 def test_fast_step_trains_the_examples_numbers(cell, tied):
     fast_losses, fast_weights = run_steps(TrainStep, cell, tied)
     example_losses, example_weights = run_steps(ExampleStep, cell, tied)
-    assert max_rel(fast_losses, example_losses) <= 1e-5
+    assert max_rel(fast_losses, example_losses) <= FP32_RTOL
     for name, value in example_weights.items():
-        assert torch.allclose(fast_weights[name], value, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(fast_weights[name], value, rtol=FP32_RTOL, atol=1e-6), name
 
 
 def test_several_loss_chunks_stay_within_float_noise(monkeypatch):
@@ -399,9 +400,9 @@ def test_validation_perplexity_matches_the_example_loop_on_wikitext2(wikitext2_d
         return torch.tensor(losses, dtype=torch.float64), trainer.evaluate(trainer.valid_stream, "valid")
 
     (fast_losses, fast), (example_losses, example) = run("fast"), run("example")
-    assert max_rel(fast_losses, example_losses) <= 1e-5
+    assert max_rel(fast_losses, example_losses) <= FP32_RTOL
     # The issue asked for 1%; at lr 2 the measured gap is 4e-8, so a tighter bound catches real drift.
-    assert abs(math.exp(fast - example) - 1) <= 1e-5, (fast, example)
+    assert abs(math.exp(fast - example) - 1) <= FP32_RTOL, (fast, example)
 
 
 @pytest.mark.parametrize("section, values, words", [

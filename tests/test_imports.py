@@ -1,8 +1,9 @@
-"""The package's shape: no import cycles, every module importable on its own, and a command line that does
-not import torch until a command runs (so `fastlm --help` is instant)."""
+"""The package's shape: no import cycles, every module importable on its own and setting no environment variable
+as it is, and a command line that does not import torch until a command runs (so `fastlm --help` is instant)."""
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,35 @@ def import_failures() -> dict[str, str]:
 @pytest.mark.parametrize("name", IMPORTABLE)
 def test_every_module_imports_on_its_own(name, import_failures):
     assert import_failures[name] == "", f"importing {name} first failed:\n{import_failures[name]}"
+
+
+def test_imports_between_test_files_go_through_support_modules():
+    """A test file shares code only through support modules (helpers.py, tolerances.py, example_corpus.py, ...),
+    never by importing another test file; and every parity test takes its bound from tests/tolerances.py."""
+    parity = {"test_cells_parity", "test_cells_transfer", "test_triton_kernels", "test_triton_persistent",
+              "test_losses", "test_cpu_loss_kernel", "test_onnx_export", "test_fast_step"}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module or "")
+        assert not [name for name in imported if name.startswith("tests.test_")], f"{path.name} imports a test file"
+        assert path.stem not in parity or "tests.tolerances" in imported, f"{path.name}: its bound is not tolerances'"
+
+
+def test_no_import_sets_an_environment_variable():
+    """Importing every module changes nothing in the process's environment: what a setting chooses is chosen
+    where it is used (TRITON_INTERPRET where the triton backend is built, fastlm.cells.triton). Run without
+    TRITON_INTERPRET, which this test session sets for itself (conftest.py)."""
+    code = ("import os, sys, torch\nbefore = dict(os.environ)\nfor name in sys.argv[1:]:\n    __import__(name)\n"
+            "print(sorted(k for k in {*before, *os.environ} if before.get(k) != os.environ.get(k)))")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code, *IMPORTABLE], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["profile", "--help"], ["bench", "--help"],

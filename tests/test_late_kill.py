@@ -7,8 +7,7 @@ import signal
 import subprocess
 import sys
 
-from tests.helpers import one_line_error, run_cli
-from tests.test_cli import ROOT, SMALL, toy_data  # noqa: F401  (toy_data is a fixture)
+from tests.helpers import ROOT, SMALL, one_line_error, run_cli
 
 # `fastlm ...` in a process that SIGKILLs itself when the final test of the best model begins (the evaluation
 # test_best runs: uninterruptible, unlike a pause's).

@@ -1,4 +1,8 @@
-"""The fused, chunked decoder + cross-entropy against log_softmax + nll_loss, and the adaptive decoder."""
+"""The fused, chunked decoder + cross-entropy against log_softmax + nll_loss, and the adaptive decoder.
+
+The bound is the parity rule (tests/tolerances.py). In fp32 it holds with room: the example's own softmax kernels
+run, and only the GEMMs' split changes the order of summation.
+"""
 
 import pytest
 import torch
@@ -8,17 +12,11 @@ from fastlm.errors import FastlmError
 from fastlm.model.adaptive import AdaptiveDecoder, default_cutoffs
 from fastlm.model.fused_loss import linear_cross_entropy
 from fastlm.model.loss_chunks import CPU_CHUNK_TOKENS, CUDA_CHUNK_BYTES, Chunking, default_chunking
-
-# fp32 with the example's own softmax kernels: only the GEMMs' split changes summation order.
-RTOL = 1e-5
+from tests.tolerances import FP32_RTOL, LOW_PRECISION_FACTOR, relative_error
 
 
 def reference(hidden, weight, bias, targets):
     return F.nll_loss(F.log_softmax(F.linear(hidden, weight, bias), dim=1), targets)
-
-
-def rel_err(got, want):
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 def random_problem(n, h, v, seed=0, bias=True):
@@ -44,9 +42,9 @@ def test_value_and_every_gradient_match_log_softmax_nll(n, h, v, chunking, bias)
     want_grads = torch.autograd.grad(want * 1.7, inputs)  # a loss gradient other than 1 reaches every input
     got = linear_cross_entropy(hidden, weight, b, targets, chunking)
     got_grads = torch.autograd.grad(got * 1.7, inputs)
-    assert rel_err(got, want) <= RTOL
+    assert relative_error(got, want) <= FP32_RTOL
     for name, g, w in zip(("hidden", "weight", "bias")[:len(inputs)], got_grads, want_grads, strict=True):
-        assert rel_err(g, w) <= RTOL, name
+        assert relative_error(g, w) <= FP32_RTOL, name
 
 
 def test_tied_weights_gradients_add_up():
@@ -63,7 +61,7 @@ def test_tied_weights_gradients_add_up():
 
     want = torch.autograd.grad(loss_with(reference), weight)[0]
     got = torch.autograd.grad(loss_with(lambda *a: linear_cross_entropy(*a, chunking=Chunking(16, 32))), weight)[0]
-    assert rel_err(got, want) <= RTOL
+    assert relative_error(got, want) <= FP32_RTOL
 
 
 def test_without_gradients_only_the_value_is_computed():
@@ -71,12 +69,13 @@ def test_without_gradients_only_the_value_is_computed():
     want = reference(hidden, weight, b, targets)
     with torch.no_grad():
         got = linear_cross_entropy(hidden, weight, b, targets, Chunking(16, 32))
-    assert not got.requires_grad and rel_err(got, want) <= RTOL
+    assert not got.requires_grad and relative_error(got, want) <= FP32_RTOL
     # Only the weight needs a gradient: hidden's is not asked for and not returned.
     hidden, weight = hidden.detach(), weight.detach().requires_grad_()
     loss = linear_cross_entropy(hidden, weight, b.detach(), targets, Chunking(16, 32))
     (grad,) = torch.autograd.grad(loss, weight)
-    assert rel_err(grad, torch.autograd.grad(reference(hidden, weight, b.detach(), targets), weight)[0]) <= RTOL
+    want_grad = torch.autograd.grad(reference(hidden, weight, b.detach(), targets), weight)[0]
+    assert relative_error(grad, want_grad) <= FP32_RTOL
 
 
 def test_the_example_sizes_match():
@@ -87,9 +86,9 @@ def test_the_example_sizes_match():
     want_grads = torch.autograd.grad(want, (hidden, weight, b))
     got = linear_cross_entropy(hidden, weight, b, targets)
     got_grads = torch.autograd.grad(got, (hidden, weight, b))
-    assert rel_err(got, want) <= RTOL
+    assert relative_error(got, want) <= FP32_RTOL
     for g, w in zip(got_grads, want_grads, strict=True):
-        assert rel_err(g, w) <= 1e-5
+        assert relative_error(g, w) <= FP32_RTOL
 
 
 def bf16_leaves(*tensors):
@@ -107,10 +106,10 @@ def test_low_precision_error_is_within_twice_plain_pytorch():
     fused = linear_cross_entropy(*low, targets, Chunking(16, 128))
     fused_grads = torch.autograd.grad(fused, low)
     assert fused.dtype == torch.float32  # the loss is accumulated and returned in fp32
-    assert abs(fused - exact) <= 2 * abs(plain.float() - exact) + 1e-6
+    assert abs(fused - exact) <= LOW_PRECISION_FACTOR * abs(plain.float() - exact) + 1e-6
     for f, p, e in zip(fused_grads, plain_grads, exact_grads, strict=True):
         assert f.dtype == torch.bfloat16
-        assert rel_err(f.float(), e) <= 2 * rel_err(p.float(), e) + 1e-6
+        assert relative_error(f.float(), e) <= LOW_PRECISION_FACTOR * relative_error(p.float(), e) + 1e-6
 
 
 def test_mixed_dtypes_are_refused():
@@ -182,5 +181,5 @@ def test_on_cuda_against_plain_pytorch(dtype):
     fused = linear_cross_entropy(*inputs, targets)
     fused_grads = torch.autograd.grad(fused, inputs)
     for f, p, e in zip((fused, *fused_grads), (plain, *plain_grads), (exact, *exact_grads), strict=True):
-        bound = RTOL if dtype == torch.float32 else 2 * rel_err(p.float(), e) + 1e-6
-        assert rel_err(f.float(), e.float()) <= bound
+        bound = FP32_RTOL if dtype == torch.float32 else LOW_PRECISION_FACTOR * relative_error(p.float(), e) + 1e-6
+        assert relative_error(f.float(), e.float()) <= bound

@@ -61,6 +61,11 @@ def test_a_rise_beyond_the_noise_anneals(tmp_path):
     assert [e["lr_next"] for e in epoch_records(tmp_path / "run")] == [20.0, 5.0, 5.0, 1.25]
 
 
+def test_noise_final_also_quarters_the_lr_before_the_last_epoch_and_only_then(tmp_path):
+    scripted_trainer("noise-final", WOBBLE, noise=0.06).fit(RunFolder(tmp_path / "run"))
+    assert [e["lr_next"] for e in epoch_records(tmp_path / "run")] == [20.0, 20.0, 20.0, 5.0, 5.0]
+
+
 @pytest.mark.parametrize("val_loss, best, noise, rule, expected", [
     (5.05, 5.0, 0.06, "noise", False),
     (5.07, 5.0, 0.06, "noise", True),
@@ -68,6 +73,8 @@ def test_a_rise_beyond_the_noise_anneals(tmp_path):
     (5.00, 5.0, 0.06, "example", True),  # the example: not better is enough
     (4.99, 5.0, 0.06, "example", False),
     (9.00, None, 0.06, "noise", False),  # the first epoch has nothing to be worse than
+    (5.07, 5.0, 0.06, "noise-final", True),  # the noise rule still holds
+    (5.05, 5.0, 0.06, "noise-final", False),
 ])
 def test_the_rules(val_loss, best, noise, rule, expected):
     assert anneals(rule, val_loss, best, noise) is expected

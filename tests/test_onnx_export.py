@@ -1,7 +1,7 @@
 """The ONNX export, run by onnxruntime: its log-probabilities and final state are fastlm's, for every cell, tied
 or not, any backend's weights, two batch sizes and two lengths (dynamic axes), from a carried (non-zero) state.
 
-Tolerance rule: the parity suite's fp32 one (tests/test_cells_parity.py), per compared tensor:
+Tolerance rule: the fp32 parity rule (tests/tolerances.py), per compared tensor:
 max|onnx - fastlm| <= 1e-5 * max|fastlm|. onnxruntime runs the same fp32 math with kernels of its own (its GEMMs,
 its recurrent loop, its log-softmax), so the two differ by rounding in another order: at most 3.2e-7 of the largest
 magnitude over these shapes (measured), where a wrong gate order, weight or state wiring is off by 1e-2 to 1.
@@ -18,10 +18,10 @@ from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
 from fastlm.train.onnx_export import export_model
 from tests.helpers import one_line_error, run_cli
+from tests.tolerances import FP32_RTOL
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed (pip install -e '.[onnx]')")
 
-RTOL = 1e-5
 VOCAB, LAYERS, HIDDEN = 50, 2, 12
 SHAPES = [(3, 1), (3, 5), (17, 1), (17, 5)]  # (T, B): two lengths by two batch sizes
 
@@ -36,7 +36,7 @@ def fastlm_chunk(model, tokens, state):
 
 def assert_within_rule(got, expected, name):
     error = (torch.from_numpy(got) - expected).abs().max().item()
-    assert error <= RTOL * expected.abs().max().item(), f"{name}: max error {error:.2e}"
+    assert error <= FP32_RTOL * expected.abs().max().item(), f"{name}: max error {error:.2e}"
 
 
 @pytest.mark.parametrize("cell, tied, backend", [

@@ -248,6 +248,16 @@ def test_flowchart_is_written_as_svg_and_png(tmp_path):
     assert width > 1000 and height > 400  # a picture, at a size where the box labels are legible
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_the_data_box_names_a_host_to_device_copy_only_where_there_is_one(tmp_path, device):
+    per_step, walls, parents = fake_records()
+    result = breakdown.summarize(per_step, walls, parents, tokens_per_step=700)
+    flowchart.draw({**result, "title": "t", "device": device}, tmp_path / "flow.svg", tmp_path / "flow.png")
+    svg = ET.parse(tmp_path / "flow.svg").getroot()
+    text = " ".join(node.text or "" for node in svg.iter() if node.tag.endswith("text"))
+    assert ("H2D" in text) == (device != "cpu") and "(fetch" in text, text
+
+
 @pytest.mark.perf
 def test_phases_add_up_to_the_measured_step_on_cpu():
     """The default model (2x200 LSTM, batch 20, bptt 35) on the generated corpus, through Trainer's step."""

@@ -11,8 +11,7 @@ import pytest
 
 from fastlm.sweep.runner import outcome
 from fastlm.train.lock import LOCK_NAME, FolderLock, holder_of
-from tests.helpers import one_line_error, run_cli
-from tests.test_cli import ROOT, SMALL, toy_data  # noqa: F401  (toy_data is a fixture)
+from tests.helpers import ROOT, SMALL, one_line_error, run_cli
 
 
 def hold_in_another_process(folder):

@@ -13,7 +13,7 @@ import torch
 
 from fastlm.errors import FastlmError
 from fastlm.train.checkpoint import VERSION, load_checkpoint
-from tests.test_cli import ROOT, SMALL, toy_data  # noqa: F401  (toy_data is a fixture)
+from tests.helpers import ROOT, SMALL
 
 
 def wait_for(predicate, timeout, proc):

@@ -27,7 +27,7 @@ from fastlm.data import (
 from fastlm.data.synthetic import generated_texts
 from fastlm.data.tokenize import EOS
 from fastlm.errors import FastlmError
-from tests.test_corpus import _ALPHABET, TRICKY, assert_same_as_example, write_corpus
+from tests.example_corpus import ALPHABET, TRICKY, assert_same_as_example, write_corpus
 
 
 def assert_same_batches(memory, streamed, split: str, batch_size: int, bptt: int, start: int = 0, count=None,
@@ -82,7 +82,7 @@ def piece_tokens(path: Path) -> list[str]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet=_ALPHABET, min_size=1, max_size=60), block=st.integers(1, 9), carry=st.integers(1, 12))
+@given(text=st.text(alphabet=ALPHABET, min_size=1, max_size=60), block=st.integers(1, 9), carry=st.integers(1, 12))
 def test_pieces_cut_anywhere_give_the_files_tokens(text, block, carry):
     """Blocks of a few bytes split characters, "\\r\\n" pairs and words; tiny carries cut long lines at spaces."""
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:

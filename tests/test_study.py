@@ -199,7 +199,8 @@ def test_the_presets_are_both_cells_three_factors_two_values_and_two_seeds():
         assert grid.cells == ["lstm", "gru"] and len(grid.axes) == 3 and len(grid.seeds) >= 2
         assert all(2 <= len(values) <= 3 for values in grid.axes.values())
         assert len(found) == 2 * (1 + 3) * len(grid.seeds)
-        assert {c.model.decoder for c in configs} == {"adaptive"} and {c.train.lr_rule for c in configs} == {"noise"}
+        assert {c.model.decoder for c in configs} == {"adaptive"}
+        assert {c.train.lr_rule for c in configs} == {"noise" if preset.name == "quick" else "noise-final"}
         assert {c.train.precision for c in configs} == {"fp32"}  # one setting, to be switched when bf16 is as good
 
 

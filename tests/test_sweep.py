@@ -1,6 +1,7 @@
 """`fastlm sweep`: the grid, the points as ordinary runs, failures recorded, and an interrupted sweep finished
 by running it again, its interrupted point resuming exactly."""
 
+import io
 import json
 import os
 import signal
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from fastlm.config import RunConfig
 from fastlm.errors import FastlmError
+from fastlm.sweep import progress as sweep_progress
 from fastlm.sweep.grid import Grid, add_cell_setting, add_setting, points
 from fastlm.train.checkpoint import load_checkpoint
 from tests.helpers import one_line_error, run_cli, toy_corpus, write_corpus_folder
@@ -163,6 +166,9 @@ def test_jobs_share_the_cores_and_run_points_side_by_side(data, tmp_path):
     for entry in sweep_state(out)["points"]:
         config = json.loads((out / entry["run_dir"] / "config.json").read_text())
         assert config["train"]["threads"] == max(1, cores // 2) and entry["status"] == "done"
+        # The load each point counts as the sweep's own: its threads and those of the point beside it.
+        logs = records(out / entry["run_dir"], "log")
+        assert logs and all(r["own_threads"] == 2 * config["train"]["threads"] for r in logs)
     notes = json.loads((out / "report.json").read_text())["conditions"]["notes"]
     assert any("up to 2 points at once" in note for note in notes)  # their training times were measured side by side
 
@@ -177,3 +183,25 @@ def test_points_paused_by_their_budget_go_on_when_the_budget_grows(data, tmp_pat
     assert status == 0 and "1 finished, 0 to run" in text  # the same budget: nothing left to do
     assert run_cli(*common, "--max-steps", 4)[0] == 0
     assert records(point, "pause")[-1]["step"] == 4 and sweep_state(out)["points"][0]["budget"]["max_steps"] == 4
+
+
+def test_a_running_points_progress_is_shown_between_its_epochs(tmp_path, monkeypatch):
+    """From a point's start to its first epoch's end (minutes on a CPU) the sweep shows its batches, rate and the
+    epoch's time left, from the log records of its metrics.jsonl: on the bar, and as a printed line."""
+    monkeypatch.setattr(sweep_progress, "PROGRESS_EVERY", 0.0)
+    entry = {"name": "lstm", "run_dir": "points/lstm", "status": "running", "device": "cpu"}
+    (tmp_path / "points" / "lstm").mkdir(parents=True)
+    display = sweep_progress.SweepProgress(tmp_path, [entry], Console(file=io.StringIO(), width=200))
+    display.start(1, 1, ["cpu"])
+    log = {"kind": "log", "epoch": 1, "batch": 400, "epoch_batches": 2983, "step": 400, "ms_per_batch": 700.0}
+    metrics = tmp_path / "points" / "lstm" / "metrics.jsonl"
+    metrics.write_text(json.dumps(log) + "\n")
+    display.update()
+    shown = "epoch 1: 400/2,983 batches, 700 ms/batch, ~30 min left in the epoch"
+    assert f"lstm: {shown}" in display.console.file.getvalue()
+    assert shown in display.progress.tasks[0].fields["running"]
+    epoch = {"kind": "epoch", "epoch": 1, "step": 2983, "val_loss": 5.0, "val_ppl": 148.4}
+    metrics.write_text(json.dumps(log) + "\n" + json.dumps(epoch) + "\n")
+    display.update()
+    assert "lstm: epoch 1 valid ppl 148.40" in display.console.file.getvalue()
+    assert "batches" not in display.progress.tasks[0].fields["running"]  # the epoch ended: its figures instead

@@ -8,6 +8,7 @@ import torch
 
 import fastlm.train.trainer
 from fastlm.config import ModelConfig
+from fastlm.device import SWEEP_THREADS
 from fastlm.model import RNNLM
 from fastlm.train.checkpoint import load_checkpoint
 from fastlm.train.command import resume_config
@@ -105,6 +106,7 @@ def test_a_paused_epoch_keeps_its_training_seconds(tmp_path):
 
 
 def test_a_busy_machine_marks_the_timings_unreliable(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # a run as large as the machine below
     monkeypatch.setattr(fastlm.train.trainer, "machine_load", lambda: (9.5, 2))
     display = quiet_display()
     Trainer(small_config(train={"max_steps": 6}), CORPUS, torch.device("cpu"), display).fit(
@@ -119,6 +121,23 @@ def test_an_idle_machine_does_not(tmp_path, monkeypatch):
     Trainer(small_config(train={"max_steps": 6}), CORPUS, torch.device("cpu"), quiet_display()).fit(
         RunFolder(tmp_path / "run"))
     assert not any("timing_unreliable" in r for r in records(tmp_path / "run", "log"))
+
+
+@pytest.mark.parametrize("load, beside, own", [(2.1, None, 2), (4.4, "2", 4)])
+def test_the_runs_own_threads_are_not_taken_for_other_work(tmp_path, monkeypatch, load, beside, own):
+    """A 2-thread run alone on an idle 2-core machine loads it to about 2 itself; in a sweep, the points beside it
+    (their threads in FASTLM_SWEEP_THREADS) are the sweep's own work too. Neither makes the timings unreliable."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(fastlm.train.trainer, "machine_load", lambda: (load, 2))
+    if beside is None:
+        monkeypatch.delenv(SWEEP_THREADS, raising=False)
+    else:
+        monkeypatch.setenv(SWEEP_THREADS, beside)
+    display = quiet_display()
+    Trainer(small_config(train={"max_steps": 6}), CORPUS, torch.device("cpu"), display).fit(RunFolder(tmp_path / "run"))
+    logs = records(tmp_path / "run", "log")
+    assert logs and all("timing_unreliable" not in r and r["own_threads"] == own for r in logs), logs
+    assert "exceeds its" not in display.console.file.getvalue()
 
 
 @pytest.mark.parametrize("model", [ModelConfig(), ModelConfig(cell="gru", tied=True, nlayers=3),

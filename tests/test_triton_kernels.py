@@ -23,8 +23,8 @@ from fastlm.cells.triton_tiles import (
     heuristic_config,
     interpreter_config,
 )
-from tests.helpers import backend_param
-from tests.test_cells_parity import DEVICE, assert_fp32_parity, build_pair, make_inputs, run
+from tests.helpers import DEVICE, backend_param, build_pair, make_inputs, run
+from tests.tolerances import assert_fp32_parity
 
 TRITON = cells.unavailable_reason("lstm", "triton")
 needs_triton = pytest.mark.skipif(TRITON is not None, reason=f"lstm/triton: {TRITON}")

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from fastlm.train.run_folder import RunFolder, read_records
-from tests.helpers import one_line_error, run_cli
-from tests.test_cli import ROOT, SMALL, toy_data  # noqa: F401  (toy_data is a fixture)
+from tests.helpers import ROOT, SMALL, one_line_error, run_cli
 
 
 def refused(*args) -> str:

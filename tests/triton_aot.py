@@ -8,7 +8,7 @@ Why a process of its own: Triton decides when a function is decorated whether @t
 to compile (JITFunction) or one to interpret (InterpretedFunction, under TRITON_INTERPRET=1, which the test
 session sets on CPU-only machines); only the first can be compiled, and kernels/common.py picks the compiled
 kernels' libdevice math at import. So this script runs without TRITON_INTERPRET, and imports fastlm.kernels
-(never fastlm.cells.triton, which would set it).
+(it never builds the triton backend, which would set it without CUDA).
 
 What is compiled is what the launchers launch, not a hand-made signature: the host code of each layer
 (kernels/lstm.py, kernels/gru.py with their per-step or persistent time loops) runs on CPU tensors while
@@ -246,7 +246,7 @@ def covering_cases() -> list[Case]:
 
 def main(argv: list[str]) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton  # noqa: F401 - before fastlm.cells, which would otherwise set TRITON_INTERPRET
+    import triton  # noqa: F401 - first, so nothing of fastlm's sets TRITON_INTERPRET (cells.triton.choose_interpreter)
 
     print(json.dumps(compile_all(covering_cases(), [int(arch) for arch in argv])))
 

@@ -23,12 +23,14 @@ import torch.nn.functional as F
 
 from fastlm.cells.base import LayerwiseStack
 from fastlm.cells.math import CELL_MATH
+from fastlm.cells.triton import choose_interpreter
 
 CELLS = ("lstm", "gru")  # a benchmark peer of the fused kernels, which implement these two
 
 
 def probe() -> Optional[str]:
     """None when torch.compile can build the step here; else why not. Cheap: compiles nothing."""
+    choose_interpreter()  # torch._dynamo imports triton, fixing how the triton backend's kernels can run
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile (dynamo) does not support this Python/platform"
     if torch.cuda.is_available():

@@ -42,8 +42,9 @@ kernels/common.py has the error argument).
 
 Without CUDA the kernels run through Triton's interpreter on CPU tensors. Triton decides between compiling
 and interpreting when a function is decorated, its own library included, so TRITON_INTERPRET=1 must be
-set before triton is first imported: importing this module (which ``import fastlm.cells`` does) sets it
-on machines without CUDA, unless triton is already loaded, in which case the first build says what to do.
+set before triton is first imported. Importing this module sets nothing: on a machine without CUDA
+``choose_interpreter`` sets it when the backend is first built, or before fastlm code imports torch._dynamo
+(which imports triton); if triton was loaded before that, the first build says what to do.
 The interpreted mode is announced once in the log; it is slow and exists for correctness checks and
 CPU-only machines. It uses the fewest, largest tiles and never TF32.
 Inputs, state and parameters must share one device and one dtype: fp32, fp16, or bf16 (not interpreted).
@@ -81,8 +82,13 @@ AUTO_MAX_BATCH = 64  # "auto" picks the persistent kernels up to this batch size
 AUTO_MAX_HIDDEN = 1024  # ... and this hidden size (see the module docstring)
 GATES = {"lstm": 4, "gru": 3}
 
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # compiled kernels cannot run without CUDA (see module doc)
+def choose_interpreter() -> None:
+    """Without CUDA the kernels can only run through Triton's interpreter, and Triton reads TRITON_INTERPRET when
+    it is imported (see the module docstring): so it is set here, while triton is not loaded yet. Called where
+    the backend is built (``kernels``) and, earlier, by fastlm code about to import torch._dynamo (the compile
+    backend, the example step's compile baseline), which imports triton: after that the choice is made."""
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def probe() -> Optional[str]:
@@ -100,6 +106,7 @@ def kernels() -> SimpleNamespace:
     .grid_barrier, .interpreted; .scratch (kernel name -> the scratch launch the tile tuner times);
     .steps ((cell, variant) -> the forward and backward time-loop functions the layer functions take);
     .compiled_persistent (cell -> compiles that cell's persistent kernels for the co-residency check)."""
+    choose_interpreter()
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -109,8 +116,8 @@ def kernels() -> SimpleNamespace:
     interpreted = isinstance(lstm.lstm_forward_step, InterpretedFunction)
     if not torch.cuda.is_available() and not (interpreted and isinstance(tl.zeros, InterpretedFunction)):
         raise FastlmError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on this "
-                          "machine without CUDA; set TRITON_INTERPRET=1 in the environment (or import fastlm.cells "
-                          "before anything that imports triton)")
+                          "machine without CUDA; set TRITON_INTERPRET=1 in the environment (or build the triton "
+                          "backend before anything that imports triton, such as torch.compile)")
     scratch = {"lstm_forward": lstm.lstm_forward_scratch, "lstm_backward": lstm.lstm_backward_scratch,
                "gru_forward": gru.gru_forward_scratch, "gru_backward": gru.gru_backward_scratch}
     steps = {

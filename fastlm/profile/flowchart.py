@@ -42,7 +42,7 @@ BOX_W, BOX_H = 1.7, 1.0
 STATE, STATE_TEXT = "state", "hidden state\ncarried to the next chunk,\ndetached: BPTT stops here"
 LAYOUT = [
     ("prepare", "prepare\n(load, tokenise)", 0, 0), ("batchify", "batchify", 1, 0), (STATE, STATE_TEXT, 2, 0),
-    (DATA, "data\n(fetch, H2D)", 0, 1), (EMBEDDING, "embedding", 1, 1), (RNN, "RNN", 2, 1),
+    (DATA, "data", 0, 1), (EMBEDDING, "embedding", 1, 1), (RNN, "RNN", 2, 1),
     (DECODER, "decoder", 3, 1), (LOSS, "loss", 4, 1),
     (DECODER_GRAD, "decoder + loss\ngradients", 4, 2), (RNN_GRAD, "RNN gradients\n(BPTT)", 3, 2),
     (EMBEDDING_GRAD, "embedding\ngradients", 2, 2), (CLIP, "clip", 1, 2), (OPTIMIZER, "optimizer", 0, 2),
@@ -80,12 +80,20 @@ def _label(breakdown: dict, key: str, name: str) -> tuple[str, float | None]:
             return name, None
         return (f"{name}\n{timing['ms_per_batch']:,.1f} ms a batch,\n{timing['split_batches']:,} batches "
                 f"≈ {timing['split_seconds_estimate']:,.1f} s"), None
+    if key == DATA:
+        name = f"{name}\n{_data_work(breakdown.get('device'))}"
     if key == DECODER and breakdown.get("step") == "fast" and _entry(breakdown, key).get("share") is not None:
         name = "decoder\n(+ its gradients)"  # the fused loss computes them in forward
     entry = _entry(breakdown, key)
     if entry.get("share") is None:
         return f"{name}\n{'timed as one' if _combined(breakdown) else 'not timed alone'}", None
     return f"{name}\n{100 * entry['share']:.1f}%  {entry['mean_ms']:,.2f} ms", entry["share"]
+
+
+def _data_work(device: str | None) -> str:
+    """What the data phase does: fetch the batch, and on an accelerator copy it there (H2D); a CPU run computes
+    on the batch where it lies, with no copy. A breakdown without its device names both."""
+    return "(fetch)" if device is not None and device.split(":")[0] == "cpu" else "(fetch, H2D)"
 
 
 def _combined(breakdown: dict) -> list[str]:

@@ -52,8 +52,8 @@ def read_json(path: Path) -> dict:
 
 # The numeric fields of metrics.jsonl's records (README, "What a run leaves"): a record in which one holds
 # something else is not one fastlm wrote, and is skipped like a line a crash cut short.
-NUMBERS = ("epoch", "step", "batch", "loss", "ppl", "lr", "ms_per_batch", "tokens_per_s", "val_loss", "val_ppl",
-           "test_loss", "test_ppl", "seconds", "train_seconds", "eval_seconds", "lr_next")
+NUMBERS = ("epoch", "step", "batch", "epoch_batches", "loss", "ppl", "lr", "ms_per_batch", "tokens_per_s", "val_loss",
+           "val_ppl", "test_loss", "test_ppl", "seconds", "train_seconds", "eval_seconds", "lr_next")
 
 
 def _well_formed(record) -> bool:

@@ -161,8 +161,8 @@ def run_notes(runs: list[dict]) -> list[str]:
     notes = []
     unreliable = [run["name"] for run in runs if run["timing_unreliable"]]
     if unreliable:
-        notes.append(f"timings of these runs are unreliable: the machine's load exceeded its cores: "
-                     f"{', '.join(unreliable)}")
+        notes.append(f"timings of these runs are unreliable: other work loaded the machine's cores besides the runs' "
+                     f"own threads: {', '.join(unreliable)}")
     paused = [run["name"] for run in runs if run["status"] == "budget"]
     if paused:
         notes.append(f"paused by their budget (figures up to the pause, where the pause record measured the "

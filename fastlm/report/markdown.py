@@ -174,8 +174,8 @@ def study_lines(report: dict) -> list[str]:
             lines.append(f"The sweep in {sweep['path']} took {sweep['wall_seconds'] / 60:,.1f} minutes of wall time.")
     loads = [run["max_load"] for run in report["runs"] if run.get("max_load") is not None]
     if loads:
-        lines.append(f"The machine's load average reached {max(loads):.1f} while the runs trained (runs whose timings "
-                     f"it made unreliable are named under Conditions).")
+        lines.append(f"The machine's load average reached {max(loads):.1f} while the runs trained, their own threads "
+                     f"included (runs whose timings other work made unreliable are named under Conditions).")
     return lines
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastlm.cells.triton import choose_interpreter
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM, detach_state
 from fastlm.step.base import StepBase
@@ -67,6 +68,7 @@ class CompiledBf16ExampleStep(ExampleStep):
         super().__init__(model, clip, lr, precision="fp32")
         self.precision = "compile-bf16"
         self.device_type = next(model.parameters()).device.type
+        choose_interpreter()  # torch.compile imports triton, fixing how the triton backend's kernels can run
         self.forward_loss = torch.compile(self._forward_loss)
 
     def _forward_loss(self, inputs, state, targets):

@@ -1,9 +1,11 @@
-"""What a user watches while a sweep runs: points done of all, the running points with their epoch and latest
-validation perplexity, and the time left at the rate so far.
+"""What a user watches while a sweep runs: points done of all, the running points with their progress, and the
+time left at the rate so far.
 
 Each point's start, each of its epochs and its end are a printed line (with the seconds since the sweep
-started); on a terminal a progress bar below them counts the points and estimates the time left. The running
-points' figures are read from their metrics.jsonl.
+started); between epochs, a running point's progress (batches of its epoch, ms a batch, the epoch's time left)
+is a printed line at most every PROGRESS_EVERY seconds, so a long first epoch is not silent. On a terminal a
+progress bar below them counts the points, estimates the time left and shows each running point's progress as
+it goes. The running points' figures are read from their metrics.jsonl (its log records, one a --log-interval).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fastlm.report.collect import read_metrics
 
+PROGRESS_EVERY = 60.0  # seconds between two printed progress lines of a point (the bar shows every change)
+
 
 def latest_epoch(records: list[dict]):
     """(epoch, its validation ppl) of the newest epoch or pause record, or None."""
@@ -23,6 +27,35 @@ def latest_epoch(records: list[dict]):
         if record.get("kind") in ("epoch", "pause"):
             return record["epoch"], record["val_ppl"]
     return None
+
+
+def latest_progress(records: list[dict]):
+    """The newest log record of the epoch under way, or None (none yet, or its epoch has ended)."""
+    for record in reversed(records):
+        if record.get("kind") == "log" and None not in (record.get("batch"), record.get("ms_per_batch")):
+            return record
+        if record.get("kind") in ("epoch", "pause"):
+            return None
+    return None
+
+
+def progress_text(record: dict) -> str:
+    """A log record as "epoch 1: 400/2,983 batches, 702 ms/batch, ~30 min left in the epoch"."""
+    done, total, ms = record["batch"], record.get("epoch_batches"), record["ms_per_batch"]
+    if not total:  # a record written before fastlm recorded the epoch's length
+        return f"epoch {record['epoch']}: {done:,} batches, {ms:,.0f} ms/batch"
+    left = max(0, total - done) * ms / 1e3
+    return (f"epoch {record['epoch']}: {done:,}/{total:,} batches, {ms:,.0f} ms/batch, ~{duration(left)} left in the "
+            f"epoch")
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in the unit a person reads them in."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class SweepProgress:
@@ -34,7 +67,8 @@ class SweepProgress:
                                  console=self.console, disable=not self.console.is_terminal)
         self._task = None
         self._shown: dict[str, tuple] = {}  # name -> (status, latest epoch) last printed
-        self._read: dict[Path, tuple] = {}  # metrics.jsonl -> ((size, mtime) when read, its latest epoch)
+        self._progress_shown: dict[str, tuple] = {}  # name -> (step, monotonic time) of its last line
+        self._read: dict[Path, tuple] = {}  # metrics.jsonl -> ((size, mtime) when read, latest epoch, progress)
         self._started = time.monotonic()
 
     def start(self, todo: int, jobs: int, devices: list[str]) -> None:
@@ -47,24 +81,29 @@ class SweepProgress:
     def update(self) -> None:
         running = []
         for entry in self.entries:
-            epoch = self._latest_epoch(self.out / entry["run_dir"]) if entry["status"] == "running" else None
+            epoch = progress = None
             if entry["status"] == "running":
-                running.append(entry["name"] + (f" epoch {epoch[0]} ppl {epoch[1]:.1f}" if epoch else ""))
+                epoch, progress = self._latest(self.out / entry["run_dir"])
+                figures = (progress_text(progress) if progress else
+                           f"epoch {epoch[0]} ppl {epoch[1]:.1f}" if epoch else "")
+                running.append(f"{entry['name']} {figures}".strip())
             self._print_change(entry, epoch)
+            self._print_progress(entry, progress)
         self.progress.update(self._task, completed=self._completed(), running=" | ".join(running))
 
-    def _latest_epoch(self, run_dir: Path):
-        """latest_epoch of a running point, re-read only when its metrics.jsonl changed (this runs 5 times a
-        second; a line the child is still writing is skipped by read_metrics)."""
+    def _latest(self, run_dir: Path) -> tuple:
+        """(latest_epoch, latest_progress) of a running point, re-read only when its metrics.jsonl changed (this
+        runs 5 times a second; a line the child is still writing is skipped by read_metrics)."""
         path = run_dir / "metrics.jsonl"
         try:
             stat = path.stat()
         except FileNotFoundError:
-            return None
+            return None, None
         seen = (stat.st_size, stat.st_mtime_ns)
         if self._read.get(path, (None,))[0] != seen:
-            self._read[path] = (seen, latest_epoch(read_metrics(path)))
-        return self._read[path][1]
+            records = read_metrics(path)
+            self._read[path] = (seen, latest_epoch(records), latest_progress(records))
+        return self._read[path][1:]
 
     def _completed(self) -> int:
         """Points this invocation ran to an end (the bar counts those; earlier ones are not in its total)."""
@@ -79,10 +118,24 @@ class SweepProgress:
         self._shown[entry["name"]] = key
         if entry["status"] == "running" and (before is None or before[0] != "running"):
             line = f"started {entry['name']} on {entry.get('device')}"
+            self._progress_shown[entry["name"]] = (None, time.monotonic())
         elif entry["status"] == "running":
             line = f"  {entry['name']}: epoch {epoch[0]} valid ppl {epoch[1]:.2f}"
         else:
             line = f"{entry['status']} {entry['name']}" + (f": {entry['reason']}" if entry.get("reason") else "")
+        self._print(line)
+
+    def _print_progress(self, entry: dict, progress) -> None:
+        """A line with a running point's newest progress, PROGRESS_EVERY seconds or more after its last line."""
+        if progress is None:
+            return
+        step, at = self._progress_shown.get(entry["name"], (None, self._started))
+        if progress.get("step") == step or time.monotonic() - at < PROGRESS_EVERY:
+            return
+        self._progress_shown[entry["name"]] = (progress.get("step"), time.monotonic())
+        self._print(f"  {entry['name']}: {progress_text(progress)}")
+
+    def _print(self, line: str) -> None:
         elapsed = time.monotonic() - self._started
         self.progress.console.print(f"[{elapsed:6.0f} s] {line}", soft_wrap=True, highlight=False)
 

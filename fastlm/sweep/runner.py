@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fastlm.config import write_toml
+from fastlm.device import SWEEP_THREADS
 from fastlm.report.collect import plain_status, read_json, read_metrics
 from fastlm.train.lock import holder_of
 
@@ -160,10 +161,13 @@ class Runner:
         log = open(run_dir / "train.log", "a", encoding="utf-8")
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
+        # The threads of the points that may run beside this one: its load warning counts them as the sweep's own
+        # work, not other work (a point on a GPU keeps about one CPU thread busy).
+        env = {**os.environ, SWEEP_THREADS: str((self.jobs - 1) * (config.train.threads or 1))}
         try:
             sweep_pid = os.getpid()
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=lambda: _die_with_the_sweep(sweep_pid))
+                                       env=env, preexec_fn=lambda: _die_with_the_sweep(sweep_pid))
         except OSError:
             log.close()
             raise

@@ -142,7 +142,7 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
         raise FastlmError(f"cannot resume {resume_dir}: there is no such folder")
     # One writer per run folder: the process that writes it (rank 0 of several) holds its lock from before it
     # reads anything in it until the run ends.
-    with FolderKeeper(config, resume_dir) as keeper:
+    with FolderKeeper(config, resume_dir, overwrite) as keeper:
         if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
             config, payload, changed = resume_config(Path(resume_dir), overrides or {})
         world, device_choice = SINGLE, config.train.device
@@ -151,14 +151,13 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
         try:
             with collective_errors(world):
                 keeper.share(world)
-                return _train(config, world, device_choice, keeper, resume_dir, payload, changed, overwrite,
-                              onnx_export)
+                return _train(config, world, device_choice, keeper, resume_dir, payload, changed, onnx_export)
         finally:
             leave()
 
 
-def _train(config, world, device_choice, keeper, resume_dir, payload, changed, overwrite, onnx_export) -> int:
-    keeper.check_before_loading(payload is None, overwrite, config.train.save)  # before the corpus loads: at once
+def _train(config, world, device_choice, keeper, resume_dir, payload, changed, onnx_export) -> int:
+    keeper.check_before_loading(payload is None, config.train.save)  # before the corpus loads: at once
     if onnx_export is not None:  # said before training, not after it
         check_exportable(config.model)
     device = resolve_device(device_choice)
@@ -170,11 +169,13 @@ def _train(config, world, device_choice, keeper, resume_dir, payload, changed, o
     trainer = Trainer(config, corpus, device, display, world=world)
     counts = trainer.model.parameter_counts()
     if payload is None:
-        run = keeper.create(overwrite, lambda: {
+        run = keeper.create(lambda: {
             **_facts(trainer, counts),
             "optimizer_ran": describe_optimizer(trainer.step_fn.optimizer, trainer.step_fn.plain_sgd),
             **describe(device)})
         where = f"run folder {run.path}"
+        if config.train.dry_run and not config.train.run_dir:
+            where += " (the dry runs' folder: the next one replaces it)"
     else:
         trainer.restore(payload, Path(resume_dir) / "last.pt")
         if "lr" in changed:  # the lr training continues with, instead of the one it stood at

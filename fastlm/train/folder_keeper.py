@@ -16,20 +16,29 @@ from fastlm.distributed import SINGLE, World, launched_by_torchrun, on_rank_zero
 from fastlm.train.checkpoint import check_writable
 from fastlm.train.lock import FolderLock
 from fastlm.train.progress import TrainDisplay
-from fastlm.train.run_folder import RunFolder, check_free_for_a_new_run, read_config, unique_run_dir
+from fastlm.train.run_folder import (
+    RunFolder,
+    check_free_for_a_new_run,
+    default_run_dir,
+    holds_a_dry_run,
+    read_config,
+)
 
 
 class FolderKeeper:
-    def __init__(self, config: Optional[RunConfig], resume_dir: Optional[str]):
+    def __init__(self, config: Optional[RunConfig], resume_dir: Optional[str], overwrite: bool):
         """Run before joining the other processes (torchrun's environment says which process keeps the folder);
-        ``config`` is None on a resume, whose folder is ``resume_dir``."""
+        ``config`` is None on a resume, whose folder is ``resume_dir``; ``overwrite``: a new run may replace the
+        run its folder holds (--overwrite)."""
         self.world = SINGLE  # until ``share``
         self.path = None  # the keeper's alone until ``share``
+        self.overwrite = overwrite  # the keeper's alone: only the keeper checks and creates the folder
         self._lock = None
         if _keeps_the_run_folder():
-            m = config.model if config is not None else None
-            self.path = resume_dir or config.train.run_dir or unique_run_dir("runs", f"{m.cell}-{m.backend}")
+            self.path = resume_dir or config.train.run_dir or default_run_dir(config)
             self._lock = FolderLock(self.path).acquire()
+            if resume_dir is None and not config.train.run_dir and config.train.dry_run:
+                self.overwrite = overwrite or holds_a_dry_run(self.path)  # the last dry run's: replaced, not piled up
 
     def __enter__(self) -> "FolderKeeper":
         return self
@@ -45,17 +54,17 @@ class FolderKeeper:
         held = self.path
         self.path = on_rank_zero(lambda: str(held), world)
 
-    def check_before_loading(self, new_run: bool, overwrite: bool, save: Optional[str]) -> None:
+    def check_before_loading(self, new_run: bool, save: Optional[str]) -> None:
         """What can be refused at once, before the corpus loads: a new run's folder that holds another run (unless
-        ``overwrite``), a --save path that cannot be written."""
+        it may be overwritten), a --save path that cannot be written."""
         if new_run:
-            on_rank_zero(lambda: check_free_for_a_new_run(self.path, overwrite), self.world)
+            on_rank_zero(lambda: check_free_for_a_new_run(self.path, self.overwrite), self.world)
         if save:
             on_rank_zero(lambda: check_writable(save, "--save"), self.world)
 
-    def create(self, overwrite: bool, description: Callable[[], dict]) -> RunFolder:
+    def create(self, description: Callable[[], dict]) -> RunFolder:
         """A new run's folder, with config.json holding ``description()`` (computed by the keeper alone)."""
-        on_rank_zero(lambda: RunFolder.new(self.path, overwrite).write_config(description()), self.world)
+        on_rank_zero(lambda: RunFolder.new(self.path, self.overwrite).write_config(description()), self.world)
         return RunFolder(self.path, create=self.world.main)
 
     def continue_run(self, checkpoint: dict, resume: dict, description: Callable[[], dict],

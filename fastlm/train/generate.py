@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -10,6 +11,17 @@ from fastlm.config import MAX_SEED
 from fastlm.errors import FastlmError
 from fastlm.train.verify import build_model, open_checkpoint
 
+
+def _check_not_a_missing_best(path) -> None:
+    """A run's best.pt is written when an epoch's validation ends; a run paused or stopped before its first one
+    (a --max-steps or --max-minutes budget, a signal) has only its last.pt. Asked for such a best.pt, say that,
+    rather than only that the file does not exist."""
+    path = Path(path)
+    last = path.with_name("last.pt")
+    if path.name == "best.pt" and not path.exists() and last.is_file():
+        raise FastlmError(f"{path} does not exist yet: best.pt is written when an epoch's validation ends, and this "
+                          f"run stopped before its first one; its latest weights are in {last}: use --checkpoint "
+                          f"{last}, or finish an epoch first with fastlm train --resume {path.parent}")
 
 
 def check_options(words: int, temperature: float, seed: int) -> None:
@@ -24,6 +36,7 @@ def check_options(words: int, temperature: float, seed: int) -> None:
 def generate(path, words: int, temperature: float, seed: int, device: torch.device) -> str:
     """Samples ``words`` words; a newline after every 20th, as the example does."""
     check_options(words, temperature, seed)
+    _check_not_a_missing_best(path)
     checked = open_checkpoint(path, device, copies=2)  # the file's tensors and the model's
     model = build_model(checked, device).eval()
     vocab = checked.vocab

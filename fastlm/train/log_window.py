@@ -25,14 +25,14 @@ class ClosedWindow:
     first_bad: int  # the global step of the first of them, -1 when none
     loss: Optional[float]  # mean over the finite steps; None when every step was non-finite
 
-    def record(self, epoch: int, batch: int, step: int, lr: float, samples: dict) -> dict:
-        """The window's "log" record for metrics.jsonl, at the step that closed it; ``samples``: the phase timer's
-        (ms per phase)."""
+    def record(self, epoch: int, batch: int, epoch_batches: int, step: int, lr: float, samples: dict) -> dict:
+        """The window's "log" record for metrics.jsonl, at the step that closed it (``batch`` of the epoch's
+        ``epoch_batches``); ``samples``: the phase timer's (ms per phase)."""
         phases = {name: _mean(samples.get(name)) for name in (*PHASES, STEP)}
         if ALLREDUCE in samples:  # several processes: the all-reduce that backward waited for (in backward's time)
             phases[ALLREDUCE] = _mean(samples[ALLREDUCE])
-        return {"kind": "log", "epoch": epoch, "batch": batch, "step": step, "loss": self.loss,
-                "ppl": perplexity(self.loss) if self.loss is not None else None, "lr": lr,
+        return {"kind": "log", "epoch": epoch, "batch": batch, "epoch_batches": epoch_batches, "step": step,
+                "loss": self.loss, "ppl": perplexity(self.loss) if self.loss is not None else None, "lr": lr,
                 "ms_per_batch": 1e3 * self.seconds / self.steps, "tokens_per_s": self.tokens / self.seconds,
                 "phases_ms": phases}
 

@@ -73,13 +73,13 @@ class TrainDisplay:
     def message(self, text: str) -> None:
         self.console.print(text, soft_wrap=True)
 
-    def busy_machine(self, load: float, cores: int) -> None:
-        """Says once that the machine is too busy to time (each log record marks it)."""
+    def busy_machine(self, load: float, cores: int, own: int) -> None:
+        """Says once that other work than the run's ``own`` threads is too much to time (each log record marks it)."""
         if not self._warned_busy:
             self._warned_busy = True
-            self.message(f"[bold yellow]warning: the machine's load ({load:.1f}) exceeds its {cores} cores: other "
-                         f"work competes for them, so these timings are unreliable (marked in metrics.jsonl; fewer "
-                         f"--threads may help)[/]")
+            self.message(f"[bold yellow]warning: the machine's load ({load:.1f}) exceeds its {cores} cores, beyond "
+                         f"what this run's own {own} threads put on them: other work competes for the cores, so "
+                         f"these timings are unreliable (marked in metrics.jsonl; fewer --threads may help)[/]")
 
     def skipped(self, bad: int, first_step: int, used: int, allowed: int) -> None:
         self.message(f"[bold yellow]skipped {bad} batch(es) with a non-finite loss or gradients, the first at step "

@@ -22,6 +22,23 @@ from fastlm.errors import FastlmError
 from fastlm.paths import writing
 
 
+def default_run_dir(config, root: str | Path = "runs") -> Path:
+    """Where a run goes without --run-dir: runs/<time>-<cell>-<backend>; a dry run, runs/dry-run-<cell>-<backend>,
+    which the next dry run of that cell and backend replaces (holds_a_dry_run): a check that everything runs
+    is not worth a folder per try."""
+    label = f"{config.model.cell}-{config.model.backend}"
+    return Path(root) / f"dry-run-{label}" if config.train.dry_run else unique_run_dir(root, label)
+
+
+def holds_a_dry_run(path: str | Path) -> bool:
+    """``path``'s config.json is a dry run's (a folder whose config.json is missing or damaged is not)."""
+    try:
+        config = read_config(path)
+    except FastlmError:
+        return False
+    return config is not None and config["train"].get("dry_run") is True
+
+
 def unique_run_dir(root: str | Path, label: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{stamp}-{label}"

@@ -31,7 +31,7 @@ import torch
 from fastlm.cells import check_runs_on
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer
-from fastlm.device import machine_load
+from fastlm.device import crowded, machine_load, own_threads
 from fastlm.distributed import SINGLE, World, broadcast_parameters, on_rank_zero
 from fastlm.errors import FastlmError
 from fastlm.model import RNNLM
@@ -188,12 +188,14 @@ class Trainer:
         if closed.bad:
             self._check_nonfinite(closed.bad, closed.first_bad)
         self.epoch_train_seconds += closed.seconds
-        record = closed.record(self.epoch, self.batches_done, self.global_step, self.step_fn.lr, samples)
+        record = closed.record(self.epoch, self.batches_done, limit, self.global_step, self.step_fn.lr, samples)
         load, cores = machine_load()
-        record.update(load=round(load, 2), cores=cores)
-        if load > cores:
+        # The run's own threads (and its sweep's other points') are in the load too: only the rest is other work.
+        own = own_threads(torch.get_num_threads())
+        record.update(load=round(load, 2), cores=cores, own_threads=own)
+        if crowded(load - own, cores, own):
             record["timing_unreliable"] = True
-            self.display.busy_machine(load, cores)
+            self.display.busy_machine(load, cores, own)
         if self.config.train.skip_nonfinite:
             record.update(skipped=closed.bad, first_skipped_step=closed.first_bad if closed.bad else None,
                           skipped_total=self.skipped_batches)
@@ -238,12 +240,14 @@ class Trainer:
                   "val_ppl": perplexity(val_loss), "seconds": train_seconds + eval_seconds,
                   "train_seconds": train_seconds, "eval_seconds": eval_seconds, "best": improved,
                   "val_noise": self.last_eval_noise}
+        anneal = anneals(self.config.train.lr_rule, val_loss, self.best_val_loss, self.last_eval_noise,
+                         last_epoch_next=self.epoch + 1 == self.config.train.epochs)
         self.epoch, self.batches_done, self.epoch_train_seconds = self.epoch + 1, 0, 0.0
+        if anneal:  # before the checkpoint, so that a resumed run goes on at the lr this one would have
+            self.step_fn.lr /= 4.0
         if improved:
             self.best_val_loss = val_loss
             self.checkpoints.save_best()
-        elif anneals(self.config.train.lr_rule, val_loss, self.best_val_loss, self.last_eval_noise):
-            self.step_fn.lr /= 4.0
         record["lr_next"] = self.step_fn.lr
         self._append_metrics(record)
         self.display.epoch_summary(record)
