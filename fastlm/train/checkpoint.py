@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fastlm.cells.math import CELL_MATH
-from fastlm.distributed import gather_columns, gather_objects, on_rank_zero
+from fastlm.distributed import broadcast_parameters, gather_columns, gather_objects, on_rank_zero
 from fastlm.errors import FastlmError, short
 from fastlm.model import map_state
 from fastlm.step.optimizer import detached_state
@@ -191,7 +191,8 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer_copies: int = 0) -> int:
 
 class Checkpoints:
     """A trainer's checkpoints: what one holds (``payload``) and continuing from one (``restore``), the last good
-    state kept in memory, when ``last`` and ``best`` are saved, and whether the run folder has room for them.
+    state kept in memory, when ``last`` and ``best`` are saved, whether the run folder has room for them, and the
+    best model loaded back for the final test.
 
     With several processes every rank calls each method at the same point (the payload gathers every rank's
     hidden state and random state; rank 0's clock decides when a save is due), and rank 0 writes."""
@@ -218,7 +219,7 @@ class Checkpoints:
                 "config": trainer.config.to_dict(), "vocab": list(trainer.corpus.vocab.idx2word),
                 "vocab_digest": trainer.corpus.vocab.digest(), "epoch": trainer.epoch,
                 "batches_done": trainer.batches_done, "step": trainer.global_step, "lr": trainer.step_fn.lr,
-                "best_val_loss": trainer.best_val_loss, "skipped_batches": trainer.skipped_batches,
+                "best_val_loss": trainer.best_val_loss, "skipped_batches": trainer.nonfinite.skipped,
                 "epoch_train_seconds": trainer.epoch_train_seconds,
                 "hidden": hidden_to_save(hidden),
                 "rng": rng, **ranks}
@@ -235,7 +236,7 @@ class Checkpoints:
         trainer.step_fn.lr = payload["lr"]
         trainer.epoch, trainer.batches_done = payload["epoch"], payload["batches_done"]
         trainer.global_step, trainer.best_val_loss = payload["step"], payload["best_val_loss"]
-        trainer.skipped_batches = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
+        trainer.nonfinite.skipped = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
         trainer.epoch_train_seconds = payload.get("epoch_train_seconds", 0.0)
         hidden = hidden_from_saved(payload["hidden"], trainer.device, trainer.config.model.cell)
         share = trainer.world.columns(trainer.config.data.batch_size)
@@ -265,6 +266,17 @@ class Checkpoints:
     def save_best(self) -> None:
         payload = self.payload()
         on_rank_zero(lambda: save_checkpoint(self.trainer.run.best, payload), self.trainer.world)
+
+    def load_best_model(self) -> None:
+        """The run's best model into the trainer's, for its test: rank 0 reads best.pt, every rank gets it."""
+        trainer = self.trainer
+        if trainer.world.main:
+            trainer.model.load_state_dict(load_checkpoint(trainer.run.best)["model"])
+        broadcast_parameters(trainer.model, trainer.world)
+
+    def copy_best(self, path) -> None:
+        """best.pt, whole, to ``path`` as well (--save)."""
+        on_rank_zero(lambda: save_checkpoint(path, load_checkpoint(self.trainer.run.best)), self.trainer.world)
 
     def save_due(self) -> bool:
         """--save-minutes have passed since the last save: rank 0's clock decides for every rank."""

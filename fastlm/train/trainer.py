@@ -16,7 +16,8 @@ with ``--skip-nonfinite N``, up to N such batches are skipped (the step masks th
 and recorded in the log lines of metrics.jsonl.
 
 The trainer runs the loop and delegates: checkpoints to ``Checkpoints`` (train/checkpoint.py), the steps between
-two log lines to ``LogWindow`` (train/log_window.py), evaluation to ``Evaluator`` (train/evaluation.py), the
+two log lines to ``LogWindow`` (train/log_window.py), non-finite batches to ``NonFiniteBatches``
+(train/nonfinite.py, which raises TrainingDiverged), evaluation to ``Evaluator`` (train/evaluation.py), the
 budget and stop requests to ``Budget`` (train/budget.py), the words a user reads to ``TrainDisplay``.
 """
 
@@ -32,29 +33,25 @@ from fastlm.cells import check_runs_on
 from fastlm.config import RunConfig
 from fastlm.data.batching import BatchStreamer
 from fastlm.device import crowded, machine_load, own_threads
-from fastlm.distributed import SINGLE, World, broadcast_parameters, on_rank_zero
-from fastlm.errors import FastlmError
+from fastlm.distributed import SINGLE, World
 from fastlm.model import RNNLM
 from fastlm.precision import use_precision
 from fastlm.step import make_train_step, run_step
 from fastlm.timing import PhaseTimer
 from fastlm.train.budget import Budget
-from fastlm.train.checkpoint import Checkpoints, load_checkpoint, save_checkpoint
+from fastlm.train.checkpoint import Checkpoints
 from fastlm.train.evaluation import Evaluator
 from fastlm.train.log_window import LogWindow
 from fastlm.train.lr_rule import anneals
+from fastlm.train.nonfinite import NonFiniteBatches, TrainingDiverged
 from fastlm.train.progress import TrainDisplay, perplexity
 from fastlm.train.run_folder import RunFolder
 from fastlm.train.signals import StopRequest
 from fastlm.train.sizing import check_run_fits
 
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged"]  # TrainingDiverged: what fit() raises
+
 DRY_RUN_STEPS = 2  # --dry-run: train and evaluate this many batches of each split, one epoch
-
-
-class TrainingDiverged(FastlmError):
-    """The loss became NaN or infinite; ``last`` holds the last good state."""
-
-    exit_status = 3
 
 
 @dataclass
@@ -73,18 +70,10 @@ class Trainer:
         self.on_step = on_step  # called with (global step, detached loss tensor); for tests and tools
         self.run: Optional[RunFolder] = None  # set by fit(), so bad shapes fail before a folder exists
         self.world = world  # several processes: this one's share of the batch columns (fastlm.distributed)
-        d, t = config.data, config.train
-        columns, eval_columns = world.columns(d.batch_size), world.columns(d.eval_batch_size, "--eval-batch-size")
-        # In memory (BatchStreamer) or streamed from the token cache (TokenFileStream): the same batches.
-        self.train_stream = corpus.batches("train", d.batch_size, d.bptt, device, columns)
-        self.valid_stream = corpus.batches("valid", d.eval_batch_size, d.bptt, device, eval_columns)
-        self.test_stream = corpus.batches("test", d.eval_batch_size, d.bptt, device, eval_columns)
+        t = config.train
+        self.train_stream, self.valid_stream, self.test_stream = _streams_that_fit(config, corpus, device, world)
         # This process's columns:
         self.batch_size, self.eval_batch_size = self.train_stream.column_count, self.valid_stream.column_count
-        # What this process holds: its share of the batch columns.
-        share = RunConfig.from_dict(config.to_dict(), origin="this process's share")
-        share.data.batch_size, share.data.eval_batch_size = self.batch_size, self.eval_batch_size
-        check_run_fits(share, len(corpus.vocab), device)
         use_precision(t.precision)  # the TF32 switches (process-wide); the step does the rest of the precision
         torch.manual_seed(t.seed)
         check_runs_on(config.model.backend, device.type)
@@ -97,11 +86,11 @@ class Trainer:
         self.stop = StopRequest(announce=lambda text: self.display.message(f"[bold yellow]{text}[/]"))
         self.budget = Budget(t, self.stop, world, device)
         self.checkpoints = Checkpoints(self)
+        self.nonfinite = NonFiniteBatches(self)
         # Where training stands: the epoch in progress and how many of its batches are done.
         self.epoch, self.batches_done, self.global_step = 1, 0, 0
         self.best_val_loss: Optional[float] = None
         self.state = None  # hidden state carried between batches of an epoch
-        self.skipped_batches = 0  # non-finite batches skipped so far (--skip-nonfinite)
         self.epoch_train_seconds = 0.0  # spent training the current epoch, across pauses and resumes
         self.last_val_loss: Optional[float] = None  # of the latest epoch end in this process
         self.last_eval_noise: Optional[float] = None  # standard error of the latest evaluation (fastlm.train.lr_rule)
@@ -110,7 +99,7 @@ class Trainer:
         """Continue from a checkpoint (``--resume``)."""
         self.checkpoints.restore(payload, path)
 
-    def _append_metrics(self, record: dict) -> None:
+    def append_metrics(self, record: dict) -> None:
         if self.world.main:
             self.run.append_metrics(record)
 
@@ -152,6 +141,28 @@ class Trainer:
         corpus start (as every epoch of the example does), or before every chunk with --state reset."""
         return self.config.train.state == "reset" or position % len(self.train_stream) == 0
 
+    def fit(self, run: RunFolder) -> TrainResult:
+        self.run = run
+        self.checkpoints.check_room()
+        epochs = 1 if self.config.train.dry_run else self.config.train.epochs
+        pause = test_loss = None
+        with self.stop:
+            while self.epoch <= epochs and not self.budget.stop_requested() and not self.budget.spent(self.global_step):
+                self.train_epoch()
+                if self.budget.stop_requested() or self.batches_done < self._batches_per_epoch():
+                    break  # a signal, or the budget ran out inside the epoch: not an epoch end
+                if not self._end_epoch():
+                    break
+            if self.budget.stop_requested():
+                self.checkpoints.save_last()
+                self.display.stopped(self.epoch, self.batches_done, self.global_step, run.path)
+                test_loss = self.test_best()
+            elif self.epoch <= epochs:
+                pause = self.pause()
+            else:
+                test_loss = self.test_best()
+        return TrainResult(self.best_val_loss, test_loss, self.global_step, self.stop.exit_status, pause)
+
     def train_epoch(self) -> None:
         """Trains the current epoch from ``batches_done`` until its end, the budget, or a stop request."""
         limit = self._batches_per_epoch()
@@ -185,22 +196,12 @@ class Trainer:
         """Closes the window into a log record; a clean window becomes the good state, saved when it is due."""
         samples = self.timer.collect()  # on CUDA this waits for the window's work: the one sync per window
         closed = window.close()
-        if closed.bad:
-            self._check_nonfinite(closed.bad, closed.first_bad)
+        self.nonfinite.check(closed)  # counts skipped batches, or ends the run
         self.epoch_train_seconds += closed.seconds
         record = closed.record(self.epoch, self.batches_done, limit, self.global_step, self.step_fn.lr, samples)
-        load, cores = machine_load()
-        # The run's own threads (and its sweep's other points') are in the load too: only the rest is other work.
-        own = own_threads(torch.get_num_threads())
-        record.update(load=round(load, 2), cores=cores, own_threads=own)
-        if crowded(load - own, cores, own):
-            record["timing_unreliable"] = True
-            self.display.busy_machine(load, cores, own)
-        if self.config.train.skip_nonfinite:
-            record.update(skipped=closed.bad, first_skipped_step=closed.first_bad if closed.bad else None,
-                          skipped_total=self.skipped_batches)
+        record.update(_machine_load_fields(self.display), **self.nonfinite.log_fields(closed))
         self.timer.reset()
-        self._append_metrics(record)
+        self.append_metrics(record)
         self.display.log(record, limit)
         # A window with skipped batches does not refresh the snapshot (nor save it: that would write an older
         # state over a newer last.pt); the next clean window does both.
@@ -208,24 +209,6 @@ class Trainer:
             self.checkpoints.mark_good()
             if self.checkpoints.save_due():
                 self.checkpoints.save_last(self.checkpoints.good)
-
-    def _check_nonfinite(self, bad: int, first_step: int) -> None:
-        """``bad`` steps of the closing window were non-finite: count them as skipped, or stop the run."""
-        allowed = self.config.train.skip_nonfinite
-        self.skipped_batches += bad if allowed else 0
-        if allowed and self.skipped_batches <= allowed:
-            self.display.skipped(bad, first_step, self.skipped_batches, allowed)
-            return
-        good = self.checkpoints.good
-        self.checkpoints.save_last(good)
-        what = (f"the loss or gradients became non-finite at step {first_step}" if not allowed else
-                f"{self.skipped_batches} batches had a non-finite loss or gradients (the latest window's first "
-                f"at step {first_step}), more than --skip-nonfinite {allowed}")
-        message = (f"{what}; training stopped and {self.run.last} holds the last good state (step "
-                   f"{good['step']}): resume from it with a lower lr or clip, e.g. fastlm train --resume "
-                   f"{self.run.path} --lr {good['lr'] / 4:g}")
-        self._append_metrics({"kind": "diverged", "step": first_step, "epoch": self.epoch, "message": message})
-        raise TrainingDiverged(message)
 
     def _end_epoch(self) -> bool:
         """Validation and the example's bookkeeping; False when a stop request cut validation short."""
@@ -249,32 +232,10 @@ class Trainer:
             self.best_val_loss = val_loss
             self.checkpoints.save_best()
         record["lr_next"] = self.step_fn.lr
-        self._append_metrics(record)
+        self.append_metrics(record)
         self.display.epoch_summary(record)
         self.checkpoints.save_last()
         return True
-
-    def fit(self, run: RunFolder) -> TrainResult:
-        self.run = run
-        self.checkpoints.check_room()
-        epochs = 1 if self.config.train.dry_run else self.config.train.epochs
-        pause = test_loss = None
-        with self.stop:
-            while self.epoch <= epochs and not self.budget.stop_requested() and not self.budget.spent(self.global_step):
-                self.train_epoch()
-                if self.budget.stop_requested() or self.batches_done < self._batches_per_epoch():
-                    break  # a signal, or the budget ran out inside the epoch: not an epoch end
-                if not self._end_epoch():
-                    break
-            if self.budget.stop_requested():
-                self.checkpoints.save_last()
-                self.display.stopped(self.epoch, self.batches_done, self.global_step, run.path)
-                test_loss = self.test_best()
-            elif self.epoch <= epochs:
-                pause = self.pause()
-            else:
-                test_loss = self.test_best()
-        return TrainResult(self.best_val_loss, test_loss, self.global_step, self.stop.exit_status, pause)
 
     def pause(self) -> Optional[dict]:
         """The budget ran out before training ended: save ``last`` where the run stands, then report the
@@ -294,7 +255,7 @@ class Trainer:
         record = {"kind": "pause", "epoch": self.epoch, "batch": self.batches_done, "step": self.global_step,
                   "lr": self.step_fn.lr, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
                   "test_loss": test_loss, "test_ppl": perplexity(test_loss)}
-        self._append_metrics(record)
+        self.append_metrics(record)
         self.display.paused(record, self.run.path)
         return record
 
@@ -303,13 +264,39 @@ class Trainer:
         if self.best_val_loss is None:  # no validation yet in this run: no best model of its own to test
             self.display.message("no best model yet (no epoch finished its validation): nothing to test")
             return None
-        if self.world.main:
-            self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
-        broadcast_parameters(self.model, self.world)  # rank 0 read the best model: all ranks test it
+        self.checkpoints.load_best_model()
         test_loss = self.evaluate(self.test_stream, "test", interruptible=False)  # after a stop too; a 2nd signal exits
-        self._append_metrics({"kind": "test", "test_loss": test_loss, "test_ppl": perplexity(test_loss),
-                              "step": self.global_step})
+        self.append_metrics({"kind": "test", "test_loss": test_loss, "test_ppl": perplexity(test_loss),
+                             "step": self.global_step})
         self.display.tested(test_loss)
         if self.config.train.save:
-            on_rank_zero(lambda: save_checkpoint(self.config.train.save, load_checkpoint(self.run.best)), self.world)
+            self.checkpoints.copy_best(self.config.train.save)
         return test_loss
+
+
+def _machine_load_fields(display: TrainDisplay) -> dict:
+    """A log record's load fields. Where other work competes for the cores the record marks its timings unreliable
+    (and the display says so once)."""
+    load, cores = machine_load()
+    # The run's own threads (and its sweep's other points') are in the load too: only the rest is other work.
+    own = own_threads(torch.get_num_threads())
+    fields = {"load": round(load, 2), "cores": cores, "own_threads": own}
+    if crowded(load - own, cores, own):
+        fields["timing_unreliable"] = True
+        display.busy_machine(load, cores, own)
+    return fields
+
+
+def _streams_that_fit(config: RunConfig, corpus, device: torch.device, world: World) -> tuple:
+    """The train, valid and test splits' batches of this process's share of the columns, in memory
+    (BatchStreamer) or streamed from the token cache (TokenFileStream): the same batches. Refused, before the model
+    is built, when what this process holds cannot fit in the device's memory (train/sizing.py)."""
+    d = config.data
+    columns, eval_columns = world.columns(d.batch_size), world.columns(d.eval_batch_size, "--eval-batch-size")
+    streams = (corpus.batches("train", d.batch_size, d.bptt, device, columns),
+               corpus.batches("valid", d.eval_batch_size, d.bptt, device, eval_columns),
+               corpus.batches("test", d.eval_batch_size, d.bptt, device, eval_columns))
+    share = RunConfig.from_dict(config.to_dict(), origin="this process's share")
+    share.data.batch_size, share.data.eval_batch_size = streams[0].column_count, streams[1].column_count
+    check_run_fits(share, len(corpus.vocab), device)
+    return streams
