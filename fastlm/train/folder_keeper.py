@@ -4,6 +4,8 @@ One process, or rank 0 of a torchrun launch, keeps the folder: it takes the fold
 it and holds it until the run ends, and it does the folder's work while the run is set up. The other ranks
 learn the folder's path from it, and the outcome of each step or its error (fastlm.distributed.on_rank_zero),
 at the same points. This is the one place where `fastlm train` threads rank 0's work through the ranks.
+Without --run-dir the keeper picks the folder (run_folder.default_run_dir); a dry run there replaces the
+previous dry run's folder as if --overwrite were given, and nothing else.
 """
 
 from __future__ import annotations
