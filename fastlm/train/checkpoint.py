@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists: beyond the 
 and learning rate, the position in the data (epoch, batches done), the hidden state carried between
 batches, the best validation loss, the RNG states (so dropout masks repeat), the configuration and the
 vocabulary (with its digest, to refuse a checkpoint trained on other data). The helpers below put those
-pieces into a checkpoint and back.
+pieces into a checkpoint and back; ``Checkpoints`` does it for a trainer, and decides when its run saves.
 
 A checkpoint is loaded with ``torch.load(weights_only=True)`` only: a file that carries a pickled object
 (which could run code) is refused, never executed. Writes go to a temporary file in the same folder,
@@ -16,14 +16,19 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from fastlm.cells.math import CELL_MATH
-from fastlm.errors import FastlmError
+from fastlm.distributed import broadcast_parameters, gather_columns, gather_objects, on_rank_zero
+from fastlm.errors import FastlmError, short
 from fastlm.model import map_state
+from fastlm.step.optimizer import detached_state
+from fastlm.step.optimizer import load_state as load_optimizer_state
 
 FORMAT = "fastlm-checkpoint"
 VERSION = 1
@@ -45,7 +50,6 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 def _why_a_write_failed(path: Path) -> str:
     import resource
-    import shutil
 
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if soft != resource.RLIM_INFINITY:
@@ -181,3 +185,114 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer_copies: int = 0) -> int:
     """About how large one checkpoint of this model is: weights, and ``optimizer_copies`` more of them for the
     optimizer's per-parameter state (AdamW's two moments; SGD keeps none)."""
     return (1 + optimizer_copies) * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- a run's
+
+class Checkpoints:
+    """A trainer's checkpoints: what one holds (``payload``) and continuing from one (``restore``), the last good
+    state kept in memory, when ``last`` and ``best`` are saved, whether the run folder has room for them, and the
+    best model loaded back for the final test.
+
+    With several processes every rank calls each method at the same point (the payload gathers every rank's
+    hidden state and random state; rank 0's clock decides when a save is due), and rank 0 writes."""
+
+    def __init__(self, trainer):
+        # The trainer, read at each call: its model, step, run folder and where training stands.
+        self.trainer = trainer
+        self.good: dict | None = None  # snapshot at the latest log window without a non-finite step
+        self._last_save = time.monotonic()
+
+    def payload(self, copy: bool = False) -> dict:
+        """The checkpoint of the current state; ``copy`` detaches it from tensors training will update."""
+        trainer = self.trainer
+        model, optimizer = trainer.model.state_dict(), trainer.step_fn.optimizer.state_dict()
+        if copy:  # AdamW's moments too: the optimizer goes on updating them in place
+            model = {name: tensor.detach().clone() for name, tensor in model.items()}
+            optimizer = detached_state(optimizer)
+        hidden = trainer.state
+        if trainer.world.size > 1 and hidden is not None:  # the whole batch's state: every rank's columns
+            hidden = map_state(lambda s: gather_columns(s, trainer.world), hidden)
+        rng = rng_state()
+        ranks = {"rng_ranks": gather_objects(rng, trainer.world)} if trainer.world.size > 1 else {}
+        return {"model": model, "optimizer": optimizer,
+                "config": trainer.config.to_dict(), "vocab": list(trainer.corpus.vocab.idx2word),
+                "vocab_digest": trainer.corpus.vocab.digest(), "epoch": trainer.epoch,
+                "batches_done": trainer.batches_done, "step": trainer.global_step, "lr": trainer.step_fn.lr,
+                "best_val_loss": trainer.best_val_loss, "skipped_batches": trainer.nonfinite.skipped,
+                "epoch_train_seconds": trainer.epoch_train_seconds,
+                "hidden": hidden_to_save(hidden),
+                "rng": rng, **ranks}
+
+    def restore(self, payload: dict, path) -> None:
+        """Continue from a checkpoint written by ``payload`` (``--resume``)."""
+        trainer = self.trainer
+        check_vocabulary(payload, trainer.corpus, path)
+        try:
+            trainer.model.load_state_dict(payload["model"])
+            load_optimizer_state(trainer.step_fn.optimizer, payload["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise FastlmError(f"checkpoint {path} does not fit this model: {short(e)}") from None
+        trainer.step_fn.lr = payload["lr"]
+        trainer.epoch, trainer.batches_done = payload["epoch"], payload["batches_done"]
+        trainer.global_step, trainer.best_val_loss = payload["step"], payload["best_val_loss"]
+        trainer.nonfinite.skipped = payload.get("skipped_batches", 0)  # absent before --skip-nonfinite existed
+        trainer.epoch_train_seconds = payload.get("epoch_train_seconds", 0.0)
+        hidden = hidden_from_saved(payload["hidden"], trainer.device, trainer.config.model.cell)
+        share = trainer.world.columns(trainer.config.data.batch_size)
+        trainer.state = map_state(lambda s: s[:, share].contiguous(), hidden) if hidden is not None else None
+        ranks = payload.get("rng_ranks") or [payload["rng"]]
+        if len(ranks) == trainer.world.size:
+            set_rng_state(ranks[trainer.world.rank])
+        else:  # the batches and weights go on exactly; dropout draws do not
+            set_rng_state(ranks[0])
+            if trainer.world.rank:
+                torch.manual_seed(trainer.config.train.seed + trainer.world.rank + payload["step"])
+            trainer.display.message(f"[bold yellow]note: {path} was written by {len(ranks)} process(es) and this "
+                                    f"run has {trainer.world.size}: training goes on from the same state, but with "
+                                    f"other dropout masks than an uninterrupted run would draw[/]")
+
+    def mark_good(self) -> None:
+        """The current state is good (an epoch starts from a validated or restored state; a log window had no
+        non-finite step): keep a copy, which ``last`` becomes if training diverges later."""
+        self.good = self.payload(copy=True)
+
+    def save_last(self, payload: dict | None = None) -> None:
+        """Saves ``last``: ``payload``, or the current state."""
+        payload = payload or self.payload()
+        on_rank_zero(lambda: save_checkpoint(self.trainer.run.last, payload), self.trainer.world)
+        self._last_save = time.monotonic()
+
+    def save_best(self) -> None:
+        payload = self.payload()
+        on_rank_zero(lambda: save_checkpoint(self.trainer.run.best, payload), self.trainer.world)
+
+    def load_best_model(self) -> None:
+        """The run's best model into the trainer's, for its test: rank 0 reads best.pt, every rank gets it."""
+        trainer = self.trainer
+        if trainer.world.main:
+            trainer.model.load_state_dict(load_checkpoint(trainer.run.best)["model"])
+        broadcast_parameters(trainer.model, trainer.world)
+
+    def copy_best(self, path) -> None:
+        """best.pt, whole, to ``path`` as well (--save)."""
+        on_rank_zero(lambda: save_checkpoint(path, load_checkpoint(self.trainer.run.best)), self.trainer.world)
+
+    def save_due(self) -> bool:
+        """--save-minutes have passed since the last save: rank 0's clock decides for every rank."""
+        minutes = self.trainer.config.train.save_minutes
+        return on_rank_zero(lambda: time.monotonic() - self._last_save >= 60 * minutes, self.trainer.world)
+
+    def check_room(self) -> None:
+        on_rank_zero(self._check_room_here, self.trainer.world)  # rank 0 writes; every rank hears if it cannot
+
+    def _check_room_here(self) -> None:
+        trainer = self.trainer
+        # best + last + the temporary file of a write, less the checkpoints already there (a resume replaces them)
+        moments = 2 if trainer.config.train.optimizer == "adamw" else 0  # AdamW's exp_avg and exp_avg_sq
+        there = sum(path.is_file() for path in (trainer.run.best, trainer.run.last))
+        needed = (3 - there) * checkpoint_bytes(trainer.model, moments)
+        free = shutil.disk_usage(trainer.run.path).free
+        if free < needed:
+            raise FastlmError(f"run folder {trainer.run.path} has {free / 2**20:.0f} MiB free but checkpoints "
+                              f"need about {needed / 2**20:.0f} MiB; free some space or choose another --run-dir")

@@ -19,31 +19,14 @@ from fastlm.cells import runs_as
 from fastlm.config import RunConfig
 from fastlm.data import resolve_corpus
 from fastlm.device import describe, device_notes, resolve_device, use_threads
-from fastlm.distributed import (
-    SINGLE,
-    collective_errors,
-    first_on_each_machine,
-    join,
-    launched_by_torchrun,
-    leave,
-    on_rank_zero,
-)
+from fastlm.distributed import SINGLE, collective_errors, first_on_each_machine, join, launched_by_torchrun, leave
 from fastlm.errors import FastlmError
 from fastlm.step import precision_line
 from fastlm.step.optimizer import describe as describe_optimizer
-from fastlm.train.checkpoint import check_writable
-from fastlm.train.lock import FolderLock
+from fastlm.train.folder_keeper import FolderKeeper
 from fastlm.train.onnx_export import check_exportable, export_run
 from fastlm.train.progress import TrainDisplay
-from fastlm.train.run_folder import (
-    RunFolder,
-    check_free_for_a_new_run,
-    default_run_dir,
-    final_test_recorded,
-    holds_a_dry_run,
-    never_saved,
-    read_config,
-)
+from fastlm.train.run_folder import RunFolder, final_test_recorded, never_saved, read_config
 from fastlm.train.trainer import Trainer
 from fastlm.train.verify import check_matches, check_resumable, open_checkpoint
 
@@ -155,18 +138,11 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
     the exit status (0, or 130/143 after SIGINT/SIGTERM). ``onnx_export``: also write the run's best model there
     as ONNX at the end (fastlm.train.onnx_export)."""
     payload = changed = None
-    lock = None
     if resume_dir is not None and not Path(resume_dir).is_dir():
         raise FastlmError(f"cannot resume {resume_dir}: there is no such folder")
     # One writer per run folder: the process that writes it (rank 0 of several) holds its lock from before it
     # reads anything in it until the run ends.
-    run_dir = None
-    if _writes_the_run_folder():
-        run_dir = resume_dir or config.train.run_dir or default_run_dir(config)
-        lock = FolderLock(run_dir).acquire()
-        if resume_dir is None and not config.train.run_dir and config.train.dry_run:
-            overwrite = overwrite or holds_a_dry_run(run_dir)  # the last dry run's: replaced, not piled up
-    try:
+    with FolderKeeper(config, resume_dir, overwrite) as keeper:
         if resume_dir is not None:  # every rank reads the run's last.pt: the run folder must be on a shared disk
             config, payload, changed = resume_config(Path(resume_dir), overrides or {})
         world, device_choice = SINGLE, config.train.device
@@ -174,28 +150,14 @@ def run_training(config: RunConfig, resume_dir: str | None = None, overrides: di
             world, device_choice = join(device_choice, config.train.dist_timeout)
         try:
             with collective_errors(world):
-                return _train(config, world, device_choice, run_dir, resume_dir, payload, changed, overwrite,
-                              onnx_export)
+                keeper.share(world)
+                return _train(config, world, device_choice, keeper, resume_dir, payload, changed, onnx_export)
         finally:
             leave()
-    finally:
-        if lock is not None:
-            lock.release()
 
 
-def _writes_the_run_folder() -> bool:
-    """One process, or rank 0 of a torchrun launch (read from torchrun's environment, before joining)."""
-    return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
-
-
-def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, overwrite, onnx_export) -> int:
-    m = config.model
-    held = run_dir  # rank 0's (it holds the folder's lock); the others learn it here
-    run_dir = on_rank_zero(lambda: str(held), world)
-    if payload is None:  # before the corpus loads: say so at once
-        on_rank_zero(lambda: check_free_for_a_new_run(run_dir, overwrite), world)
-    if config.train.save:
-        on_rank_zero(lambda: check_writable(config.train.save, "--save"), world)
+def _train(config, world, device_choice, keeper, resume_dir, payload, changed, onnx_export) -> int:
+    keeper.check_before_loading(payload is None, config.train.save)  # before the corpus loads: at once
     if onnx_export is not None:  # said before training, not after it
         check_exportable(config.model)
     device = resolve_device(device_choice)
@@ -207,15 +169,10 @@ def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, 
     trainer = Trainer(config, corpus, device, display, world=world)
     counts = trainer.model.parameter_counts()
     if payload is None:
-        def new_folder():
-            folder = RunFolder.new(run_dir, overwrite)
-            folder.write_config({**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                                 "data_mode_used": corpus.mode, "parameters": counts, "processes": world.size,
-                                 "optimizer_ran": describe_optimizer(trainer.step_fn.optimizer,
-                                                                     trainer.step_fn.plain_sgd),
-                                 **describe(device)})
-        on_rank_zero(new_folder, world)
-        run = RunFolder(run_dir, create=world.main)
+        run = keeper.create(lambda: {
+            **_facts(trainer, counts),
+            "optimizer_ran": describe_optimizer(trainer.step_fn.optimizer, trainer.step_fn.plain_sgd),
+            **describe(device)})
         where = f"run folder {run.path}"
         if config.train.dry_run and not config.train.run_dir:
             where += " (the dry runs' folder: the next one replaces it)"
@@ -223,25 +180,32 @@ def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, 
         trainer.restore(payload, Path(resume_dir) / "last.pt")
         if "lr" in changed:  # the lr training continues with, instead of the one it stood at
             trainer.step_fn.lr = config.train.lr
-        run = RunFolder(run_dir, create=world.main)
-        if world.main:
-            rebuilt = None
-            if read_config(run_dir) is None:  # lost: rebuilt from last.pt and this machine, as a new run writes it
-                rebuilt = {**config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
-                           "data_mode_used": corpus.mode, "parameters": counts, "processes": world.size,
-                           **describe(device), "rebuilt_from": "last.pt"}
-                display.message(f"[bold yellow]{run_dir}/config.json was missing: rebuilt from last.pt[/]")
-            run.remove_partial_writes()  # this process holds the folder: a temporary file is a killed write's
-            # What the run wrote after last.pt (before a kill) is written again from here on: no duplicates.
-            run.drop_records_after(payload["epoch"], payload["step"])
-            run.record_resume({"kind": "resume", "epoch": trainer.epoch, "batch": trainer.batches_done,
-                               "step": trainer.global_step, "changed": changed, "processes": world.size},
-                              rebuilt=rebuilt)
+        resume = {"kind": "resume", "epoch": trainer.epoch, "batch": trainer.batches_done,
+                  "step": trainer.global_step, "changed": changed, "processes": world.size}
+        run = keeper.continue_run(payload, resume, lambda: {**_facts(trainer, counts), **describe(device)}, display)
         where = (f"resuming epoch {trainer.epoch} after {trainer.batches_done} batches (step {trainer.global_step})"
                  + "".join(f" | {name} {old} -> {new}" for name, (old, new) in changed.items()))
-    for note in device_notes(device, device_choice, config.train.cuda_graphs):
+    _print_header(trainer, device_choice, counts, where)
+    with display:
+        result = trainer.fit(run)
+    if onnx_export is not None and world.main:
+        _export_best(run, onnx_export, display)
+    display.message(f"run folder: {run.path}")
+    return result.exit_status
+
+
+def _facts(trainer: Trainer, counts: dict) -> dict:
+    """What config.json holds besides the configuration: the data the run read, its model's size, its processes."""
+    corpus = trainer.corpus
+    return {**trainer.config.to_dict(), "data_source": corpus.source, "vocab_size": len(corpus.vocab),
+            "data_mode_used": corpus.mode, "parameters": counts, "processes": trainer.world.size}
+
+
+def _print_header(trainer: Trainer, device_choice: str, counts: dict, where: str) -> None:
+    display, device, corpus, m = trainer.display, trainer.device, trainer.corpus, trainer.config.model
+    for note in device_notes(device, device_choice, trainer.config.train.cuda_graphs):
         display.message(note)
-    processes = f" x {world.size} processes" if world.size > 1 else ""
+    processes = f" x {trainer.world.size} processes" if trainer.world.size > 1 else ""
     display.message(f"fastlm train | {m.cell} {m.nlayers}x{m.nhid} | {m.backend}: {runs_as(m.backend, device.type)} | "
                     f"{device}{processes} | {corpus.source} ({len(corpus.vocab):,} words, {corpus.mode}) | {where}")
     display.message(optimizer_line(trainer.step_fn))
@@ -249,16 +213,14 @@ def _train(config, world, device_choice, run_dir, resume_dir, payload, changed, 
                     f"{counts['recurrent']:,}, decoder {counts['decoder']:,}"
                     f"{', its weight tied to the embedding' if m.tied else ''})")
     display.message(precision_line(trainer.step_fn))
-    with display:
-        result = trainer.fit(run)
-    if onnx_export is not None and world.main:
-        if run.best.is_file():
-            export_run(run.path, onnx_export)
-            display.message(f"best model exported to {onnx_export} (ONNX)")
-        else:
-            display.message("no best model yet (no epoch finished its validation): nothing exported to ONNX")
-    display.message(f"run folder: {run.path}")
-    return result.exit_status
+
+
+def _export_best(run: RunFolder, onnx_export: str, display: TrainDisplay) -> None:
+    if run.best.is_file():
+        export_run(run.path, onnx_export)
+        display.message(f"best model exported to {onnx_export} (ONNX)")
+    else:
+        display.message("no best model yet (no epoch finished its validation): nothing exported to ONNX")
 
 
 def optimizer_line(step_fn) -> str:

@@ -25,6 +25,7 @@ class TrainDisplay:
             TextColumn("{task.fields[figures]}"), TimeRemainingColumn(),
             console=self.console, disable=not self.console.is_terminal, transient=True)
         self._task = None
+        self._warned_busy = False
 
     def __enter__(self):
         self.progress.__enter__()
@@ -71,3 +72,30 @@ class TrainDisplay:
 
     def message(self, text: str) -> None:
         self.console.print(text, soft_wrap=True)
+
+    def busy_machine(self, load: float, cores: int, own: int) -> None:
+        """Says once that other work than the run's ``own`` threads is too much to time (each log record marks it)."""
+        if not self._warned_busy:
+            self._warned_busy = True
+            self.message(f"[bold yellow]warning: the machine's load ({load:.1f}) exceeds its {cores} cores, beyond "
+                         f"what this run's own {own} threads put on them: other work competes for the cores, so "
+                         f"these timings are unreliable (marked in metrics.jsonl; fewer --threads may help)[/]")
+
+    def skipped(self, bad: int, first_step: int, used: int, allowed: int) -> None:
+        self.message(f"[bold yellow]skipped {bad} batch(es) with a non-finite loss or gradients, the first at step "
+                     f"{first_step} ({used} of --skip-nonfinite {allowed} used)[/]")
+
+    def stopped(self, epoch: int, batches: int, step: int, run_path) -> None:
+        self.message(f"[bold yellow]stopped at epoch {epoch}, {batches} batches in (step {step}); 'last' saved: "
+                     f"continue with --resume {run_path}[/]")
+
+    def paused(self, record: dict, run_path) -> None:
+        """The budget ran out: the "pause" record, and how to go on."""
+        self.message(f"[bold]paused at epoch {record['epoch']}, batch {record['batch']} (step {record['step']}): "
+                     f"the --max-steps/--max-minutes budget is spent | current weights: valid ppl "
+                     f"{record['val_ppl']:8.2f} | test ppl {record['test_ppl']:8.2f}[/]")
+        self.message(f"'last' saved: continue with fastlm train --resume {run_path} (and a new --max-steps or "
+                     f"--max-minutes)")
+
+    def tested(self, test_loss: float) -> None:
+        self.message(f"[bold]End of training | test loss {test_loss:5.2f} | test ppl {perplexity(test_loss):8.2f}[/]")
