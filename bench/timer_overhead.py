@@ -80,11 +80,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="rounds, each one window per mode (20)")
     parser.add_argument("--steps-per-round", type=int, default=1, help="steps per window (1)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch's default)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = config_from_args(args)
+    config = config_from_args(args)  # --threads is a train flag: the config's field
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
     device = resolve_device(config.train.device)
     cuda = device.type == "cuda"
     corpus = resolve_corpus(config.data.data)
