@@ -35,7 +35,7 @@ class CMakeBuild(build_ext):
             raise FileNotFoundError("cmake not found")
         build = Path(tempfile.mkdtemp(prefix="fastlm-cmake-"))
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                        f"-DPython3_EXECUTABLE={sys.executable}", "-DFASTLM_NATIVE_KERNELS=OFF"],
+                        f"-DPython3_EXECUTABLE={sys.executable}"],
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run([cmake, "--build", str(build), "--target", name, "-j", "2"], check=True,
                        stdout=subprocess.DEVNULL)
