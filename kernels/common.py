@@ -2,42 +2,16 @@
 the pointwise math.
 
 Importing this module imports triton: only fastlm.kernels.launch does so (through the kernel modules), after
-deciding whether the kernels run compiled (CUDA) or through the interpreter (TRITON_INTERPRET=1, CPU
-tensors). The tile sizes the kernels take (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) are chosen by
-fastlm.kernels.tiles.
-
+deciding whether the kernels run compiled (CUDA) or interpreted (TRITON_INTERPRET=1, CPU tensors). The tile
+sizes (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) come from fastlm.kernels.tiles.
 Names inside kernels: p_x is a pointer (or a block of pointers) into buffer x, b_x a block of values the
 program holds (loaded, or computed from loaded ones), acc_x an fp32 accumulator block; offsets, index vectors
 and masks (rows, cols, unit, gate, mask) are plain. Elementwise helpers (sigmoid, tanh, exp) take any x.
-
-Sequence buffers and offsets. The step kernels take whole-sequence buffers ([T, B, X], row-major) and the
-step index t, so every launch of a sequence passes the same tensors and only t changes (slicing per step
-costs more host time than the launch). The row of step t starts at t * B * X elements, computed in int64:
-at T = 35, B = 64, H = 1500 the largest such offset is 35 * 64 * 6000 = 13.4e6, far below 2**31, but
-T * B * 4H passes 2**31 at sizes a user can ask for (T = 2048, B = 256, H = 1024), and one int64 multiply
-per program and launch costs nothing. Offsets inside a step (< B * 4H) and inside W_hh (< 4H * H) stay
-int32; ``check_offsets`` refuses shapes where those would not fit.
-
-Pointwise precision. Compiled, tl.sigmoid is ex2.approx.f32(x * log2(e)) and div.full.f32 (checked in the
-PTX): the rounding of x * log2(e) alone gives a relative error of about |x| * 6e-8, plus 2 ulp each for
-ex2.approx and div.full, and tanh as 2 * sigmoid(2x) - 1 doubles all of it. That is ~1e-6 per activation
-at |x| ~ 5-10, fixed by the input and not known to average out over the T * B rows of a weight-gradient
-sum. So compiled kernels use libdevice's expf and tanhf (at most 2 ulp each over the whole range, like
-torch's CUDA sigmoid and tanh) and IEEE division (div_rn: the PTX has div.rn.f32 and no div.full) in
-sigmoid = 1 / (1 + e^-x), written with e = exp(-|x|) so that nothing overflows:
-    sigmoid: exp's 2 ulp (times 1 / (1 + e) <= 1) + 0.5 ulp (1 + e) + 0.5 ulp (division) <= 3 ulp,
-             3.6e-7 relative;  tanh: <= 2 ulp, 2.4e-7 relative.
-torch's reference differs by at most the sum of both sides' errors, about 6e-7 per activation (absolute,
-activations lie in [-1, 1]). That is 16x below the parity bound of 1e-5 (relative to the largest
-magnitude of each compared tensor), so what remains is what every backend shares: the summation order of
-fp32 dot products (K = H forward, 4H or 3H backward, and the T * B-row weight-gradient GEMMs), whose
-errors have random signs and grow like sqrt(K) * 6e-8 (~1.5e-6 at K = 650) and, through a contracting
-recurrence, roughly like sqrt(T) over time. Expected at H = 650, 3 layers, T = 35: a few 1e-6, within
-1e-5 (tests/test_triton_kernels.py checks it on a GPU). Triton links libdevice in flush-to-zero mode by
-default: results below 1.2e-38 become 0, an absolute error that small.
-Triton's interpreter cannot call libdevice (extern calls raise), and there numpy's float32 exp (about an
-ulp) and division (IEEE) are accurate already, so interpreted kernels get tl.exp and a tanh built from it;
-which pair is used is decided once, at import, from how triton wrapped this module's functions.
+The step kernels take whole-sequence buffers ([T, B, X], row-major) and the step index t; the row of step t
+starts at t * B * X elements, computed in int64, while offsets inside a step (< B * 4H) and inside W_hh
+(< 4H * H) are int32 and ``check_offsets`` refuses shapes where they would not fit. Compiled kernels take
+exp and tanh from libdevice and divide with IEEE rounding; interpreted ones use tl.exp (chosen at import).
+Numerics: docs/semantics.md, "The Triton kernels: what rounds where and why the grid barrier holds".
 """
 
 import numpy as np
@@ -93,7 +67,8 @@ def _tanh_interpreted(x):
     return tl.where(x >= 0, t, -t)
 
 
-# The interpreter cannot run libdevice; compiled kernels need it for accuracy (see the module docstring).
+# The interpreter cannot run libdevice; compiled kernels need it for accuracy (docs/semantics.md, "Pointwise
+# activations").
 INTERPRETED = isinstance(mma, InterpretedFunction)
 
 
@@ -206,7 +181,7 @@ def row_block(p_a, a_row_stride, rows, B, H, A_CACHE: tl.constexpr, BLOCK_K: tl.
 
 def check_offsets(B: int, H: int, gates: int) -> None:
     """Raises ValueError when offsets inside one step ([B, gates*H]) or inside W_hh ([gates*H, H]) would
-    not fit the int32 arithmetic the kernels use for them (see the module docstring)."""
+    not fit the int32 arithmetic the kernels use for them (docs/semantics.md, "Offsets")."""
     if max(B, H) * gates * H >= 2**31:
         raise ValueError(f"the Triton step kernels index one step's [{B}, {gates * H}] rows and W_hh "
                          f"[{gates * H}, {H}] with int32 offsets; this shape needs more than 2**31")

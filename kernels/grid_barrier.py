@@ -1,64 +1,18 @@
-"""The grid-wide barrier of the persistent kernels, and the launch-time check that makes it safe.
+"""The grid-wide barrier of the persistent kernels, and the launch-time checks that make it safe.
 
-A persistent kernel walks all T steps of a layer in one launch; its programs each own some hidden units and
-exchange h (forward) or dL/dpre (backward) through global memory between steps, so step t+1 may start only
-when every program has written step t. ``step_barrier`` is that separation.
-
-Protocol (``grid_sync``). ``p_sync`` points at SYNC_WORDS int32 words, zeroed by the host before each
-launch (``barrier_buffer``): word 0 counts arrivals, word 1 is set when a wait timed out. Barrier number e
-(0-based: the one after the kernel's (e+1)-th step) is complete when word 0 reaches (e + 1) * P, P the
-number of programs. The counter only grows, so no reset or sense reversal is needed between barriers: a
-program that passed barrier e and arrives early at e+1 only raises the count beyond what the others of
-barrier e wait for (>= (e + 1) * P). Buffers are whole-sequence (every step writes its own rows, and the
-only in-place state, dc or dhz, belongs to one program), so the barrier only has to order writes of step t
-before reads of step t+1; there is no write-after-read hazard to guard.
-
-Memory ordering (PTX memory model; the scheme of CUDA's cooperative-groups grid sync):
-  1. tl.debug_barrier() (bar.sync): every thread of the program has issued its stores of the step; they
-     precede, in causality order, what the program's one atomic-issuing thread does next.
-  2. arrive: atomic_add(word 0, 1, sem="acq_rel", scope="gpu"). Release: cumulative, it publishes the
-     program's stores of the step to the whole GPU before its increment. Acquire: the last program to arrive
-     does not poll, so its arrival must be what synchronizes it with the others.
-  3. wait: poll with atomic_add(word 0, 0, sem="acquire", scope="gpu") (an atomic read: Triton 3.6 has
-     no tl.atomic_load) until the count reaches the target. Every arrival is a read-modify-write, so the
-     count's modification order is one release sequence per arrival and a read of the final count
-     synchronizes with all of them.
-  4. tl.debug_barrier() again: no thread of the program loads step t's data before the acquire.
-Triton executes an atomic on a scalar pointer once per program (one thread, result broadcast through
-shared memory), which is what makes the count a count of programs. Loads of data written by other
-programs in the same launch use cache_modifier=".cg" (L2, not the SM's own L1, which is not coherent
-across SMs): the acquire already orders them, so this is insurance, and it costs nothing, since data
-another SM wrote is never usefully in this SM's L1. Atomics are side effects neither Triton nor LLVM moves
-loads or stores across; the kernels are launched with num_stages=1 so that no software pipelining
-prefetches the next step's operands above a barrier. (Compiled for sm_90 with Triton 3.6 and 3.9, the PTX
-has bar.sync; one thread's atom.global.gpu.acq_rel.add; a poll loop of ld.global.gpu.acquire, which is
-what Triton makes of an acquire atomic_add of 0; bar.sync; then ld.global.cg for the exchanged rows.)
-
-Co-residency. A program spinning in the barrier occupies its SM until the others arrive, so the barrier is
-only valid when all P programs are resident at once; a program that never got an SM would hang the launch.
-The kernels run at most one program per SM, and the caller (fastlm.kernels.launch) checks at launch that
-P <= the SM count (torch.cuda.get_device_properties(...).multi_processor_count; ``grid_reason``) and that
-one program's registers and shared memory, read from the compiled kernel, fit an SM (``resources_reason``;
-the limits from ``device_limits``); otherwise it falls back to the per-step kernels and records why. The
-launch itself is cooperative where Triton offers it (``launch_options``), so that should the check ever be
-wrong, the driver refuses the launch instead of starting programs that wait for others. The same checks run
-in CI on kernels compiled ahead of time for a 132-SM sm_90 and a 108-SM sm_80 part (tests/test_triton_aot.py).
-Kernels on other streams (NCCL's in data-parallel training) can delay our programs' start, never prevent
-it, unless they themselves wait on this launch.
-
-Timeout. A wait gives up after BARRIER_POLLS polls (2^24, each an L2 round trip and two CTA barriers: a few
-seconds, within the GPU check's smoke part). A cooperative launch starts every program at once, so a sound
-wait lasts about one step of the slowest program, microseconds; the bound is for a broken one, whose error
-must come before a time limit kills the process and the message with it. A wait that gives up sets word 1,
-and the program runs on without waiting at its later barriers (its results are void already; waiting again
-would only multiply the delay by T). ``check_barrier``, enqueued after the launch, turns a set word 1 into a device-side assert
-(asynchronous: no host sync), so a broken co-residency assumption ends as a CUDA error instead of a hung
-process or silently wrong numbers.
-
-Under TRITON_INTERPRET=1 programs run one after another, so a grid of more than one program would wait
-forever in its first barrier: the interpreter runs the persistent kernels in single-program mode only
-(SINGLE_PROGRAM: one program owns every hidden unit, and a step ends with a CTA barrier, no atomics). A
-grid of one program with SINGLE_PROGRAM off runs the barrier code itself (it passes at once).
+Programs of a persistent kernel each own some hidden units and exchange h (forward) or dL/dpre (backward)
+through global memory, so step t+1 may start only when every program has written step t: ``step_barrier``.
+Protocol (``grid_sync``): ``p_sync`` points at SYNC_WORDS int32 words, zeroed by the host before each launch
+(``barrier_buffer``): word 0 counts arrivals and only grows, word 1 is set when a wait timed out. Barrier e
+(0-based: the one after the kernel's (e+1)-th step) is complete when word 0 reaches (e + 1) * P, P programs.
+A program arrives with an acq_rel atomic add after a CTA barrier, then waits with acquire polls and a CTA
+barrier; rows other programs wrote are loaded with cache_modifier=".cg", and launches use num_stages=1.
+All P programs must be resident at once: fastlm.kernels.launch checks P <= the SM count (``grid_reason``) and
+one program's resources (``resources_reason``, ``device_limits``), else runs the per-step kernels, and launches
+cooperatively where Triton can (``launch_options``). A wait gives up after BARRIER_POLLS polls and sets word 1,
+which ``check_barrier``, enqueued after the launch, turns into a device-side assert. The interpreter runs
+programs one after another, so there the kernels run one program (SINGLE_PROGRAM: no atomics).
+Memory ordering, co-residency, timeout: docs/semantics.md, "The Triton kernels: ...", "The grid barrier".
 """
 
 import functools
@@ -76,7 +30,8 @@ BARRIER_POLLS = tl.constexpr(1 << 24)
 @triton.jit
 def grid_sync(p_sync, barrier, patience):
     """Waits until every program of the grid has arrived at barrier number ``barrier`` (0-based), polling at
-    most ``patience`` times; see the module docstring for the protocol and its memory ordering.
+    most ``patience`` times; the protocol is in the module docstring, its memory ordering in docs/semantics.md
+    ("The grid barrier").
     p_sync: [SYNC_WORDS] int32. Returns the patience of the program's next wait: ``patience`` when this
     one completed; else 0, after setting the timeout word (the launch's results are void then, and waiting
     again would only delay the error ``check_barrier`` raises)."""

@@ -1,34 +1,18 @@
 """How a layer call of the Triton kernels runs: compiled or interpreted, which variant, which tiles.
 
-fastlm.kernels.gru and lstm (kernels/gru_layer.py, kernels/lstm_layer.py) ask ``plan_layer`` for the time
-loops of each call. Compiled or interpreted: Triton decides it when a function is decorated, its own library
-included, so TRITON_INTERPRET=1 must be set before triton is first imported. No import sets it:
-fastlm.kernels.choose_interpreter does, without CUDA, where the kernels are first loaded (``kernel_modules``:
-the first call of an op, the first build of the triton backend), or earlier where fastlm code is about to
-import torch._dynamo (which imports triton); if triton was loaded before that, the first load says what to
-do. The interpreted mode (slow; for correctness checks and CPU-only machines) is announced once in the log,
-uses the fewest, largest tiles and never TF32, and computes in numpy, so without bf16.
-
-Variants (``choose_variant``), decided at each call from the shape and the machine:
-- "per-step": T fused step kernels (kernels/<cell>_step.py), each launch passing the same whole-sequence
-  tensors and the step index t, so a launch costs Triton's launcher and no tensor slicing.
-- "persistent": one launch per layer and direction walks all T steps (kernels/<cell>_persistent.py); its
-  programs exchange h (dL/dpre backward) through global memory behind a grid barrier (grid_barrier.py), valid
-  only while all are resident at once. Taken wherever it can run: always interpreted (one program, no
-  barrier); compiled, when the grid is co-resident (at most one program per SM, and one program's registers
-  and shared memory, read from the compiled kernel, fit an SM), else per-step, with the reason recorded.
-- "auto" (the default): per-step interpreted (programs run one after another there: one launch per sequence
-  saves nothing); compiled, persistent when B <= AUTO_MAX_BATCH and H <= AUTO_MAX_HIDDEN, where per-step
-  launches cost as much as a step's arithmetic, and the grid is co-resident; else per-step. Not measured on a
-  GPU yet: an expectation. H <= 1024 also keeps the grid at 64 programs or fewer, half an H100's SMs, leaving
-  room for kernels on other streams (NCCL's, in data-parallel training).
-The co-residency verdict (which compiles the persistent kernels without launching them) is remembered per
-shape, dtype, TF32 flag and device, so CUDA-graph capture after an eager warm-up compiles nothing.
-
-Tiles (fastlm.kernels.tiles): each per-step kernel gets the tiles that ran fastest when timed once per
-(kernel, B, H, dtype, TF32) on this GPU, remembered on disk; a heuristic under CUDA-graph capture, with
-FASTLM_TRITON_TUNE=0 or interpreted; the persistent kernels a fixed rule; ``tiles=`` overrides both. fp32
-GEMM tiles use TF32 when torch.backends.cuda.matmul.allow_tf32 is set, read at every call.
+fastlm.kernels.gru and lstm (kernels/gru_layer.py, kernels/lstm_layer.py) ask ``plan_layer`` for each call's
+time loops. Triton fixes compiled or interpreted when a function is decorated, its own library included, so
+TRITON_INTERPRET=1 must be set before triton is first imported: fastlm.kernels.choose_interpreter sets it,
+without CUDA, where the kernels are first loaded (``kernel_modules``) or before fastlm code imports
+torch._dynamo (which imports triton); if triton was loaded earlier, the first load says what to do.
+Interpreted (slow; announced once in the log): fewest, largest tiles, never TF32, numpy, so no bf16.
+Variants (``choose_variant``), per call: "per-step", T step kernels (kernels/<cell>_step.py); "persistent",
+one launch per layer and direction (kernels/<cell>_persistent.py), always when interpreted (one program),
+compiled when the grid is co-resident, else per-step with the reason recorded; "auto" (default), persistent
+when compiled, B <= AUTO_MAX_BATCH, H <= AUTO_MAX_HIDDEN and co-resident, else per-step. Co-residency verdicts
+(compiled, not launched) are kept per shape, dtype, TF32 flag and device, so CUDA-graph capture after an eager
+warm-up compiles nothing. Tiles: fastlm.kernels.tiles (``tiles=`` overrides); fp32 tiles use TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set, read at every call.
 """
 
 import contextlib
@@ -55,8 +39,12 @@ from fastlm.kernels.tiles import (
 
 log = logging.getLogger(__name__)
 
+# Where "auto" picks the persistent kernels (compiled only: the interpreter runs programs one after another, so
+# one launch per sequence saves nothing there). At these sizes per-step launches are expected to cost as much as
+# a step's arithmetic. H <= 1024 also keeps the grid at 64 programs or fewer, half an H100's SMs, leaving room
+# for kernels on other streams (NCCL's, in data-parallel training).
 AUTO_MAX_BATCH = 64  # "auto" picks the persistent kernels up to this batch size ...
-AUTO_MAX_HIDDEN = 1024  # ... and this hidden size (see the module docstring)
+AUTO_MAX_HIDDEN = 1024  # ... and this hidden size
 GATES = {"lstm": 4, "gru": 3}
 
 

@@ -1,39 +1,18 @@
 """LSTM layer in Triton, persistent variant: the whole sequence in one launch forward and one backward.
 
 Same math, parameter layout, buffers and saved tensors as kernels/lstm_step.py (whose tile functions these
-kernels call: ``lstm_recurrent_chunks``, ``lstm_cell_update``, ``lstm_gate_gradients``), and the same host
-side: kernels/lstm_layer.py runs ``lstm_forward_persistent_steps`` / ``lstm_backward_persistent_steps`` from
-here as its time loop when this variant is chosen. What changes is who walks time: not the
-host, launching one kernel per step, but each program of one launch, looping over t.
-
-Work split. The grid is P programs (``config`` is a fastlm.kernels.tiles.PersistentConfig, which
-chooses P, the tiles and the mode; the rules are documented there). Program p owns the hidden blocks
-p, p + P, p + 2P, ... of BLOCK_H units each: all four gates of those units, for every batch row (batch
-blocks of BLOCK_B rows, looped inside), so the cell update stays local to the program as in the per-step
-kernels. Multi-program launches give each program exactly one block (P = cdiv(H, BLOCK_H), at most one
-program per SM); single-program mode (P = 1) loops over every block inside the step.
-
-Exchange. Step t needs all of h_{t-1} (forward) or all of dL/dpre_{t+1} (backward), which P programs
-wrote; they are read from the whole-sequence output buffers after the grid barrier that ends each step
-(kernels/grid_barrier.py: protocol, memory ordering, why every program must be resident, timeout).
-
-W_hh on chip (RESIDENT). When BLOCK_K >= H, one K tile covers the whole reduction: the program loads its
-four [BLOCK_K, BLOCK_H] gate slices of W_hh once, before the time loop, and keeps them for all T steps
-instead of re-reading them from L2 every step (compiled for sm_90, Triton stages these loop-invariant dot
-operands in shared memory: 40-96 KiB a program at the sizes the rule admits). Valid only when each program
-owns one hidden block (P = cdiv(H, BLOCK_H)). Otherwise the slices are re-read each step in BLOCK_K chunks,
-from L2 (W_hh is a few MB at most at these sizes). When to be resident is the size rule of
-fastlm.kernels.tiles (tensor-core products, slices <= 64 KiB, the step's h operand <= 32 KiB). Forward
-slices are columns of W_hh^T ([H, 4H], gate q at columns q*H + units), backward slices rows of W_hh
-([4H, H], gate q at rows q*H + k, the program's units as columns).
-
-State. c (backward: dc) goes through its global buffer as in the per-step kernels, each program reading
-back only the units it wrote; single-program mode, whose blocks change within a step, could not keep it in
-registers, and one code path serves both modes.
-
-Modes are constexprs: SINGLE_PROGRAM (no atomics; what runs under TRITON_INTERPRET=1, where programs run one
-after another and a barrier between two of them could never complete) and RESIDENT. Compiled launches use
-num_stages=1 (see grid_barrier.py). Names: p_ pointers, b_ blocks (common.py).
+kernels call), and the same host side: kernels/lstm_layer.py runs ``lstm_forward_persistent_steps`` /
+``lstm_backward_persistent_steps`` as its time loop when this variant is chosen; each program walks t.
+P programs (``config``, a fastlm.kernels.tiles.PersistentConfig, chooses P, the tiles and the mode): program p
+owns hidden blocks p, p + P, ... of BLOCK_H units, all four gates of them for every batch row (BLOCK_B rows at
+a time), so the cell update stays local. Multi-program: one block each (P = cdiv(H, BLOCK_H), at most one
+program per SM); single-program mode (P = 1) loops over every block. Step t reads all of h_{t-1} (forward) or
+dL/dpre_{t+1} (backward) from the whole-sequence outputs after the grid barrier that ends each step
+(kernels/grid_barrier.py); c (dc) goes through its global buffer, each program reading back its own units.
+RESIDENT (BLOCK_K >= H, one block per program): the program loads its four [BLOCK_K, BLOCK_H] W_hh slices once
+(forward: columns q*H + units of W_hh^T; backward: rows q*H + k of W_hh, its units as columns), else re-reads
+them each step in BLOCK_K chunks. SINGLE_PROGRAM (no atomics; the interpreter's mode) and RESIDENT are
+constexprs; launches use num_stages=1. Why: docs/semantics.md, "Tiles: the persistent rule and the per-step tuner".
 """
 
 import torch

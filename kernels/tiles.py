@@ -1,46 +1,18 @@
-"""Tile sizes of the Triton step kernels: a heuristic default, and a one-time tuning pass on the GPU.
+"""Tile sizes of the Triton kernels: per-step, a heuristic default and a one-time tuning pass on the GPU;
+persistent, a fixed rule.
 
-Each step kernel (LSTM / GRU, forward / backward) runs a grid of (batch tile, hidden tile) programs; a
-``LaunchConfig`` says how large the tiles are, how long the reduction chunk is and how many warps a
-program gets. The best one depends on the GPU and the shape: at B = 20, H = 200 the heuristic's tiles make
-13 programs on a 132-SM part. So, per key (kernel, B, H, dtype, TF32), the first call on a GPU times each
-of a few ``candidates`` on scratch buffers of the real shape (``time_launch``; each new candidate costs a
-compile, ~1 s, once per machine thanks to Triton's own cache) and keeps the fastest:
-- in this process, and
-- on disk, in ``<cache dir>/triton-tiles/<device name>, triton <version>.json`` (slugged; the cache dir is
-  fastlm.data.cache.default_cache_dir(): $FASTLM_CACHE_DIR, else $XDG_CACHE_HOME/fastlm, else
-  ~/.cache/fastlm). The file is replaced atomically; an unreadable one is ignored with a one-line warning
-  and overwritten by the next tuning.
-The heuristic default (``heuristic_config``) is used instead, and nothing is timed, when
-- the kernels run in Triton's interpreter (CPU): ``interpreter_config``, the fewest and largest tiles,
-  since the interpreter runs programs one after another;
-- FASTLM_TRITON_TUNE=0 is set;
-- a CUDA graph is being captured on the current stream and the key is neither chosen in this process nor
-  in the cache file (timing launches and synchronises); so a graph captured after eager warm-up, or on a
-  machine that tuned before, gets the tuned tiles;
-- every candidate failed (each failure is logged, e.g. a tile that needs more shared memory than the GPU has).
-Tiles change speed, not the math: every candidate runs the same kernel (sums may round differently in the
-last bits where tensor cores split them differently).
-Why not triton.autotune: it times with host syncs, which CUDA-graph capture forbids (here: the heuristic
-then, and the disk cache for later processes), counts launch costs a captured step never pays, and a switch
-could not be tested without a GPU; so this tuner stays.
-
-The persistent kernels (kernels/lstm_persistent.py) take a ``PersistentConfig`` from ``persistent_config``:
-a fixed rule, not tuned (tuning would time whole-sequence launches; worth it once the rule has been measured
-on a GPU, which it has not yet). Compiled: one program per 16 hidden units (tl.dot's smallest tile, so as
-many SMs as the size allows), the batch in one tile up to 64 rows, and each program keeps its W_hh gate
-slices on chip (RESIDENT, one K tile of the next power of two >= H) when the products run on tensor cores
-(bf16 / fp16, or fp32 with TF32 allowed) and both
-    gates * K_pad * 16 * element bytes <= RESIDENT_WEIGHT_BYTES (64 KiB: a quarter of an SM's registers) and
-    BLOCK_B * K_pad * element bytes     <= RESIDENT_ROWS_BYTES   (32 KiB: the h operand of a step),
-else re-reads them every step in K chunks of 32 (fp32) or 64 (16-bit) elements. Exact fp32 always streams:
-Triton computes an IEEE fp32 tl.dot with FMAs, and over a K tile of 64 or more ptxas puts kilobytes per
-thread in local memory (seen compiling for sm_90 with Triton 3.6 and 3.9, the per-step kernel at
-BLOCK_K >= 64 too), where K chunks of 32 compile without. TF32: resident up to H = 256 with B <= 32 (the
-example's 2x200 at B = 20); bf16: up to H = 512 with B <= 32, 256 with B <= 64. Resident programs get
-8 warps (W_hh slices take 64 registers a thread), streaming ones 4. Interpreted: one program (single-program
-mode) with the interpreter's tiles. Tiles forced by the caller (``tiles=`` of fastlm.kernels.gru and lstm,
-``TritonStack.launch_config``) give the persistent kernels their tiles too; the grid and mode then follow.
+A ``LaunchConfig`` gives a kernel's tiles (BLOCK_B, BLOCK_H), reduction chunk (BLOCK_K) and warps. Per
+``TileKey`` the first call on a GPU times a few ``candidates`` on scratch buffers of the real shape
+(``time_launch``) and keeps the fastest, in this process and in ``<cache dir>/triton-tiles/<device name>,
+triton <version>.json`` (slugged; fastlm.data.cache.default_cache_dir()), replaced atomically; an unreadable
+file is ignored with a one-line warning and overwritten. Nothing is timed when interpreted (then
+``interpreter_config``), and ``heuristic_config`` serves with FASTLM_TRITON_TUNE=0, under CUDA-graph capture
+for a key neither chosen in this process nor cached, or when every candidate failed (each failure is logged).
+``persistent_config``: compiled, one program per PERSISTENT_BLOCK_H hidden units, the batch in one tile up to
+64 rows, W_hh resident (``persistent_tiles``: one K tile, 8 warps) when the products use tensor cores and the
+slices and the h operand fit RESIDENT_WEIGHT_BYTES and RESIDENT_ROWS_BYTES, else K chunks of 32 (fp32) or 64
+(16-bit), 4 warps; interpreted, one program. Tiles the caller forces (``tiles=`` of fastlm.kernels.gru and
+lstm, ``TritonStack.launch_config``) serve both. Why: docs/semantics.md, "The Triton kernels: ...".
 """
 
 from __future__ import annotations
@@ -70,7 +42,9 @@ KERNELS = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
 
 
 PERSISTENT_BLOCK_H = 16  # hidden units per persistent program: tl.dot's smallest N, the most programs
-RESIDENT_WEIGHT_BYTES = 64 * 1024  # W_hh slices a persistent program may keep on chip (see the module docstring)
+# The two bounds of the resident rule (``persistent_tiles``); their reasons: docs/semantics.md, "Tiles: the
+# persistent rule and the per-step tuner".
+RESIDENT_WEIGHT_BYTES = 64 * 1024  # W_hh slices a persistent program may keep on chip: a quarter of an SM's registers
 RESIDENT_ROWS_BYTES = 32 * 1024  # the [BLOCK_B, K_pad] operand each of its steps multiplies them with
 
 
