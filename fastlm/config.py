@@ -46,7 +46,7 @@ OPTIMIZERS = ("sgd", "adamw")
 VARIANTS = ("per-step", "persistent", "auto")
 # When the lr is annealed (fastlm.train.lr_rule says why; kept here too so that reading a config imports no torch).
 LR_RULES = ("example", "noise", "noise-final")
-# How a corpus is held (fastlm.data.data_modes says what each does; kept here so that a config imports no torch).
+# How a corpus is held (fastlm.data.sources says what each does; kept here so that a config imports no torch).
 DATA_MODES = ("auto", "memory", "stream")
 DECODERS = ("full", "adaptive")
 STEPS = ("fast", "example")

@@ -118,7 +118,7 @@ def barrier_state(like: torch.Tensor, config, steps: int):
 def check_barrier(sync: torch.Tensor) -> None:
     """Enqueues a device-side assert that no barrier wait of the launch timed out (no host sync on CUDA)."""
     torch._assert_async(sync[1] == 0, "persistent Triton kernel: a grid barrier timed out; its programs were not "
-                                      "all resident at once (see fastlm/kernels/grid_barrier.py)")
+                                      "all resident at once (see docs/semantics.md, 'The grid barrier')")
 
 
 @functools.cache

@@ -19,8 +19,6 @@ import torch
 
 from fastlm.cells.base import LayerwiseStack
 from fastlm.config import VARIANTS
-# Only the package: importing fastlm.cells (which imports this) loads no kernel module; building a stack does.
-from fastlm.kernels import choose_interpreter
 
 if TYPE_CHECKING:
     from fastlm.kernels.tiles import LaunchConfig

@@ -220,13 +220,23 @@ class IdFileWriter:
             self._file.close()  # the caller discards the half-written file
 
 
+def read_npy_header(file) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of the .npy file open at its start, leaving ``file`` at the data; ValueError if it is
+    not a .npy file of a format version read here. Each caller checks what it accepts."""
+    version = np.lib.format.read_magic(file)
+    if version not in _READ_HEADER:
+        raise ValueError(f"format version {version} is not read here")
+    shape, _, dtype = _READ_HEADER[version](file)
+    return shape, dtype
+
+
 def id_count(path: Path) -> int:
     """How many ids the .npy at ``path`` holds; ValueError unless it is a whole, non-empty 1-D int64 array."""
     with open(path, "rb") as file:
-        version = np.lib.format.read_magic(file)
-        if version not in _READ_HEADER:
-            raise ValueError(f"{Path(path).name} has .npy format version {version}, which is not read here")
-        shape, _, dtype = _READ_HEADER[version](file)
+        try:
+            shape, dtype = read_npy_header(file)
+        except ValueError as error:
+            raise ValueError(f"{Path(path).name}: {error}") from None
         if dtype != ID_DTYPE or len(shape) != 1 or shape[0] == 0:
             raise ValueError(f"{Path(path).name} holds {dtype} {shape}, not a non-empty 1-D int64 array")
         expected = file.tell() + shape[0] * ID_DTYPE.itemsize

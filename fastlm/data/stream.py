@@ -233,12 +233,8 @@ class TokenFileStream:
 
 def _map_npy(file, path: Path):
     """(mmap, 1-D integer array viewing it, byte offset of the data) for a .npy file; FastlmError if not one."""
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
-        version = np.lib.format.read_magic(file)
-        if version not in read_header:
-            raise ValueError(f"format version {version} is not supported here")
-        shape, _, dtype = read_header[version](file)
+        shape, dtype = cache.read_npy_header(file)
     except ValueError as error:
         raise FastlmError(f"{path} is not a .npy file of token ids ({error})") from None
     if len(shape) != 1 or not np.issubdtype(dtype, np.integer) or shape[0] == 0:
