@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastlm.device as device
 import fastlm.model.cpu_kernels as cpu_kernels
 import fastlm.model.loss_chunks as loss_chunks
 from fastlm.model.fused_loss import linear_cross_entropy
@@ -102,6 +103,66 @@ def test_bf16_fused_loss_native_and_twin_agree(monkeypatch):
         torch.testing.assert_close(a, b, rtol=2.0 ** -7, atol=2.0 ** -8 * b.abs().max().item())
 
 
+needs_gemm = pytest.mark.skipif(cpu_kernels.native_gemm_reason() is not None,
+                                reason=f"native GEMM not run here: {cpu_kernels.native_gemm_reason()}")
+GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (9, 33, 17), (37, 64, 200), (130, 3, 48), (700, 1001, 200), (64, 700, 33)]
+
+
+def _operand(rows, columns, transposed, generator):
+    """A bf16 [rows, columns] operand, row-major or a transposed view of a column-major one."""
+    if transposed:
+        return torch.randn(columns, rows, generator=generator).bfloat16().t()
+    return torch.randn(rows, columns, generator=generator).bfloat16()
+
+
+@needs_gemm
+@pytest.mark.parametrize("m, k, n", GEMM_SHAPES)
+@pytest.mark.parametrize("a_transposed, b_transposed", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_native_gemm_is_the_exact_products_summed_in_fp32(m, k, n, a_transposed, b_transposed, accumulate):
+    """Odd k (a last half pair), n not a multiple of 16, m not of 8, both operand layouts the fused loss passes
+    (dh: rows contiguous; dW: the transposed gradient), and accumulation into C."""
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a, b = _operand(m, k, a_transposed, g), _operand(k, n, b_transposed, g)
+    start = torch.randn(m, n, generator=g)
+    out = start.clone()
+    cpu_kernels.gemm_f32_out(a, b, out, accumulate=accumulate)
+    exact = a.double() @ b.double() + (start.double() if accumulate else 0)
+    # fp32 sums of exact products: within k fp32 roundings of the sum of magnitudes, never a bf16 rounding
+    magnitude = a.double().abs() @ b.double().abs() + (start.double().abs() if accumulate else 0)
+    assert ((out.double() - exact).abs() <= 2.0 ** -24 * (k + 2) * magnitude + 1e-30).all()
+
+
+@needs_gemm
+def test_native_gemm_writes_only_its_columns_of_a_wider_output():
+    a, b = torch.randn(20, 30).bfloat16(), torch.randn(30, 10).bfloat16()
+    wide = torch.full((20, 16), 7.0)
+    cpu_kernels.gemm_f32_out(a, b, wide[:, :10])
+    torch.testing.assert_close(wide[:, :10], a.float() @ b.float(), rtol=1e-5, atol=1e-5)
+    assert (wide[:, 10:] == 7.0).all()
+
+
+def test_gemm_without_the_native_kernel_is_torchs_fp32_gemm_on_the_bf16_operands(monkeypatch):
+    """The fallback (no AVX512-BF16, no build): the same products and sums, by torch's fp32 GEMM."""
+    monkeypatch.setattr(cpu_kernels, "native_gemm_reason", lambda: "not here")
+    a, b = torch.randn(37, 301).bfloat16(), torch.randn(301, 45).bfloat16()
+    out = torch.ones(37, 45)
+    cpu_kernels.gemm_f32_out(a, b, out, accumulate=True)
+    torch.testing.assert_close(out, torch.ones(37, 45).addmm_(a.float(), b.float()), rtol=0, atol=0)
+    cpu_kernels.gemm_f32_out(a, b, out)
+    torch.testing.assert_close(out, a.float() @ b.float(), rtol=0, atol=0)
+
+
+def test_native_gemm_reason_names_what_is_missing(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
+    cpu_kernels._load.cache_clear()
+    try:
+        assert "FASTLM_NATIVE_CPU=0" in cpu_kernels.native_gemm_reason()
+    finally:
+        monkeypatch.delenv(cpu_kernels.DISABLE_VARIABLE)
+        cpu_kernels._load.cache_clear()
+
+
 def test_a_missing_kernel_says_why(monkeypatch):
     monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
     cpu_kernels._load.cache_clear()
@@ -116,6 +177,7 @@ def test_a_missing_kernel_says_why(monkeypatch):
 
 def test_the_tuner_keeps_the_fastest_split_and_remembers_it_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
+    monkeypatch.setattr(device, "competing_load", lambda threads: None)
     timings = {Chunking(128, None): 0.001}  # the fastest; every other candidate sleeps longer
 
     def measure(chunking):
@@ -134,6 +196,20 @@ def test_the_tuner_keeps_the_fastest_split_and_remembers_it_on_disk(tmp_path, mo
     assert again == chosen and calls == []
 
 
+def test_a_split_timed_under_load_is_used_but_not_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
+    monkeypatch.setattr(device, "competing_load", lambda threads: "the machine's load average is 9.0")
+    calls = []
+    tuner = ChunkTuner(tmp_path)
+    chosen = tuner.choose(torch.device("cpu"), 700, 200, 33_278, torch.bfloat16, calls.append)
+    timed = len(calls)
+    assert timed > 0 and not tuner.cache_file().exists()
+    assert tuner.choose(torch.device("cpu"), 700, 200, 33_278, torch.bfloat16, calls.append) == chosen
+    assert len(calls) == timed  # this process keeps its choice
+    ChunkTuner(tmp_path).choose(torch.device("cpu"), 700, 200, 33_278, torch.bfloat16, calls.append)
+    assert len(calls) == 2 * timed  # the next process times the candidates again
+
+
 def test_the_tuner_leaves_small_shapes_evaluation_and_cuda_on_the_heuristic(tmp_path, monkeypatch):
     monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
     tuner, calls = ChunkTuner(tmp_path), []
@@ -148,6 +224,7 @@ def test_the_tuner_leaves_small_shapes_evaluation_and_cuda_on_the_heuristic(tmp_
 
 def test_an_unreadable_tuning_file_is_tuned_again(tmp_path, monkeypatch):
     monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
+    monkeypatch.setattr(device, "competing_load", lambda threads: None)
     tuner = ChunkTuner(tmp_path)
     tuner.cache_file().parent.mkdir(parents=True)
     tuner.cache_file().write_text("{not json")
