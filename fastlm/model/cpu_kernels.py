@@ -1,9 +1,11 @@
-"""The native CPU loss kernel (kernels/cpu/softmax_xent.cpp, built by `pip install` through CMakeLists.txt).
+"""The native CPU kernels (kernels/cpu/*.cpp, built by `pip install` through CMakeLists.txt) and their twins.
 
 ``softmax_xent_rows`` computes, for one chunk of bf16 logits, the per-token loss, the logits' gradient
 (written back in place as bf16, ready for the gradient GEMMs) and the bias gradient, reading each row once
 into an fp32 buffer that stays in cache. Its PyTorch twin, ``softmax_xent_rows_torch``, is the reference the
-tests hold it to and the path that runs on other devices, in other dtypes, or when the kernel is missing:
+tests hold it to and the path that runs on other devices, in other dtypes, or when the kernel is missing.
+``gemm_f32_out`` is the bf16 GEMM with an fp32 result that the gradient GEMMs need (native on AVX512-BF16,
+else torch's fp32 GEMM on the bf16 operands; ``native_gemm_reason()`` says which).
 ``native_kernel()`` returns the module or None, and ``native_missing_reason()`` says why it is missing.
 """
 
@@ -40,6 +42,18 @@ def native_kernel():
 
 def native_missing_reason() -> Optional[str]:
     return _load()[1]
+
+
+def native_gemm_reason() -> Optional[str]:
+    """None when the native bf16 GEMM with fp32 output runs here, else why not (the torch path runs then)."""
+    kernel = native_kernel()
+    if kernel is None:
+        return native_missing_reason()
+    if not hasattr(kernel, "gemm_bf16_f32"):
+        return "the installed native kernel predates its GEMM; reinstall with `pip install -e .`"
+    if not kernel.cpu_has_avx512_bf16():
+        return "this CPU has no AVX512-BF16 (the GEMM runs as torch's fp32 GEMM on the bf16 operands)"
+    return None
 
 
 def native_applies(product: torch.Tensor) -> bool:
@@ -86,3 +100,39 @@ def softmax_xent_rows_torch(product: torch.Tensor, bias: Optional[torch.Tensor],
     if d_bias is not None:
         d_bias += grad.sum(0)
     product.copy_(grad)
+
+
+def gemm_f32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """out = a @ b (or out += a @ b) for bf16 ``a`` [m, k] and ``b`` [k, n] into fp32 ``out`` [m, n]: every
+    product and sum in fp32 and no rounding of the result to bf16, unlike torch.mm in bf16, whose output is bf16
+    (that rounding, on the gradients dh and dW, is what moved the LSTM's trajectory: docs/semantics.md).
+
+    On CUDA cuBLAS runs the bf16 GEMM (its bf16 output is widened); on CPU the native kernel where the CPU has
+    AVX512-BF16, else torch's fp32 GEMM on the widened operands: the same products and sums, slower.
+    """
+    if out.device.type == "cuda":
+        product = torch.mm(a, b)
+        out.add_(product) if accumulate else out.copy_(product)
+        return
+    kernel = native_kernel()
+    if kernel is not None and native_gemm_reason() is None:
+        _native_gemm(kernel, a, b, out, accumulate)
+        return
+    if accumulate:
+        out.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=out)
+
+
+def _native_gemm(kernel, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """The native GEMM on any strides of a and b (in elements); out rows contiguous."""
+    m, k = a.shape
+    n = b.shape[1]
+    if b.shape[0] != k or tuple(out.shape) != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"gemm_f32_out: shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)} (out rows "
+                         f"contiguous) expected")
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or out.dtype != torch.float32:
+        raise ValueError(f"gemm_f32_out: bf16 operands and an fp32 output expected, got {a.dtype}, {b.dtype}, "
+                         f"{out.dtype}")
+    kernel.gemm_bf16_f32(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1),
+                         out.data_ptr(), out.stride(0), m, n, k, int(accumulate), torch.get_num_threads())

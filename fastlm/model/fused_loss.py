@@ -11,7 +11,8 @@ loss is never backpropagated does the gradient work for nothing: evaluation runs
 
 ``compute_dtype`` is what the GEMMs run in: fp32 (exact, the example's own ATen softmax kernels) or bf16
 (fp32 accumulation; softmax, loss and the logits' gradient in fp32 through ``softmax_xent_rows`` of
-fastlm.model.cpu_kernels); the gradients come back in the inputs' dtypes. What rounds where, and why the bf16
+fastlm.model.cpu_kernels, dh and dW summed and kept in fp32 by its ``gemm_f32_out``); the gradients come back
+in the inputs' dtypes. What rounds where, and why the bf16
 dW is one GEMM per group of chunks: docs/semantics.md, "The fused decoder and loss". Chunk sizes are chosen
 per machine (fastlm.model.loss_chunks). Profiler phases: the GEMMs (forward and gradient) are ``decoder``, the
 softmax and the logits' gradient ``loss``; so the decoder's gradient GEMMs show inside the forward phase.
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastlm.model.cpu_kernels import native_applies, softmax_xent_rows, softmax_xent_rows_torch
+from fastlm.model.cpu_kernels import gemm_f32_out, native_applies, softmax_xent_rows, softmax_xent_rows_torch
 from fastlm.model.loss_chunks import Chunking, choose_chunking
 from fastlm.timing import DECODER, LOSS, phase
 
@@ -195,12 +196,11 @@ def _low_precision_pass(hidden, weight, bias, targets, chunking: Chunking, dtype
                     n = end - start
                     softmax_xent_rows_torch(product, bias32, chunk_targets, scale, losses[start:end], d_bias,
                                             logits[:n], nll_grad[:n])
-            if want_grad:
-                with phase(DECODER):
-                    d_hidden[start:end] = torch.mm(product, w)
-        if want_grad:
+        if want_grad:  # the group's gradient GEMMs, on its chunks' bf16 gradients in ``products``
             with phase(DECODER):
-                d_weight += torch.mm(products[:group_end - group_start].t(), h[group_start:group_end])
+                grads = products[:group_end - group_start]
+                gemm_f32_out(grads, w, d_hidden[group_start:group_end])
+                gemm_f32_out(grads.t(), h[group_start:group_end], d_weight, accumulate=True)
     loss = losses.mean()
     if not want_grad:
         return loss, None

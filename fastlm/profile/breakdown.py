@@ -170,6 +170,9 @@ def how_it_ran_line(ran: dict) -> str:
     if "native_loss_kernel" in ran:
         native = ("; loss: native CPU kernel" if ran["native_loss_kernel"]
                   else f"; loss: PyTorch ops ({ran['native_loss_kernel_note']})")
+        if ran["native_loss_kernel"]:  # otherwise the GEMM's note is the loss kernel's
+            native += ("; dh and dW: native fp32-output GEMM" if ran.get("native_gemm")
+                       else f"; dh and dW: torch's fp32 GEMM on bf16 operands ({ran.get('native_gemm_note')})")
     return (f"precision {ran['precision']}{reason}: embedding in {ran.get('embedding_dtype')}, recurrence in "
             f"{ran['recurrence_dtype']}, decoder GEMMs in {ran['decoder_dtype']}, softmax in "
             f"{ran.get('loss_dtype', 'float32')}{native}; TF32 matmul {on_off[ran['matmul_tf32']]}, "

@@ -75,9 +75,10 @@ def how_it_ran(step_fn) -> dict:
 
 
 def native_loss_kernel(step_fn) -> dict:
-    """Whether the fused loss ran the native CPU kernel: only the fast step in bf16 on CPU with the full
-    decoder takes it (fastlm.model.cpu_kernels); otherwise the reason."""
-    from fastlm.model.cpu_kernels import native_missing_reason
+    """Whether the fused loss ran the native CPU kernels, the loss kernel and the fp32-output bf16 GEMM of the
+    gradients: only the fast step in bf16 on CPU with the full decoder takes them (fastlm.model.cpu_kernels);
+    otherwise the reason (the GEMM also needs AVX512-BF16)."""
+    from fastlm.model.cpu_kernels import native_gemm_reason, native_missing_reason
 
     model = step_fn.model
     if not isinstance(step_fn, TrainStep) or step_fn.precision != "bf16":
@@ -88,7 +89,9 @@ def native_loss_kernel(step_fn) -> dict:
         why = f"on {step_fn.device.type} the PyTorch path runs"
     else:
         why = native_missing_reason()
-    return {"native_loss_kernel": why is None, "native_loss_kernel_note": why}
+    gemm_why = why if why is not None else native_gemm_reason()
+    return {"native_loss_kernel": why is None, "native_loss_kernel_note": why,
+            "native_gemm": gemm_why is None, "native_gemm_note": gemm_why}
 
 
 def precision_line(step_fn) -> str:
@@ -96,7 +99,7 @@ def precision_line(step_fn) -> str:
     ran = step_fn.precision
     parts = {"fp32": "exact fp32 throughout (TF32 off)",
              "tf32": "fp32 tensors, GEMMs and the recurrence may use TF32",
-             "bf16": "decoder GEMMs in bf16 (fp32 accumulation); embedding, recurrence, softmax, weights and "
-                     "update in fp32"}[ran]
+             "bf16": "decoder GEMMs in bf16 (fp32 accumulation); embedding, recurrence, softmax, dh, dW, "
+                     "weights and update in fp32"}[ran]
     reason = getattr(step_fn, "precision_reason", None)
     return f"precision {ran}: {parts}" + (f" ({reason})" if reason else "")

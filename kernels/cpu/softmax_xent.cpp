@@ -150,6 +150,10 @@ void run_chunk(const Chunk& c, int threads) {
   }
 }
 
+}  // namespace
+
+namespace fastlm_native {
+
 // softmax_xent_rows(product, bias, targets, losses, d_bias, rows, vocab, ld, scale, threads): addresses as
 // Python ints (0 for no bias / no d_bias). Releases the GIL while it computes.
 PyObject* softmax_xent_rows(PyObject*, PyObject* args) {
@@ -174,13 +178,4 @@ PyObject* softmax_xent_rows(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-PyMethodDef methods[] = {
-    {"softmax_xent_rows", softmax_xent_rows, METH_VARARGS,
-     "Softmax cross-entropy and its gradient (bf16, in place) of a chunk of bf16 logits."},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_xent", "fastlm's native CPU loss kernel.", -1, methods};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__cpu_xent() { return PyModule_Create(&module); }
+}  // namespace fastlm_native
