@@ -172,6 +172,49 @@ def crowded(others: float, cores: int, threads: int) -> bool:
     return others > max(0, cores - threads) + 0.5
 
 
+class OtherWork:
+    """How much CPU other processes used while this one worked: /proc/stat's busy time of the whole machine
+    minus this process's own (all its threads), over the interval from construction to ``busy``. Unlike the
+    load average, it leaves out this process's own recent work (a tuning in the middle of a run), and it sees
+    the interval itself, not the minute before it. Where /proc is not there (not Linux), nothing is seen."""
+
+    OTHER_CORES = 0.3  # average cores of other work above which a timing taken meanwhile is noise
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> Optional[tuple[int, int, int]]:
+        """(all ticks, busy ticks) of the machine, and this process's user + system ticks; None off Linux."""
+        try:
+            with open("/proc/stat", encoding="ascii") as stat:
+                fields = [int(x) for x in stat.readline().split()[1:]]
+            with open("/proc/self/stat", encoding="ascii") as own:
+                after_name = own.read().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+        return sum(fields[:8]), sum(fields[:8]) - idle, int(after_name[11]) + int(after_name[12])
+
+    def cores(self) -> Optional[float]:
+        """The average cores other processes used since construction; None where it cannot be seen."""
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        total, busy, own = (b - a for a, b in zip(self.start, end))
+        if total <= 0:
+            return None
+        return max(0, busy - own) / (total / (os.cpu_count() or 1))
+
+    def busy(self) -> Optional[str]:
+        """A warning when other work used more than OTHER_CORES cores on average since construction, else None."""
+        others = self.cores()
+        if others is None or others <= self.OTHER_CORES:
+            return None
+        return (f"other processes used {others:.1f} of {os.cpu_count() or 1} cores while this timing ran, so it is "
+                f"noise (wait for a quiet machine)")
+
+
 def competing_load(threads: int) -> Optional[str]:
     """Before a timing starts (this process idle): a warning when other work already loads the cores that
     ``threads`` threads will need, else None (``crowded``)."""

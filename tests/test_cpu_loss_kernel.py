@@ -94,6 +94,19 @@ def test_bf16_fused_loss_is_within_twice_plain_pytorchs_bf16_error(chunking, mon
         assert (got - e).norm() <= LOW_PRECISION_FACTOR * (p - e).norm() + 1e-7
 
 
+def test_bf16_gradients_are_the_same_in_one_group_or_several(monkeypatch):
+    """dh and dW GEMMs once per group of chunks: several groups (a small LOW_PRECISION_GROUP_BYTES) give the one
+    group's gradients up to fp32 summation order; the first group sets dW, the others add to it."""
+    import fastlm.model.fused_loss as fused_loss
+
+    one_loss, one_grads = bf16_loss_and_grads(Chunking(8, None), True, monkeypatch)
+    monkeypatch.setattr(fused_loss, "LOW_PRECISION_GROUP_BYTES", 8 * 300 * 2)  # 8 tokens' bf16 rows: 5 groups
+    several_loss, several_grads = bf16_loss_and_grads(Chunking(8, None), True, monkeypatch)
+    torch.testing.assert_close(several_loss, one_loss, rtol=0, atol=0)
+    for a, b in zip(several_grads, one_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @needs_kernel
 def test_bf16_fused_loss_native_and_twin_agree(monkeypatch):
     native_loss, native_grads = bf16_loss_and_grads(Chunking(16, None), True, monkeypatch)
@@ -177,7 +190,7 @@ def test_a_missing_kernel_says_why(monkeypatch):
 
 def test_the_tuner_keeps_the_fastest_split_and_remembers_it_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
-    monkeypatch.setattr(device, "competing_load", lambda threads: None)
+    monkeypatch.setattr(device.OtherWork, "busy", lambda self: None)
     timings = {Chunking(128, None): 0.001}  # the fastest; every other candidate sleeps longer
 
     def measure(chunking):
@@ -198,7 +211,7 @@ def test_the_tuner_keeps_the_fastest_split_and_remembers_it_on_disk(tmp_path, mo
 
 def test_a_split_timed_under_load_is_used_but_not_remembered(tmp_path, monkeypatch):
     monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
-    monkeypatch.setattr(device, "competing_load", lambda threads: "the machine's load average is 9.0")
+    monkeypatch.setattr(device.OtherWork, "busy", lambda self: "other processes used 1.5 of 2 cores")
     calls = []
     tuner = ChunkTuner(tmp_path)
     chosen = tuner.choose(torch.device("cpu"), 700, 200, 33_278, torch.bfloat16, calls.append)
@@ -224,7 +237,7 @@ def test_the_tuner_leaves_small_shapes_evaluation_and_cuda_on_the_heuristic(tmp_
 
 def test_an_unreadable_tuning_file_is_tuned_again(tmp_path, monkeypatch):
     monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
-    monkeypatch.setattr(device, "competing_load", lambda threads: None)
+    monkeypatch.setattr(device.OtherWork, "busy", lambda self: None)
     tuner = ChunkTuner(tmp_path)
     tuner.cache_file().parent.mkdir(parents=True)
     tuner.cache_file().write_text("{not json")

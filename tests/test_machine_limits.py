@@ -78,3 +78,39 @@ def test_the_load_check_counts_the_threads_being_timed(monkeypatch):
     assert "load average is 1.2 on 2 cores" in device.competing_load(2)
     monkeypatch.setattr(device, "machine_load", lambda: (0.3, 2))
     assert device.competing_load(2) is None
+
+
+def test_other_work_leaves_out_this_processes_own_work(monkeypatch):
+    """Busy ticks that are this process's own are not other work (the load average would count them)."""
+    from fastlm.device import OtherWork
+
+    samples = iter([(1000, 100, 50), (1200, 300, 250)])  # 200 ticks on 2 cores, all 200 busy ones ours
+    monkeypatch.setattr(OtherWork, "_sample", staticmethod(lambda: next(samples)))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert OtherWork().cores() == 0.0
+
+
+def test_other_work_reads_this_machines_proc_files():
+    """The real /proc: the machine's ticks and this process's own, which a busy loop moves on."""
+    import time
+
+    from fastlm.device import OtherWork
+
+    before = OtherWork._sample()
+    if before is None:
+        pytest.skip("no /proc/stat here (not Linux)")
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        pass
+    after = OtherWork._sample()
+    assert after[0] > before[0] and after[1] >= before[1] and after[2] > before[2]
+    assert all(0 <= busy <= total for total, busy, _ in (before, after))
+
+
+def test_other_work_is_seen_when_another_process_runs(monkeypatch):
+    from fastlm.device import OtherWork
+
+    samples = iter([(1000, 100, 50), (1200, 300, 60)])  # 200 ticks on 2 cores: 190 busy ticks not ours
+    monkeypatch.setattr(OtherWork, "_sample", staticmethod(lambda: next(samples)))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert "other processes used 1.9 of 2 cores" in OtherWork().busy()

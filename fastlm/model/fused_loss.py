@@ -174,7 +174,7 @@ def _low_precision_pass(hidden, weight, bias, targets, chunking: Chunking, dtype
     products = _scratch("products", group, vocab, dtype, device)
     losses = torch.empty(num_tokens, device=device, dtype=torch.float32)
     d_hidden = torch.empty(num_tokens, width, device=device, dtype=torch.float32) if want_grad else None
-    d_weight = torch.zeros(vocab, width, device=device, dtype=torch.float32) if want_grad else None
+    d_weight = torch.empty(vocab, width, device=device, dtype=torch.float32) if want_grad else None  # group 1 sets it
     d_bias = torch.zeros(vocab, device=device, dtype=torch.float32) if want_grad and bias is not None else None
     native = native_applies(products)
     if not native:  # the PyTorch twin's fp32 buffers: the chunk's logits, and NLL's gradient (kept zero)
@@ -200,7 +200,7 @@ def _low_precision_pass(hidden, weight, bias, targets, chunking: Chunking, dtype
             with phase(DECODER):
                 grads = products[:group_end - group_start]
                 gemm_f32_out(grads, w, d_hidden[group_start:group_end])
-                gemm_f32_out(grads.t(), h[group_start:group_end], d_weight, accumulate=True)
+                gemm_f32_out(grads.t(), h[group_start:group_end], d_weight, accumulate=group_start > 0)
     loss = losses.mean()
     if not want_grad:
         return loss, None

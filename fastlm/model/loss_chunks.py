@@ -7,7 +7,7 @@ calls of the real computation on the real tensors) and keeps the fastest,
 - in this process, and
 - on disk, in ``<cache dir>/loss-chunks/<cpu model>, torch <version>.json`` (the cache dir of
   fastlm.data.cache.default_cache_dir()), replaced atomically; an unreadable file is ignored and rewritten;
-  not when other work loaded the CPU as the tuning began (fastlm.device.competing_load): a choice timed under
+  not when other processes used the CPU while the tuning ran (fastlm.device.OtherWork): a choice timed under
   load is kept for the process only.
 Tuning runs once per machine and shape; it is skipped (the heuristic ``default_chunking`` runs) for small
 shapes, under no_grad (evaluation), with FASTLM_LOSS_TUNE=0, and on CUDA, where one chunk holds as many tokens
@@ -91,11 +91,12 @@ class ChunkTuner:
         if key in entries:
             chosen = Chunking(**entries[key]["chunking"])
         else:
-            from fastlm.device import competing_load
+            from fastlm.device import OtherWork
 
-            busy = competing_load(torch.get_num_threads())
+            other_work = OtherWork()
             chosen, ms = self._tune(num_tokens, dtype, measure)
             log.info("loss chunks: %s -> %s (%.1f ms)", key, chosen, ms)
+            busy = other_work.busy()
             if busy:  # a choice timed under load is kept for this process only, never remembered
                 log.warning("loss chunks: %s; this choice is not saved, the next process tunes again", busy)
                 self._chosen[key] = chosen
