@@ -23,6 +23,7 @@ from fastlm.config import (
 )
 from fastlm.errors import FastlmError
 from fastlm.flags import add_setting_flags
+from fastlm.memory import keep_freed_memory
 
 # flag dest (= field name) -> (config section, field), for every run setting
 TRAIN_FLAGS = {f.name: (section, f.name) for section, f in setting_fields()}
@@ -477,6 +478,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    keep_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except FastlmError as e:

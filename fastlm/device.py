@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from fastlm import memory
 from fastlm.errors import FastlmError
 
 
@@ -127,7 +128,7 @@ def describe(device: torch.device) -> dict:
             "cpu_features": [flag for flag in MATRIX_FEATURES if flag in cpu_flags()],
             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "triton": _triton_version(),
-            "git_sha": git_sha(), "host": platform.node()}
+            "git_sha": git_sha(), "host": platform.node(), "allocator": memory.setting()}
 
 
 def use_threads(threads: Optional[int]) -> None:
