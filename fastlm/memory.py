@@ -21,7 +21,7 @@ import sys
 VARIABLE = "FASTLM_KEEP_FREED_MEMORY"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap, and are reused when freed
-TRIM_THRESHOLD = 1 << 31  # the heap's free top is returned to the OS only beyond 2 GiB
+TRIM_THRESHOLD = 1 << 30  # the heap's free top is returned to the OS only beyond 1 GiB (mallopt takes an int)
 
 _setting = "glibc defaults (fastlm.memory.keep_freed_memory not called)"
 
@@ -41,7 +41,7 @@ def keep_freed_memory() -> str:
                                                                                      TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):  # a libc without mallopt (musl)
         done = False
-    _setting = ("glibc keeps freed memory (mmap threshold 1 GiB, trim threshold 2 GiB)" if done
+    _setting = ("glibc keeps freed memory (mmap and trim thresholds 1 GiB)" if done
                 else "the C library's defaults (mallopt unavailable)")
     return _setting
 

@@ -6,9 +6,8 @@
   decoder, the input projections), cuDNN's RNN, and the Triton kernels (which follow cuBLAS's flag).
 - ``bf16``: the decoder's three GEMMs (logits, dh, dW: nearly all of a step's arithmetic at the example's
   sizes) run in bf16 with fp32 accumulation (dh and dW also kept in fp32 on CPU), on casts made inside the
-  fused loss; the embedding, the
-  recurrence, the softmax and loss, the weights, their gradients, clipping and the update stay fp32, on
-  every backend alike. Why not the recurrence too, and what rounds where: docs/semantics.md ("Precision",
+  fused loss; the embedding, the recurrence, the softmax and loss, the weights, their gradients, clipping and
+  the update stay fp32, on every backend alike. Why not the recurrence too, and what rounds where: docs/semantics.md ("Precision",
   "The fused decoder and loss"). Not torch's autocast: autocast turns a cuDNN RNN into fp16.
 - ``auto``: bf16 where the device has bf16 matrix units (AMX-BF16 or AVX512-BF16 on a CPU, compute
   capability 8.0 or later on CUDA), else fp32; ``resolve_precision`` says which and why. Not the default:

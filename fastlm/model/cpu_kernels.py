@@ -51,9 +51,14 @@ def native_gemm_reason() -> Optional[str]:
         return native_missing_reason()
     if not hasattr(kernel, "gemm_bf16_f32"):
         return "the installed native kernel predates its GEMM; reinstall with `pip install -e .`"
-    if not kernel.cpu_has_avx512_bf16():
+    if not _cpu_has_avx512_bf16(kernel):
         return "this CPU has no AVX512-BF16 (the GEMM runs as torch's fp32 GEMM on the bf16 operands)"
     return None
+
+
+@functools.cache
+def _cpu_has_avx512_bf16(kernel) -> bool:
+    return kernel.cpu_has_avx512_bf16()
 
 
 def native_applies(product: torch.Tensor) -> bool:
@@ -105,7 +110,7 @@ def softmax_xent_rows_torch(product: torch.Tensor, bias: Optional[torch.Tensor],
 def gemm_f32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
     """out = a @ b (or out += a @ b) for bf16 ``a`` [m, k] and ``b`` [k, n] into fp32 ``out`` [m, n]: every
     product and sum in fp32 and no rounding of the result to bf16, unlike torch.mm in bf16, whose output is bf16
-    (that rounding, on the gradients dh and dW, is what moved the LSTM's trajectory: docs/semantics.md).
+    (a rounding of up to 2^-9 per element of dh and dW that no long sum averages out: docs/semantics.md).
 
     On CUDA cuBLAS runs the bf16 GEMM (its bf16 output is widened); on CPU the native kernel where the CPU has
     AVX512-BF16, else torch's fp32 GEMM on the widened operands: the same products and sums, slower.
@@ -114,9 +119,8 @@ def gemm_f32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate
         product = torch.mm(a, b)
         out.add_(product) if accumulate else out.copy_(product)
         return
-    kernel = native_kernel()
-    if kernel is not None and native_gemm_reason() is None:
-        _native_gemm(kernel, a, b, out, accumulate)
+    if native_gemm_reason() is None:
+        _native_gemm(native_kernel(), a, b, out, accumulate)
         return
     if accumulate:
         out.addmm_(a.float(), b.float())

@@ -12,9 +12,8 @@ loss is never backpropagated does the gradient work for nothing: evaluation runs
 ``compute_dtype`` is what the GEMMs run in: fp32 (exact, the example's own ATen softmax kernels) or bf16
 (fp32 accumulation; softmax, loss and the logits' gradient in fp32 through ``softmax_xent_rows`` of
 fastlm.model.cpu_kernels, dh and dW summed and kept in fp32 by its ``gemm_f32_out``); the gradients come back
-in the inputs' dtypes. What rounds where, and why the bf16
-dW is one GEMM per group of chunks: docs/semantics.md, "The fused decoder and loss". Chunk sizes are chosen
-per machine (fastlm.model.loss_chunks). Profiler phases: the GEMMs (forward and gradient) are ``decoder``, the
+in the inputs' dtypes. What rounds where, and why the bf16 dW is one GEMM per group of chunks: docs/semantics.md,
+"The fused decoder and loss". Chunk sizes are chosen per machine (fastlm.model.loss_chunks). Profiler phases: the GEMMs (forward and gradient) are ``decoder``, the
 softmax and the logits' gradient ``loss``; so the decoder's gradient GEMMs show inside the forward phase.
 """
 

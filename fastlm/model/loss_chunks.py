@@ -99,16 +99,19 @@ class ChunkTuner:
             busy = other_work.busy()
             if busy:  # a choice timed under load is kept for this process only, never remembered
                 log.warning("loss chunks: %s; this choice is not saved, the next process tunes again", busy)
-                self._chosen[key] = chosen
-                return chosen
-            entries = {**_read(path), key: {"chunking": asdict(chosen), "ms": ms}}
-            try:
-                replace_file(path, json.dumps({"format": FORMAT, "machine": machine(), "entries": entries},
-                                               indent=1, sort_keys=True))
-            except OSError as error:
-                log.warning("loss chunks: cannot write %s (%s); tuned again in each process", path, error)
+            else:
+                self._remember(path, key, chosen, ms)
         self._chosen[key] = chosen
         return chosen
+
+    @staticmethod
+    def _remember(path: Path, key: str, chosen: Chunking, ms: float) -> None:
+        entries = {**_read(path), key: {"chunking": asdict(chosen), "ms": ms}}
+        try:
+            replace_file(path, json.dumps({"format": FORMAT, "machine": machine(), "entries": entries},
+                                           indent=1, sort_keys=True))
+        except OSError as error:
+            log.warning("loss chunks: cannot write %s (%s); tuned again in each process", path, error)
 
     def cache_file(self) -> Path:
         from fastlm.data.cache import default_cache_dir  # here: importing fastlm.data loads the corpus modules

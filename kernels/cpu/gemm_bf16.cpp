@@ -1,8 +1,8 @@
 // fastlm.kernels._cpu_xent.gemm_bf16_f32: C = A @ B (or C += A @ B) for bf16 A [m, k] and B [k, n] into fp32 C,
 // on AVX512-BF16 (VDPBF16PS: fp32 products of bf16 pairs, summed in fp32), with no rounding of C to bf16.
-// torch's bf16 GEMM on CPU returns bf16; that last rounding of the decoder's gradients dh and dW is what moved
-// the bf16 LSTM's trajectory (docs/semantics.md, "The fused decoder and loss"), and torch has no CPU GEMM with
-// bf16 inputs and an fp32 output. fastlm/model/cpu_kernels.py calls it only where the CPU has AVX512-BF16.
+// torch's bf16 GEMM on CPU returns bf16, a last rounding of the decoder's gradients dh and dW that no long sum
+// averages out (docs/semantics.md, "The fused decoder and loss"), and torch has no CPU GEMM with bf16 inputs and
+// an fp32 output. fastlm/model/cpu_kernels.py calls it only where the CPU has AVX512-BF16.
 //
 // Layout. VDPBF16PS multiplies pairs of bf16 along k: lane l of the result gets a[2q] b[2q] + a[2q+1] b[2q+1]
 // for the 32-bit pair q of each operand. So both operands are read as "pair words" (two bf16 of consecutive k
