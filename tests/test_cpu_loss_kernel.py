@@ -1,6 +1,10 @@
 """The native CPU loss kernel against its PyTorch twin, the bf16 fused loss through either, and the chunk tuner."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from fastlm.model.fused_loss import linear_cross_entropy
 from fastlm.model.loss_chunks import Chunking, ChunkTuner
 from tests.tolerances import LOW_PRECISION_FACTOR
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 needs_kernel = pytest.mark.skipif(cpu_kernels.native_kernel() is None,
                                   reason=f"native kernel missing: {cpu_kernels.native_missing_reason()}")
 
@@ -153,6 +158,60 @@ def test_native_gemm_writes_only_its_columns_of_a_wider_output():
     cpu_kernels.gemm_f32_out(a, b, wide[:, :10])
     torch.testing.assert_close(wide[:, :10], a.float() @ b.float(), rtol=1e-5, atol=1e-5)
     assert (wide[:, 10:] == 7.0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_kernels_split_over_any_number_of_threads_like_over_two(threads):
+    """The kernels run their shares on OpenMP's pool (kernels/cpu/threads.h): rows of the loss and of the GEMM
+    are computed alike whatever the team, so only d_bias (one fp32 sum per thread, added in order) may differ."""
+    product, bias, targets = chunk(37, 2051, seed=3)
+    a, b = torch.randn(37, 200).bfloat16(), torch.randn(200, 2051).bfloat16()
+    runs = {}
+    before = torch.get_num_threads()
+    for count in (2, threads):
+        torch.set_num_threads(count)
+        try:
+            p, losses, d_bias = product.clone(), torch.empty(37), torch.zeros(2051)
+            cpu_kernels.softmax_xent_rows(p, bias, targets, 0.5, losses, d_bias)
+            out = torch.empty(37, 2051)
+            cpu_kernels.gemm_f32_out(a, b, out)
+            runs[count] = (p, losses, d_bias, out)
+        finally:
+            torch.set_num_threads(before)
+    (p2, losses2, d_bias2, out2), (p, losses, d_bias, out) = runs[2], runs[threads]
+    assert torch.equal(p, p2) and torch.equal(losses, losses2) and torch.equal(out, out2)
+    torch.testing.assert_close(d_bias, d_bias2, rtol=1e-6, atol=1e-8)
+
+
+@needs_kernel
+def test_a_smaller_openmp_team_than_asked_still_does_every_share(tmp_path):
+    """Under OMP_THREAD_LIMIT=1 torch still asks for 2 threads and OpenMP gives a team of 1: that one thread
+    must do both shares (in a subprocess, since the limit is read once per process)."""
+    script = tmp_path / "limited.py"
+    script.write_text(
+        "import sys, torch\n"
+        "import fastlm.model.cpu_kernels as k\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "product = (torch.randn(40, 3001, generator=g) * 3).bfloat16()\n"
+        "targets = torch.randint(3001, (40,), generator=g)\n"
+        "a, b = torch.randn(40, 64, generator=g).bfloat16(), torch.randn(64, 3001, generator=g).bfloat16()\n"
+        "losses, out = torch.empty(40), torch.empty(40, 3001)\n"
+        "k.softmax_xent_rows(product, None, targets, 1.0, losses, None)\n"
+        "k.gemm_f32_out(a, b, out)\n"
+        "torch.save((product, losses, out, a, b, targets), sys.argv[1])\n")
+    saved = tmp_path / "out.pt"
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    subprocess.run([sys.executable, str(script), str(saved)], env=env, check=True, cwd=REPO_ROOT)
+    product, losses, out, a, b, targets = torch.load(saved)
+    g = torch.Generator().manual_seed(5)
+    original = (torch.randn(40, 3001, generator=g) * 3).bfloat16()
+    torch.testing.assert_close(losses, F.cross_entropy(original.float(), targets, reduction="none"),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(product.float(), (F.softmax(original.float(), 1) - F.one_hot(targets, 3001)),
+                               rtol=2.0 ** -8, atol=1e-6)
+    torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-5, atol=1e-4)
 
 
 def test_gemm_without_the_native_kernel_is_torchs_fp32_gemm_on_the_bf16_operands(monkeypatch):

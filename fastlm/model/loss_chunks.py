@@ -41,7 +41,7 @@ CUDA_CHUNK_BYTES = 1 << 30  # on CUDA a chunk's fp32 logits may take up to 1 GiB
 TUNE_MIN_ELEMENTS = 4_000_000  # smaller shapes take the heuristic: too quick for the choice to matter
 TUNE_REPEATS = 3
 TUNE_VARIABLE = "FASTLM_LOSS_TUNE"
-FORMAT = 1
+FORMAT = 2  # 2: the native CPU kernels moved onto torch's OpenMP pool; splits timed before no longer hold
 
 
 @dataclass(frozen=True)

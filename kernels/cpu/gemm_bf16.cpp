@@ -22,8 +22,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "threads.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTLM_HAVE_BF16_GEMM 1
@@ -193,14 +194,6 @@ void compute_rows(const Gemm& g, const uint32_t* bp, int64_t pairs, int64_t bloc
 }
 
 #pragma GCC pop_options
-
-template <typename Work>
-void in_threads(int threads, const Work& work) {
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
-}
 
 void run_gemm(const Gemm& g, int threads) {
   const int64_t pairs = (g.k + 1) / 2, blocks = (g.n + LANES - 1) / LANES;

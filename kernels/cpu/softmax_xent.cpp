@@ -9,7 +9,7 @@
 //   g_j       = (exp(x_j - lse) - [j == target]) * scale    (scale = 1 / tokens of the whole batch)
 //   product[r, j] = bf16(g_j), rounded to nearest even      (the gradient, in place, for the bf16 GEMMs)
 //   d_bias[j]    += sum over rows of g_j                    (fp32, before rounding)
-// Rows are split over `threads` std::threads, each with its own fp32 row buffer and d_bias accumulator.
+// Rows are split over `threads` threads (threads.h), each with its own fp32 row buffer and d_bias accumulator.
 // Nothing here depends on torch: the caller passes addresses and sizes (fastlm/model/cpu_kernels.py).
 
 #define PY_SSIZE_T_CLEAN
@@ -19,8 +19,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "threads.h"
 
 namespace {
 
@@ -59,22 +60,6 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// The maximum of x[0, n), kept in LANES running maxima so that the loop vectorises without -ffast-math (a
-// NaN may be dropped here; it still reaches the loss through the sum of exponentials).
-constexpr int LANES = 16;
-inline float row_max(const float* x, int64_t n) {
-  float lanes[LANES];
-  for (int l = 0; l < LANES; ++l) lanes[l] = -INFINITY;
-  int64_t j = 0;
-  for (; j + LANES <= n; j += LANES) {
-    for (int l = 0; l < LANES; ++l) lanes[l] = lanes[l] > x[j + l] ? lanes[l] : x[j + l];
-  }
-  for (; j < n; ++j) lanes[0] = lanes[0] > x[j] ? lanes[0] : x[j];
-  float out = lanes[0];
-  for (int l = 1; l < LANES; ++l) out = out > lanes[l] ? out : lanes[l];
-  return out;
-}
-
 struct Chunk {
   uint16_t* product;
   const float* bias;  // may be null
@@ -98,15 +83,26 @@ void run_rows(const Chunk& c, int64_t begin, int64_t end, float* x, float* d_bia
   const int64_t V = c.vocab;
   for (int64_t r = begin; r < end; ++r) {
     uint16_t* row = c.product + r * c.ld;
+    // The row's logits in fp32 and their maximum, in one pass (the `omp simd` reductions vectorise without
+    // -ffast-math; a NaN may be dropped from the maximum, it still reaches the loss through the sum below).
+    float max_x = -INFINITY;
     if (c.bias) {
-      for (int64_t j = 0; j < V; ++j) x[j] = bf16_to_float(row[j]) + c.bias[j];
+#pragma omp simd reduction(max : max_x)
+      for (int64_t j = 0; j < V; ++j) {
+        x[j] = bf16_to_float(row[j]) + c.bias[j];
+        max_x = max_x > x[j] ? max_x : x[j];
+      }
     } else {
-      for (int64_t j = 0; j < V; ++j) x[j] = bf16_to_float(row[j]);
+#pragma omp simd reduction(max : max_x)
+      for (int64_t j = 0; j < V; ++j) {
+        x[j] = bf16_to_float(row[j]);
+        max_x = max_x > x[j] ? max_x : x[j];
+      }
     }
-    const float max_x = row_max(x, V);
     const int64_t target = c.targets[r];
     const float x_target = x[target];
     float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < V; ++j) {
       const float e = exp_nonpositive(x[j] - max_x);
       x[j] = e;
@@ -116,6 +112,7 @@ void run_rows(const Chunk& c, int64_t begin, int64_t end, float* x, float* d_bia
     const float p_scale = c.scale / sum;
     x[target] -= sum;  // (e_t - sum) * scale / sum = (p_t - 1) * scale
     if (d_bias_acc) {
+#pragma omp simd
       for (int64_t j = 0; j < V; ++j) {
         const float g = x[j] * p_scale;
         d_bias_acc[j] += g;
@@ -138,10 +135,7 @@ void run_chunk(const Chunk& c, int threads) {
     float* acc = c.d_bias ? scratch.data() + static_cast<size_t>(threads + t) * V : nullptr;
     run_rows(c, begin, end, x, acc);
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
+  fastlm_native::in_threads(threads, work);
   if (c.d_bias) {
     for (int t = 0; t < threads; ++t) {
       const float* acc = scratch.data() + static_cast<size_t>(threads + t) * V;
