@@ -112,6 +112,7 @@ void run_rows(const Chunk& c, int64_t begin, int64_t end, float* x, float* d_bia
     const float p_scale = c.scale / sum;
     x[target] -= sum;  // (e_t - sum) * scale / sum = (p_t - 1) * scale
     if (d_bias_acc) {
+      // `omp simd`: x, d_bias_acc and row never overlap, which GCC could not prove (it left this loop scalar).
 #pragma omp simd
       for (int64_t j = 0; j < V; ++j) {
         const float g = x[j] * p_scale;
