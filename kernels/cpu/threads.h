@@ -3,7 +3,7 @@
 // Why OpenMP and not std::thread: torch's CPU ops run on libgomp's pool, whose workers spin for a while after
 // each parallel region before they sleep. A kernel of ours that started its own threads right after a torch op
 // (the loss kernel follows the logits GEMM) shared the cores with those spinning workers and took about twice
-// as long (16.4 against 8.5 ms for 700 rows; bench/README.md, "The CPU loss kernel and torch's thread pool").
+// as long (16.4 against 8.5 ms for 700 rows; bench/README.md, "The native kernels and torch's thread pool").
 // Linked against libgomp.so.1, this module binds to the copy torch has already loaded (one soname, one
 // runtime), so the work runs on the very workers that were spinning.
 #pragma once
