@@ -304,3 +304,16 @@ def test_an_unreadable_tuning_file_is_tuned_again(tmp_path, monkeypatch):
     tuner.choose("cpu", 700, 200, 33_278, torch.bfloat16, calls.append)
     assert calls  # timed, and the file is valid again
     assert json.loads(tuner.cache_file().read_text())["format"] == loss_chunks.FORMAT
+
+
+def test_the_decoder_gemm_bench_times_all_three_gemms_both_ways_where_it_can():
+    """bench/decoder_gemms.py, the check to run on an AMX CPU before changing which GEMM dh and dW use."""
+    done = subprocess.run([sys.executable, "bench/decoder_gemms.py", "--tokens", "24", "--hidden", "16",
+                           "--vocab", "300", "--repeat", "2"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["gemm"] for row in result["gemms"]] == ["logits", "dh", "dW"]
+    native_here = cpu_kernels.native_gemm_reason() is None
+    for row in result["gemms"]:
+        assert row["torch_bf16_out_ms"] > 0
+        assert (row["native_fp32_out_ms"] is not None and row["native_fp32_out_ms"] > 0) == native_here
