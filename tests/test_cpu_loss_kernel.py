@@ -123,7 +123,8 @@ def test_bf16_fused_loss_native_and_twin_agree(monkeypatch):
 
 needs_gemm = pytest.mark.skipif(cpu_kernels.native_gemm_reason() is not None,
                                 reason=f"native GEMM not run here: {cpu_kernels.native_gemm_reason()}")
-GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (9, 33, 17), (37, 64, 200), (130, 3, 48), (700, 1001, 200), (64, 700, 33)]
+GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (9, 33, 17), (37, 64, 200), (130, 3, 48), (700, 1001, 200), (64, 700, 33),
+               (37, 700, 2051), (9, 64, 1500)]  # the last two: several column panels (n wide), K blocks
 
 
 def _operand(rows, columns, transposed, generator):

@@ -60,7 +60,8 @@ struct Gemm {
 constexpr int LANES = 16;     // fp32 lanes of one vector: the columns of a packed B block
 constexpr int MR = 8;         // rows of the micro-kernel's tile
 constexpr int64_t MC = 64;    // rows of a packed A block
-constexpr int64_t L2_BYTES = 384 * 1024;  // packed B per K block: stays in L2 beside the thread's rows of C
+constexpr int64_t L2_BYTES = 384 * 1024;  // packed B per K block and panel: stays in L2 beside the rows of C
+constexpr int64_t PANEL_BLOCKS = 48;      // column blocks (of LANES) a panel is sized for when n is wide
 
 // Two bf16 as one pair word: the first (even k) in the low half, as VDPBF16PS reads it.
 inline uint32_t pair_word(uint16_t even, uint16_t odd) { return uint32_t(even) | (uint32_t(odd) << 16); }
@@ -157,36 +158,41 @@ Micro micro_for(int rows, int nv) {
   }
 }
 
-// Rows [row_begin, row_end) of C, every column, over all of K.
-void compute_rows(const Gemm& g, const uint32_t* bp, int64_t pairs, int64_t block_pairs, int64_t row_begin,
-                  int64_t row_end) {
+// Rows [row_begin, row_end) of C, every column, over all of K: panel by panel of `panel_blocks` column blocks,
+// so that a panel's packed B for one K block stays in L2 while the rows go by, and C is read back only per
+// K block of its own panel (at the logits' wide n, whole rows of C per K block overflowed every cache).
+void compute_rows(const Gemm& g, const uint32_t* bp, int64_t pairs, int64_t block_pairs, int64_t panel_blocks,
+                  int64_t row_begin, int64_t row_end) {
   const int64_t blocks = (g.n + LANES - 1) / LANES;
   const bool direct_a = g.sa1 == 1 && g.k % 2 == 0;
   std::vector<uint32_t> ap(direct_a ? 0 : static_cast<size_t>(MC * block_pairs));
-  for (int64_t q0 = 0; q0 < pairs; q0 += block_pairs) {
-    const int64_t qn = std::min(block_pairs, pairs - q0);
-    const bool load_c = g.accumulate || q0 > 0;
-    for (int64_t i0 = row_begin; i0 < row_end; i0 += MC) {
-      const int64_t rows = std::min(MC, row_end - i0);
-      if (!direct_a) pack_a(g, ap.data(), i0, rows, q0, qn);
-      for (int64_t i = 0; i < rows; i += MR) {
-        const int r = static_cast<int>(std::min<int64_t>(MR, rows - i));
-        const char* a;
-        int64_t a_row, a_pair;
-        if (direct_a) {
-          a = reinterpret_cast<const char*>(g.a + (i0 + i) * g.sa0 + 2 * q0);
-          a_row = g.sa0 * 2;
-          a_pair = 4;
-        } else {
-          a = reinterpret_cast<const char*>(ap.data() + i);
-          a_row = 4;
-          a_pair = MC * 4;
-        }
-        for (int64_t block = 0; block < blocks; block += 2) {
-          const int nv = static_cast<int>(std::min<int64_t>(2, blocks - block));
-          const int valid = static_cast<int>(std::min<int64_t>(LANES, g.n - (block + nv - 1) * LANES));
-          micro_for(r, nv)(a, a_row, a_pair, bp + (block * pairs + q0) * LANES, pairs * LANES, qn,
-                           g.c + (i0 + i) * g.ldc + block * LANES, g.ldc, valid, load_c);
+  for (int64_t panel = 0; panel < blocks; panel += panel_blocks) {
+    const int64_t panel_end = std::min(blocks, panel + panel_blocks);
+    for (int64_t q0 = 0; q0 < pairs; q0 += block_pairs) {
+      const int64_t qn = std::min(block_pairs, pairs - q0);
+      const bool load_c = g.accumulate || q0 > 0;
+      for (int64_t i0 = row_begin; i0 < row_end; i0 += MC) {
+        const int64_t rows = std::min(MC, row_end - i0);
+        if (!direct_a) pack_a(g, ap.data(), i0, rows, q0, qn);
+        for (int64_t i = 0; i < rows; i += MR) {
+          const int r = static_cast<int>(std::min<int64_t>(MR, rows - i));
+          const char* a;
+          int64_t a_row, a_pair;
+          if (direct_a) {
+            a = reinterpret_cast<const char*>(g.a + (i0 + i) * g.sa0 + 2 * q0);
+            a_row = g.sa0 * 2;
+            a_pair = 4;
+          } else {
+            a = reinterpret_cast<const char*>(ap.data() + i);
+            a_row = 4;
+            a_pair = MC * 4;
+          }
+          for (int64_t block = panel; block < panel_end; block += 2) {
+            const int nv = static_cast<int>(std::min<int64_t>(2, panel_end - block));
+            const int valid = static_cast<int>(std::min<int64_t>(LANES, g.n - (block + nv - 1) * LANES));
+            micro_for(r, nv)(a, a_row, a_pair, bp + (block * pairs + q0) * LANES, pairs * LANES, qn,
+                             g.c + (i0 + i) * g.ldc + block * LANES, g.ldc, valid, load_c);
+          }
         }
       }
     }
@@ -206,14 +212,18 @@ void run_gemm(const Gemm& g, int threads) {
   in_threads(pack_threads, [&](int t) {
     pack_b(g, packed, pairs, pairs * t / pack_threads, pairs * (t + 1) / pack_threads);
   });
-  const int64_t block_pairs = std::max<int64_t>(16, std::min<int64_t>(pairs, L2_BYTES / (blocks * LANES * 4)));
+  // K blocks sized for a panel of at most PANEL_BLOCKS column blocks in L2; the panel then as wide as L2 holds
+  // at that K block (dh and dW, n = H: one panel, as before panels existed; the logits, n = V: ~60 blocks).
+  const int64_t block_pairs = std::max<int64_t>(
+      16, std::min<int64_t>(pairs, L2_BYTES / (std::min(blocks, PANEL_BLOCKS) * LANES * 4)));
+  const int64_t panel_blocks = std::max<int64_t>(2, L2_BYTES / (block_pairs * LANES * 4)) / 2 * 2;
   // Rows split in whole tiles of MR so that no thread gets a ragged tile in the middle.
   const int64_t tiles = (g.m + MR - 1) / MR;
   const int row_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   in_threads(row_threads, [&](int t) {
     const int64_t begin = std::min(g.m, tiles * t / row_threads * MR);
     const int64_t end = std::min(g.m, tiles * (t + 1) / row_threads * MR);
-    compute_rows(g, packed, pairs, block_pairs, begin, end);
+    compute_rows(g, packed, pairs, block_pairs, panel_blocks, begin, end);
   });
 }
 #endif  // FASTLM_HAVE_BF16_GEMM
