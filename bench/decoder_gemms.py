@@ -20,6 +20,7 @@ import time
 import torch
 
 from fastlm.device import describe, machine_load
+from fastlm.memory import keep_freed_memory
 from fastlm.model.cpu_kernels import gemm_f32_out, native_gemm_reason
 
 
@@ -43,6 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.tokens, args.hidden, args.vocab, args.repeat) < 1:
         parser.error("--tokens, --hidden, --vocab and --repeat must be at least 1")
+    keep_freed_memory()  # as every fastlm command does, so that the figures match the step's
     if args.threads:
         torch.set_num_threads(args.threads)
     load, cores = machine_load()
