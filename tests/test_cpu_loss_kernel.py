@@ -295,16 +295,19 @@ def test_the_tuner_leaves_small_shapes_evaluation_and_cuda_on_the_heuristic(tmp_
     assert calls == []
 
 
-def test_an_unreadable_tuning_file_is_tuned_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("old_text", ["{not json", json.dumps({"format": 1, "machine": "x", "entries": {}})])
+def test_an_unreadable_or_older_tuning_file_is_tuned_again_with_one_warning(tmp_path, monkeypatch, caplog, old_text):
     monkeypatch.setenv(loss_chunks.TUNE_VARIABLE, "1")
     monkeypatch.setattr(device.OtherWork, "busy", lambda self: None)
     tuner = ChunkTuner(tmp_path)
     tuner.cache_file().parent.mkdir(parents=True)
-    tuner.cache_file().write_text("{not json")
+    tuner.cache_file().write_text(old_text)
     calls = []
-    tuner.choose("cpu", 700, 200, 33_278, torch.bfloat16, calls.append)
+    with caplog.at_level("WARNING", logger=loss_chunks.__name__):
+        tuner.choose("cpu", 700, 200, 33_278, torch.bfloat16, calls.append)
     assert calls  # timed, and the file is valid again
     assert json.loads(tuner.cache_file().read_text())["format"] == loss_chunks.FORMAT
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"loss chunks: ignoring {tuner.cache_file()}"]
 
 
 def test_the_decoder_gemm_bench_times_all_three_gemms_both_ways_where_it_can():

@@ -106,7 +106,7 @@ class ChunkTuner:
 
     @staticmethod
     def _remember(path: Path, key: str, chosen: Chunking, ms: float) -> None:
-        entries = {**_read(path), key: {"chunking": asdict(chosen), "ms": ms}}
+        entries = {**_read(path, warn=False), key: {"chunking": asdict(chosen), "ms": ms}}
         try:
             replace_file(path, json.dumps({"format": FORMAT, "machine": machine(), "entries": entries},
                                            indent=1, sort_keys=True))
@@ -141,7 +141,9 @@ def machine() -> str:
     return f"{cpu_model()}, torch {torch.__version__}"
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path, warn: bool = True) -> dict:
+    """The file's entries, {} when it is missing or unreadable (``warn``: say so; the read just before a write,
+    which merges what other processes wrote meanwhile, does not repeat the warning of the first)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("machine") == machine()):
@@ -153,7 +155,8 @@ def _read(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-        log.warning("loss chunks: ignoring %s (%s); it is rewritten after the next tuning", path, error)
+        if warn:
+            log.warning("loss chunks: ignoring %s (%s); it is rewritten after the next tuning", path, error)
         return {}
 
 
