@@ -13,8 +13,8 @@
 //   gradient rows), else packed per block of MC rows as Ap[q * MC + row] (dW's transposed gradient, whose
 //   pairs sit in two rows of memory).
 // The micro-kernel keeps an R x (16 NV) tile of C in registers (R <= 8 rows, NV <= 2 vectors), broadcasts one
-// A pair word per row and multiplies it with NV packed B vectors per pair. K is cut in blocks whose packed B
-// fits in L2 (with the thread's rows of C), rows are split over threads.
+// A pair word per row and multiplies it with NV packed B vectors per pair. C's columns go in panels and K in
+// blocks such that one panel's packed B for one K block fits in L2; rows are split over threads.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
