@@ -31,7 +31,7 @@ def _load():
         from fastlm.kernels import _cpu_xent
     except ImportError as error:
         return None, (f"fastlm was installed without its native CPU kernel ({first_line(error)}); reinstall with "
-                      f"`pip install -e .` where cmake and a C++ compiler exist")
+                      f"`pip install -e .` where cmake and a C++ compiler with OpenMP (GCC's libgomp) exist")
     return _cpu_xent, None
 
 
