@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from fastlm.benchmark.measure import time_calls
 from fastlm.device import describe, machine_load
 from fastlm.memory import keep_freed_memory
 from fastlm.model.cpu_kernels import gemm_f32_out, native_gemm_reason
 
 
 def median_ms(call, repeat: int) -> float:
-    call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return time_calls(call, repeat, warmup=1, device=torch.device("cpu")).median_ms
 
 
 def main() -> None:
