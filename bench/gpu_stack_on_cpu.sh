@@ -17,7 +17,7 @@ venv="${1:-/tmp/fastlm-gpu-stack}"
 python="${PYTHON:-python3.12}"
 stack=(torch==2.11.0 triton==3.6.0 numpy==2.5.2)  # the GPU machines' versions
 
-"$python" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' \
+"$python" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null \
     || { echo "gpu_stack_on_cpu: PYTHON must name a Python 3.12 (the GPU machines'), not '$python'" >&2; exit 2; }
 [[ -d ../shared/data/wikitext-2 ]] \
     || { echo "gpu_stack_on_cpu: ../shared/data/wikitext-2 is missing; run it from a clone beside shared/" >&2; exit 2; }
