@@ -4,9 +4,9 @@
 # (their image's package list, 2026-11), while CI runs torch 2.13 and triton 3.9: an API that 2.11 or 3.6 lacks
 # would first show on the GPU, in minutes that cannot be had again. This script makes a throwaway venv with
 # those versions (torch's CUDA build runs on a machine without a GPU; its GPU tests skip), installs fastlm
-# the way .device/run.sh does there (no build isolation, no dependencies fetched), and runs the GPU check's
-# dry run and the whole test suite, as .ci/run does. About 3 GB of wheels, 2 minutes to install and 16 to test
-# on the 2-core CPU; run it alone (it loads both cores).
+# the way .device/run.sh builds it there (no build isolation), and runs the GPU check's dry run and the whole
+# test suite, as .ci/run does. About 3 GB of wheels, 2 minutes to install and 16 to test on the 2-core CPU;
+# run it alone (it loads both cores).
 #
 #   bash bench/gpu_stack_on_cpu.sh [VENV_DIR]     # default /tmp/fastlm-gpu-stack; PYTHON names a 3.12
 #
@@ -25,10 +25,10 @@ rm -rf "$venv"
 "$python" -m venv "$venv"
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
-# The stack and the test tools first; fastlm itself as on the GPU machine, whose image has these packages.
-python -m pip install -q "${stack[@]}" setuptools wheel rich matplotlib nvtx py-spy pytest hypothesis \
-    pytest-timeout onnx onnxruntime
-python -m pip install -q --no-index --no-deps --no-build-isolation -e .
+# The stack first, then fastlm with its test tools (pip keeps the stack's versions, which satisfy fastlm's
+# bounds), built as on the GPU machine: no build isolation (the venv's setuptools, this machine's cmake).
+python -m pip install -q "${stack[@]}" setuptools wheel
+python -m pip install -q --no-build-isolation -e ".[dev]"
 python -c 'import torch, triton, numpy, fastlm.kernels; print("torch", torch.__version__, "triton", triton.__version__,
 "numpy", numpy.__version__, "cuda available:", torch.cuda.is_available())'
 
